@@ -1,0 +1,30 @@
+"""saenb: how pathological are sparse-autoencoder reconstruction errors? The workbook's helper package."""
+
+from saenb.pathology import score
+from saenb.patching import measure, measure_naive
+from saenb.presets import (
+    Loaded,
+    Preset,
+    PresetError,
+    SAESource,
+    get_preset,
+    list_presets,
+    load_preset,
+    register_preset,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Loaded",
+    "Preset",
+    "PresetError",
+    "SAESource",
+    "get_preset",
+    "list_presets",
+    "load_preset",
+    "measure",
+    "measure_naive",
+    "register_preset",
+    "score",
+]

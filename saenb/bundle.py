@@ -1,0 +1,515 @@
+"""Build an offline bundle from local text: tokenizer, model and SAEs trained from scratch.
+
+    python -m saenb.bundle build [--out data/bundles/tiny-stdlib] [--work data/runs/bundle-build]
+
+The default corpus is the running Python's standard-library sources (every `.py` file, site-packages
+excluded, sorted by path; files that are not valid UTF-8 are skipped and counted). Stages, each resumable:
+
+1. corpus     file list, held-out split by file (hash of the path), corpus sha256
+2. tokenizer  a byte-level BPE (`tokenizers`), `<|endoftext|>` as BOS / EOS
+3. tokens     train contexts and held-out contexts of `n_ctx` tokens, BOS first
+4. model      a GPT-2-architecture HookedTransformer trained from scratch (checkpoints every 100 steps)
+5. saes       a standard ReLU + L1 SAE per hook, by sae_lens's `LanguageModelSAETrainingRunner`
+6. evals      quality figures by sae_lens's `run_evals` on the held-out contexts
+
+Work files (token arrays, checkpoints, stage records) live in `--work`; the bundle in `--out`. Killed at
+any point, the same command continues from the last finished stage, SAE or checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import platform
+import shutil
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saenb import bundle_io, data
+from saenb.bundle_io import BOS_TOKEN, write_json
+
+log = logging.getLogger("saenb.bundle")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides what the build makes. Recorded in the manifest."""
+
+    seed: int = 0
+    heldout_percent: int = 7
+    """Files whose path hashes below this percentage are held out (split by file, never by context)."""
+    n_heldout_contexts: int = 4096
+    # tokenizer
+    vocab_size: int = 4096
+    # model (GPT-2 architecture)
+    n_layers: int = 6
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    n_ctx: int = 128
+    # model training
+    batch_size: int = 32
+    train_steps: int = 2200
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    compile_model: bool = True
+    # SAEs
+    sae_expansion: int = 8
+    sae_training_tokens: int = 1_500_000
+    sae_batch_tokens: int = 1024
+    sae_lr: float = 1e-3
+    sae_l1_resid: float = 1.0
+    sae_l1_z: float = 1.0
+    sae_max_attempts: int = 3
+    # evals
+    eval_batch_prompts: int = 32
+    eval_reconstruction_batches: int = 12
+    alive_tokens: int = 500_000
+
+    @property
+    def hooks(self) -> list[str]:
+        return [f"blocks.{layer}.hook_resid_pre" for layer in range(self.n_layers)] + [
+            f"blocks.{layer}.attn.hook_z" for layer in range(self.n_layers)
+        ]
+
+    def model_config_kwargs(self) -> dict[str, Any]:
+        """HookedTransformerConfig keyword arguments (plain JSON values), stored as model/config.json."""
+        return dict(
+            model_name="tiny-stdlib",
+            n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
+            d_head=self.d_model // self.n_heads, d_mlp=self.d_mlp, n_ctx=self.n_ctx,
+            d_vocab=self.vocab_size, act_fn="gelu_new", normalization_type="LN",
+            positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
+            default_prepend_bos=True, tokenizer_prepends_bos=False, seed=self.seed,
+        )
+
+
+# Quality the bundle must reach (issue 3, point 5); the build reports each against these.
+QUALITY_TARGETS = {
+    "model_ce_below_unigram_nats": 3.0,
+    "resid": {"ce_loss_score": 0.85, "explained_variance": 0.75, "l0": (4, 100), "alive_fraction": 0.60},
+    "z": {"ce_loss_score": 0.75, "l0": (2, 100)},
+}
+
+
+def hook_family(hook_name: str) -> str:
+    return "z" if hook_name.endswith("hook_z") else "resid"
+
+
+# --------------------------------------------------------------------------------------------- stages
+class Build:
+    """One build: a config, an output bundle folder and a work folder holding stage records."""
+
+    def __init__(self, cfg: BuildConfig, out: Path, work: Path, corpus_root: Path | None = None):
+        self.cfg, self.out, self.work = cfg, out, work
+        self.corpus_root = corpus_root or Path(sysconfig.get_paths()["stdlib"])
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.record_path = work / "stages.json"
+        self.records: dict[str, Any] = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        cfg_dict = dataclasses.asdict(cfg)
+        if self.records.get("config", cfg_dict) != cfg_dict:
+            raise SystemExit(
+                f"{work} holds a build with another configuration. Remove it (`rm -r {work}`) to start "
+                "over, or pass the same options."
+            )
+        self.records["config"] = cfg_dict
+
+    def save_records(self) -> None:
+        write_json(self.record_path, self.records)
+
+    def stage(self, name: str, fn) -> Any:
+        """Run `fn` unless a finished record of this stage exists; record its result and wall time."""
+        done = self.records.get("stages", {}).get(name)
+        if done is not None:
+            log.info("stage %s: done earlier (%.0f s), skipped", name, done["seconds"])
+            return done["result"]
+        log.info("stage %s: running", name)
+        t0 = time.time()
+        result = fn()
+        self.records.setdefault("stages", {})[name] = {"seconds": round(time.time() - t0, 1), "result": result}
+        self.save_records()
+        return result
+
+    # 1 ----------------------------------------------------------------------------------------------
+    def corpus(self) -> dict[str, Any]:
+        root = self.corpus_root
+        paths = sorted(
+            (p for p in root.rglob("*.py") if not {"site-packages", "__pycache__"} & set(p.relative_to(root).parts)),
+            key=lambda p: p.relative_to(root).as_posix(),
+        )
+        digest = hashlib.sha256()
+        files, skipped = [], []
+        for path in paths:
+            rel = path.relative_to(root).as_posix()
+            raw = path.read_bytes()
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                skipped.append(rel)
+                continue
+            digest.update(rel.encode() + b"\0" + raw + b"\0")
+            bucket = int(hashlib.sha256(rel.encode()).hexdigest(), 16) % 100
+            files.append({"path": rel, "heldout": bucket < self.cfg.heldout_percent, "bytes": len(raw)})
+        write_json(self.work / "corpus_files.json", files)
+        return {
+            "root": str(root), "n_files": len(files), "n_heldout_files": sum(f["heldout"] for f in files),
+            "bytes": sum(f["bytes"] for f in files), "skipped_not_utf8": skipped, "sha256": digest.hexdigest(),
+        }
+
+    def _texts(self, heldout: bool):
+        files = json.loads((self.work / "corpus_files.json").read_text())
+        for f in files:
+            if f["heldout"] == heldout:
+                yield (self.corpus_root / f["path"]).read_text(encoding="utf-8")
+
+    # 2 ----------------------------------------------------------------------------------------------
+    def tokenizer(self) -> dict[str, Any]:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=self.cfg.vocab_size, special_tokens=[BOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        )
+        tok.train_from_iterator(self._texts(heldout=False), trainer=trainer)
+        assert tok.token_to_id(BOS_TOKEN) == 0, "BOS must be token 0"
+        bundle_io.atomic_write_text(self.out / bundle_io.TOKENIZER, tok.to_str())
+        return {"vocab_size": tok.get_vocab_size(), "bos_token_id": 0}
+
+    # 3 ----------------------------------------------------------------------------------------------
+    def tokens(self) -> dict[str, Any]:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(self.out / bundle_io.TOKENIZER))
+        stats = {}
+        for split, heldout in (("train", False), ("heldout", True)):
+            texts = list(self._texts(heldout))
+            contexts = data.chunk_contexts([e.ids for e in tok.encode_batch(texts)], 0, self.cfg.n_ctx)
+            stats[split] = {"contexts": len(contexts), "bytes": sum(len(t.encode()) for t in texts)}
+            if split == "train":
+                np.save(self.work / "train_contexts.npy", contexts.numpy().astype(np.int16))
+                counts = torch.bincount(contexts[:, 1:].flatten(), minlength=self.cfg.vocab_size).double()
+                p = counts[counts > 0] / counts.sum()
+                stats["unigram_entropy_nats"] = float(-(p * p.log()).sum())
+            else:
+                if len(contexts) < self.cfg.n_heldout_contexts:
+                    raise SystemExit(
+                        f"only {len(contexts)} held-out contexts, {self.cfg.n_heldout_contexts} needed: "
+                        "raise --heldout-percent"
+                    )
+                bundle_io.save_tokens(self.out / bundle_io.HELDOUT_TOKENS, contexts[: self.cfg.n_heldout_contexts])
+        return stats
+
+    # 4 ----------------------------------------------------------------------------------------------
+    def model(self) -> dict[str, Any]:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = HookedTransformer(HookedTransformerConfig(**cfg.model_config_kwargs()))
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.95),
+        )
+
+        def lr_at(step: int) -> float:  # linear warm-up, cosine decay to min_lr_ratio * lr
+            if step < cfg.warmup_steps:
+                return cfg.lr * (step + 1) / cfg.warmup_steps
+            frac = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
+            return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+        ckpt_path = self.work / "model_ckpt.pt"
+        step, history, elapsed = 0, [], 0.0
+        if ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, weights_only=False)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+            step, history, elapsed = ckpt["step"], ckpt["history"], ckpt["elapsed"]
+            log.info("model: resumed at step %d", step)
+
+        contexts = torch.from_numpy(np.load(self.work / "train_contexts.npy").astype(np.int64))
+        loss_fn = lambda tokens: model(tokens, return_type="loss")  # noqa: E731
+        compiled = False
+        if cfg.compile_model:
+            try:
+                loss_fn = torch.compile(loss_fn)
+                compiled = True
+            except Exception as exc:  # a CPU without a working C++ toolchain: train eagerly
+                log.warning("torch.compile unavailable (%s); training eagerly", exc)
+        model.train()
+        t0 = time.time() - elapsed
+        bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps, desc="model")
+        for step in bar:
+            # The batch depends only on (seed, step): a resumed run draws exactly the batches it would have.
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            batch = contexts[torch.randint(len(contexts), (cfg.batch_size,), generator=g)]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            loss = loss_fn(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if (step + 1) % 20 == 0:
+                history.append([step + 1, round(loss.item(), 4)])
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.train_steps:
+                tmp = ckpt_path.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                            "history": history, "elapsed": time.time() - t0}, tmp)
+                tmp.replace(ckpt_path)
+        model.eval()
+        bundle_io.save_model(self.out, cfg.model_config_kwargs(), model.state_dict())
+        n_tokens = cfg.train_steps * cfg.batch_size * cfg.n_ctx
+        return {"train_tokens_seen": n_tokens, "train_seconds": round(time.time() - t0, 1),
+                "compiled": compiled, "loss_history": history}
+
+    def model_eval(self) -> dict[str, Any]:
+        model = bundle_io.load_model(self.out)
+        tokens = bundle_io.load_tokens(self.out / bundle_io.HELDOUT_TOKENS)
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for chunk in tqdm(tokens.split(64), desc="held-out CE"):
+                per_token = model(chunk, return_type="loss", loss_per_token=True)  # [batch, pos-1]
+                total += per_token.sum().item()
+                count += per_token.numel()
+        unigram = self.records["stages"]["tokens"]["result"]["unigram_entropy_nats"]
+        ce = total / count
+        return {"heldout_ce_nats": round(ce, 4), "unigram_entropy_nats": round(unigram, 4),
+                "ce_below_unigram_nats": round(unigram - ce, 4), "heldout_tokens": count}
+
+    # 5 ----------------------------------------------------------------------------------------------
+    def _train_sae(self, hook_name: str, l1: float, out_dir: Path) -> None:
+        from datasets import Dataset
+        from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+        from sae_lens import StandardTrainingSAEConfig
+
+        cfg = self.cfg
+        model = bundle_io.load_model(self.out)
+        contexts = np.load(self.work / "train_contexts.npy").astype(np.int64)
+        n_contexts = math.ceil(cfg.sae_training_tokens / cfg.n_ctx) * 2  # enough, shuffled per hook
+        rng = np.random.default_rng(cfg.seed + cfg.hooks.index(hook_name))
+        dataset = Dataset.from_dict({"tokens": contexts[rng.choice(len(contexts), n_contexts, replace=False)]})
+        steps = cfg.sae_training_tokens // cfg.sae_batch_tokens
+        runner_cfg = LanguageModelSAERunnerConfig(
+            sae=StandardTrainingSAEConfig(
+                d_in=cfg.d_model, d_sae=cfg.d_model * cfg.sae_expansion, l1_coefficient=l1,
+                l1_warm_up_steps=steps // 10, normalize_activations="expected_average_only_in",
+                reshape_activations="hook_z" if hook_family(hook_name) == "z" else "none",
+            ),
+            model_name="tiny-stdlib", hook_name=hook_name, dataset_path="saenb/tiny-stdlib-train",
+            is_dataset_tokenized=True, streaming=False, context_size=cfg.n_ctx, prepend_bos=True,
+            training_tokens=cfg.sae_training_tokens, train_batch_size_tokens=cfg.sae_batch_tokens,
+            store_batch_size_prompts=32, n_batches_in_buffer=16, n_batches_for_norm_estimate=20,
+            lr=cfg.sae_lr, lr_warm_up_steps=steps // 20, lr_scheduler_name="constant", lr_decay_steps=steps // 5,
+            exclude_special_tokens=True, device="cpu", seed=cfg.seed, dtype="float32",
+            logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, checkpoint_path=None,
+            output_path=str(out_dir), verbose=False,
+        )
+        torch.manual_seed(cfg.seed)
+        LanguageModelSAETrainingRunner(runner_cfg, override_model=model, override_dataset=dataset).run()
+
+    def _quick_check(self, hook_name: str, sae_dir: Path) -> dict[str, float]:
+        """A small run_evals pass (a few batches) to decide whether the L1 coefficient needs a change."""
+        return evaluate_sae(self.out, hook_name, sae_dir, self.cfg, n_recon_batches=4, n_sparsity_batches=4)
+
+    def sae(self, hook_name: str) -> dict[str, Any]:
+        """Train the SAE at `hook_name`; retrain with a scaled L1 coefficient while its quick check misses."""
+        family = hook_family(hook_name)
+        targets = QUALITY_TARGETS[family]
+        l1 = self.cfg.sae_l1_resid if family == "resid" else self.cfg.sae_l1_z
+        attempts = []
+        final_dir = bundle_io.sae_path(self.out, hook_name)
+        for attempt in range(self.cfg.sae_max_attempts):
+            tmp_dir = self.work / "sae_attempts" / f"{hook_name}-{attempt}"
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            t0 = time.time()
+            self._train_sae(hook_name, l1, tmp_dir)
+            check = self._quick_check(hook_name, tmp_dir)
+            attempts.append({"l1_coefficient": l1, "seconds": round(time.time() - t0, 1), **check})
+            log.info("%s attempt %d: %s", hook_name, attempt, attempts[-1])
+            lo, hi = targets["l0"]
+            # 10% margins: the quick check sees few tokens
+            too_dense = check["l0"] > 0.9 * hi
+            too_lossy = check["ce_loss_score"] < targets["ce_loss_score"] + 0.02 or (
+                "explained_variance" in targets and check["explained_variance"] < targets["explained_variance"] + 0.03
+            )
+            if not too_dense and not too_lossy and check["l0"] >= lo:
+                break
+            if too_dense and not too_lossy:
+                l1 *= 2
+            elif too_lossy and not too_dense:
+                l1 /= 2
+            else:
+                break  # both at once: a coefficient cannot fix it; keep what we have and report it
+        best = attempts[-1]
+        shutil.rmtree(final_dir, ignore_errors=True)
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(self.work / "sae_attempts" / f"{hook_name}-{len(attempts) - 1}", final_dir)
+        return {"l1_coefficient": best["l1_coefficient"], "attempts": attempts}
+
+    # 6 ----------------------------------------------------------------------------------------------
+    def sae_eval(self, hook_name: str) -> dict[str, Any]:
+        cfg = self.cfg
+        n_sparsity = math.ceil(cfg.alive_tokens / (cfg.eval_batch_prompts * cfg.n_ctx))
+        return evaluate_sae(self.out, hook_name, bundle_io.sae_path(self.out, hook_name), cfg,
+                            n_recon_batches=cfg.eval_reconstruction_batches, n_sparsity_batches=n_sparsity)
+
+    # ---------------------------------------------------------------------------------------------
+    def manifest(self, argv: list[str]) -> dict[str, Any]:
+        import importlib.metadata as md
+
+        stages = self.records["stages"]
+        quality = {"model": stages["model_eval"]["result"], "saes": {}}
+        for hook in self.cfg.hooks:
+            quality["saes"][hook] = stages[f"eval:{hook}"]["result"]
+        manifest = {
+            "name": self.out.name,
+            "build_command": "python -m saenb.bundle " + " ".join(argv),
+            "built_on": {"device": "cpu", "machine": platform.machine(), "processor": platform.processor(),
+                         "cpu_count": torch.get_num_threads(), "python": sys.version.split()[0]},
+            "packages": {p: md.version(p) for p in ("torch", "transformer-lens", "sae-lens", "tokenizers", "datasets")},
+            "config": self.records["config"],
+            "corpus": stages["corpus"]["result"],
+            "tokens": stages["tokens"]["result"],
+            "seeds": {"model": self.cfg.seed, "batches": "seed * 1_000_003 + step",
+                      "sae_runner": self.cfg.seed, "sae_contexts": "seed + hook index"},
+            "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
+            "total_build_seconds": round(sum(v["seconds"] for v in stages.values()), 1),
+            "model_training": {k: v for k, v in stages["model"]["result"].items() if k != "loss_history"},
+            "model_loss_history": stages["model"]["result"]["loss_history"],
+            "sae_training": {h: stages[f"sae:{h}"]["result"] for h in self.cfg.hooks},
+            "quality_targets": QUALITY_TARGETS,
+            "quality": quality,
+            "quality_met": quality_met(quality),
+            "files": bundle_io.file_table(self.out),
+        }
+        write_json(self.out / bundle_io.MANIFEST, manifest)
+        return manifest
+
+    def run(self, argv: list[str]) -> dict[str, Any]:
+        self.stage("corpus", self.corpus)
+        self.stage("tokenizer", self.tokenizer)
+        self.stage("tokens", self.tokens)
+        self.stage("model", self.model)
+        self.stage("model_eval", self.model_eval)
+        for hook in self.cfg.hooks:
+            self.stage(f"sae:{hook}", lambda h=hook: self.sae(h))
+        for hook in self.cfg.hooks:
+            self.stage(f"eval:{hook}", lambda h=hook: self.sae_eval(h))
+        # Drop SAE folders of hooks this config does not have (an earlier, different build).
+        for stale in (self.out / bundle_io.SAE_DIR).iterdir():
+            if stale.name not in self.cfg.hooks:
+                shutil.rmtree(stale)
+        return self.manifest(argv)
+
+
+def evaluate_sae(root: Path, hook_name: str, sae_dir: Path, cfg: BuildConfig, *, n_recon_batches: int,
+                 n_sparsity_batches: int) -> dict[str, float]:
+    """Quality figures of one SAE on the held-out contexts, computed by sae_lens's own `run_evals`.
+
+    Special tokens (BOS) are excluded, as sae_lens does by default. `alive_fraction` is the share of
+    latents that fire at least once on the `n_sparsity_batches` batches (feature density > 0).
+    """
+    from datasets import Dataset
+    from sae_lens import SAE, ActivationsStore, run_evals
+    from sae_lens.evals import EvalConfig
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    model = bundle_io.load_model(root)
+    sae = SAE.load_from_disk(sae_dir, device="cpu").eval()
+    tokens = bundle_io.load_tokens(root / bundle_io.HELDOUT_TOKENS)
+    store = ActivationsStore.from_sae(
+        model, sae, dataset=Dataset.from_dict({"tokens": tokens.numpy()}), context_size=cfg.n_ctx,
+        streaming=False, store_batch_size_prompts=cfg.eval_batch_prompts, n_batches_in_buffer=4,
+        train_batch_size_tokens=cfg.eval_batch_prompts * cfg.n_ctx, device="cpu",
+    )
+    eval_cfg = EvalConfig(
+        batch_size_prompts=cfg.eval_batch_prompts, n_eval_reconstruction_batches=n_recon_batches,
+        compute_kl=True, compute_ce_loss=True, n_eval_sparsity_variance_batches=n_sparsity_batches,
+        compute_sparsity_metrics=True, compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+    )
+    with torch.no_grad():
+        metrics, features = run_evals(sae, store, model, ActivationScaler(), eval_cfg, exclude_special_tokens=True)
+    density = torch.tensor(features["feature_density"])
+    return {
+        "ce_loss_score": round(float(metrics["model_performance_preservation"]["ce_loss_score"]), 4),
+        "ce_loss_without_sae": round(float(metrics["model_performance_preservation"]["ce_loss_without_sae"]), 4),
+        "ce_loss_with_sae": round(float(metrics["model_performance_preservation"]["ce_loss_with_sae"]), 4),
+        "ce_loss_with_ablation": round(float(metrics["model_performance_preservation"]["ce_loss_with_ablation"]), 4),
+        "kl_div_with_sae": round(float(metrics["model_behavior_preservation"]["kl_div_with_sae"]), 5),
+        "kl_div_score": round(float(metrics["model_behavior_preservation"]["kl_div_score"]), 4),
+        "explained_variance": round(float(metrics["reconstruction_quality"]["explained_variance"]), 4),
+        "cossim": round(float(metrics["reconstruction_quality"]["cossim"]), 4),
+        "l0": round(float(metrics["sparsity"]["l0"]), 2),
+        "alive_fraction": round(float((density > 0).float().mean()), 4),
+        "tokens_reconstruction": metrics["token_stats"]["total_tokens_eval_reconstruction"],
+        "tokens_sparsity": metrics["token_stats"]["total_tokens_eval_sparsity_variance"],
+    }
+
+
+def quality_met(quality: dict[str, Any]) -> dict[str, bool]:
+    """Each quality target of QUALITY_TARGETS checked against the measured figures."""
+    met = {"model": quality["model"]["ce_below_unigram_nats"] >= QUALITY_TARGETS["model_ce_below_unigram_nats"]}
+    for hook, q in quality["saes"].items():
+        t = QUALITY_TARGETS[hook_family(hook)]
+        ok = q["ce_loss_score"] >= t["ce_loss_score"] and t["l0"][0] <= q["l0"] <= t["l0"][1]
+        if "explained_variance" in t:
+            ok = ok and q["explained_variance"] >= t["explained_variance"]
+        if "alive_fraction" in t:
+            ok = ok and q["alive_fraction"] >= t["alive_fraction"]
+        met[hook] = bool(ok)
+    return met
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m saenb.bundle", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build (or resume building) a bundle")
+    build.add_argument("--out", type=Path, default=Path("data/bundles/tiny-stdlib"))
+    build.add_argument("--work", type=Path, default=None, help="work folder (default data/runs/bundle-<name>)")
+    build.add_argument("--corpus", type=Path, default=None, help="folder of .py files (default: the stdlib)")
+    for field in dataclasses.fields(BuildConfig):
+        kind = _parse_bool if isinstance(field.default, bool) else type(field.default)
+        build.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
+    work = args.work or Path("data/runs") / f"bundle-{args.out.name}"
+    manifest = Build(cfg, args.out, work, args.corpus).run(argv)
+    print(json.dumps({"quality": manifest["quality"], "quality_met": manifest["quality_met"],
+                      "stage_seconds": manifest["stage_seconds"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The on-disk format of an offline bundle: file layout, reading, writing and integrity checks.
+
+A bundle is a folder:
+
+    manifest.json                    provenance, quality figures, sha256 + size of every other file
+    tokenizer.json                   a `tokenizers` byte-level BPE
+    model/config.json                the HookedTransformerConfig keyword arguments (plain JSON)
+    model/model.safetensors          the HookedTransformer state dict
+    saes/<hook_name>/cfg.json ...    one sae_lens disk-format SAE per hook (`SAE.load_from_disk`)
+    heldout_tokens.safetensors       "tokens": [n_contexts, n_ctx] held-out contexts, BOS first
+
+`saenb.bundle` writes it; `saenb.presets` reads it through `load_model`, `load_sae` and `verify`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+MODEL_CONFIG = "model/config.json"
+MODEL_WEIGHTS = "model/model.safetensors"
+SAE_DIR = "saes"
+HELDOUT_TOKENS = "heldout_tokens.safetensors"
+BOS_TOKEN = "<|endoftext|>"
+REBUILD_COMMAND = "python -m saenb.bundle build --out {path}"
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, incomplete or corrupted."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and `os.replace`, so a killed writer never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.exists():
+        raise BundleError(
+            f"No bundle at {root}: {MANIFEST} is missing. Build it with "
+            f"`{REBUILD_COMMAND.format(path=root)}`."
+        )
+    return json.loads(path.read_text())
+
+
+def file_table(root: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file of the bundle but the manifest, keyed by posix relative path."""
+    table = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel == MANIFEST or rel.endswith(".tmp"):
+            continue
+        table[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return table
+
+
+def verify(root: Path, manifest: dict[str, Any] | None = None) -> None:
+    """Check every file listed in the manifest: present, right size, right sha256."""
+    manifest = read_manifest(root) if manifest is None else manifest
+    rebuild = REBUILD_COMMAND.format(path=root)
+    for rel, entry in manifest["files"].items():
+        path = root / rel
+        if not path.exists():
+            raise BundleError(f"Bundle {root} is incomplete: {rel} is missing. Rebuild it with `{rebuild}`.")
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise BundleError(
+                f"Bundle {root} is corrupted: {rel} does not match the sha256 in {MANIFEST} "
+                f"(expected {entry['sha256'][:12]}...). Restore it (`git checkout -- {root}`) or "
+                f"rebuild it with `{rebuild}`."
+            )
+
+
+def save_model(root: Path, config_kwargs: dict[str, Any], state_dict: dict[str, Tensor]) -> None:
+    write_json(root / MODEL_CONFIG, config_kwargs)
+    tmp = root / (MODEL_WEIGHTS + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
+    os.replace(tmp, root / MODEL_WEIGHTS)
+
+
+def hf_tokenizer(path: Path):
+    """The bundle's `tokenizer.json` wrapped for transformers, so `model.to_str_tokens` works."""
+    from transformers import PreTrainedTokenizerFast
+
+    # add_bos_token=True makes the tokenizer prepend BOS itself; TransformerLens's set_tokenizer would
+    # otherwise try to re-load it from the hub by `name_or_path` to get such a tokenizer.
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path), bos_token=BOS_TOKEN, eos_token=BOS_TOKEN, unk_token=BOS_TOKEN,
+        pad_token=BOS_TOKEN, add_bos_token=True, name_or_path=str(path.parent),
+    )
+
+
+def load_model(root: Path, device: str | torch.device = "cpu"):
+    """The bundle's HookedTransformer, in eval mode, with its tokenizer attached."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    kwargs = json.loads((root / MODEL_CONFIG).read_text())
+    cfg = HookedTransformerConfig(**kwargs, device=str(device))
+    model = HookedTransformer(cfg, tokenizer=hf_tokenizer(root / TOKENIZER), move_to_device=False)
+    model.load_state_dict(load_file(str(root / MODEL_WEIGHTS)), strict=True)
+    return model.to(device).eval()
+
+
+def sae_path(root: Path, hook_name: str) -> Path:
+    return root / SAE_DIR / hook_name
+
+
+def load_sae(root: Path, hook_name: str, device: str | torch.device = "cpu"):
+    from sae_lens import SAE
+
+    return SAE.load_from_disk(sae_path(root, hook_name), device=str(device)).eval()
+
+
+def save_tokens(path: Path, tokens: Int[Tensor, "n pos"]) -> None:
+    # int32 keeps any vocabulary under 2**31; the held-out set is small enough that 2 more bytes do not matter
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"tokens": tokens.to(torch.int32).contiguous()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_tokens(path: Path) -> Int[Tensor, "n pos"]:
+    return load_file(str(path))["tokens"].long()

@@ -1,0 +1,62 @@
+"""Token contexts of a fixed length, BOS first (GPT-2 practice), for hub presets.
+
+Bundle presets store their held-out contexts in the bundle (see `bundle_io.HELDOUT_TOKENS`); hub presets
+stream a Hugging Face dataset here, in its own fixed order, so the same `n` gives the same contexts. The
+contexts are cached under data/results/tokens/ so a second call reads them from disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saenb import hub
+
+TOKENS_CACHE = Path(__file__).resolve().parents[1] / "data" / "results" / "tokens"
+
+
+def chunk_contexts(token_ids: list[list[int]], bos_id: int, n_ctx: int, n: int | None = None) -> Int[Tensor, "n pos"]:
+    """Concatenate documents (each ended by BOS, which is GPT-2's EOS too) and cut contexts of
+    `n_ctx - 1` tokens, each given a BOS of its own. Returns at most `n` contexts (all if None)."""
+    body = n_ctx - 1
+    stream = np.concatenate([np.asarray([*doc, bos_id], dtype=np.int64) for doc in token_ids])
+    count = len(stream) // body if n is None else min(n, len(stream) // body)
+    flat = torch.from_numpy(stream[: count * body]).view(count, body)
+    return torch.cat([torch.full((count, 1), bos_id, dtype=torch.long), flat], dim=1)
+
+
+def hub_contexts(dataset: str, tokenizer, n: int, n_ctx: int, *, column: str = "text",
+                 cache_name: str = "hub", split: str = "train") -> Int[Tensor, "n pos"]:
+    """The first `n` contexts of a streamed dataset, tokenized, BOS first; cached on disk."""
+    path = TOKENS_CACHE / f"{cache_name}-{dataset.replace('/', '--')}-{n_ctx}.pt"
+    if path.exists():
+        cached = torch.load(path)
+        if len(cached) >= n:
+            return cached[:n].clone()
+    from datasets import load_dataset
+
+    hub.require(f"token contexts from {dataset}", [f"dataset {dataset} (not yet cached in {path.parent})"])
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    stream = load_dataset(dataset, split=split, streaming=True)
+    docs, n_tokens, need = [], 0, n * (n_ctx - 1)
+    with tqdm(total=need, desc=f"tokenizing {dataset}", unit="tok") as bar:
+        for row in stream:
+            ids = tokenizer(row[column], add_special_tokens=False)["input_ids"]
+            docs.append(ids)
+            n_tokens += len(ids) + 1
+            bar.update(len(ids) + 1)
+            if n_tokens >= need:
+                break
+    contexts = chunk_contexts(docs, bos, n_ctx, n)
+    if len(contexts) < n:
+        raise ValueError(f"{dataset} holds only {len(contexts)} contexts of {n_ctx} tokens; asked for {n}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(contexts, tmp)
+    tmp.replace(path)
+    return contexts

@@ -1,0 +1,219 @@
+"""Perturbations of an activation at one hook, per token: pure functions, randomness passed in.
+
+Each intervention maps a `Site` (the clean activation `x`, its SAE reconstruction `x_sae`, the SAE
+latents, decoder and the hook's mean activation) and a `torch.Generator` to a new tensor shaped like `x`.
+Nothing here runs a model: `saenb.patching` splices the results in. Names follow DESIGN.md; the original
+study's function names are given in each docstring.
+
+Random interventions draw their noise in a fixed order from the generator they are given, so two
+interventions called with equally seeded generators share their draws: `sae_plus_random` gets exactly the
+latent perturbation that `latent_perturb` applied, and sampling is reproducible from a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+Act = Float[Tensor, "... d"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """What an intervention may read at one hook, for a batch of tokens (any leading shape)."""
+
+    x: Float[Tensor, "... d"]
+    x_sae: Float[Tensor, "... d"]
+    latents: Float[Tensor, "... d_sae"]
+    """SAE latent activations (`hook_sae_acts_post`)."""
+    W_dec: Float[Tensor, "d_sae d"]
+    mean: Float[Tensor, "d"]
+    """Mean clean activation at the hook (over a reference set of non-BOS tokens)."""
+
+    @property
+    def eps(self) -> Float[Tensor, "..."]:
+        return (self.x_sae - self.x).norm(dim=-1)
+
+
+Intervention = Callable[..., Act]
+_REGISTRY: dict[str, Intervention] = {}
+
+
+def register(name: str) -> Callable[[Intervention], Intervention]:
+    def wrap(fn: Intervention) -> Intervention:
+        if name in _REGISTRY:
+            raise ValueError(f"an intervention named {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def get(name: str) -> Intervention:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown intervention {name!r}. Known interventions: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """An intervention with keyword parameters, e.g. `Spec("latent_perturb", {"scale": 0.3})`."""
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, item: str | Spec) -> Spec:
+        if isinstance(item, Spec):
+            return item
+        get(item)  # an unknown name fails here, listing the known ones
+        return cls(item)
+
+    @property
+    def label(self) -> str:
+        if not self.params:
+            return self.name
+        return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in self.params) + ")"
+
+    def __call__(self, site: Site, generator: torch.Generator) -> Act:
+        return get(self.name)(site, generator=generator, **dict(self.params))
+
+
+def spec(name: str, **params: Any) -> Spec:
+    get(name)
+    return Spec(name, tuple(sorted(params.items())))
+
+
+def _unit(v: Act) -> Act:
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def _gaussian(like: Tensor, generator: torch.Generator) -> Tensor:
+    return torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+
+def random_unit(like: Act, generator: torch.Generator) -> Act:
+    """Directions uniform on the unit sphere (normalised Gaussians), one per row of `like`."""
+    return _unit(_gaussian(like, generator))
+
+
+# ------------------------------------------------------------------------------------- interventions
+@register("identity")
+def identity(site: Site, *, generator: torch.Generator) -> Act:
+    """x itself: the patched model must equal the clean one (a check of the engine)."""
+    return site.x.clone()
+
+
+@register("sae")
+def sae(site: Site, *, generator: torch.Generator) -> Act:
+    """x <- x_sae (substitution)."""
+    return site.x_sae.clone()
+
+
+@register("sae_norm_corrected")
+def sae_norm_corrected(site: Site, *, generator: torch.Generator) -> Act:
+    """x_sae rescaled to ||x|| (norm_corrected_substitution): is the gap feature suppression?"""
+    return site.x_sae * (site.x.norm(dim=-1, keepdim=True) / site.x_sae.norm(dim=-1, keepdim=True))
+
+
+@register("sae_norm")
+def sae_norm(site: Site, *, generator: torch.Generator) -> Act:
+    """x rescaled to ||x_sae|| (cos_corrected_substitution, the post's SAE-norm substitution)."""
+    return site.x * (site.x_sae.norm(dim=-1, keepdim=True) / site.x.norm(dim=-1, keepdim=True))
+
+
+@register("eps_random")
+def eps_random(site: Site, *, generator: torch.Generator) -> Act:
+    """x + eps * u, u uniform on the unit sphere, eps = ||x_sae - x|| (l2_error_preserving_substitution)."""
+    return site.x + site.eps.unsqueeze(-1) * random_unit(site.x, generator)
+
+
+def _theta_random(site: Site, generator: torch.Generator) -> Act:
+    """A unit vector whose cosine to x equals cos(x, x_sae), its orthogonal part uniform at random."""
+    x_hat = _unit(site.x)
+    cos = (x_hat * _unit(site.x_sae)).sum(-1, keepdim=True)
+    g = _gaussian(site.x, generator)
+    ortho = _unit(g - (g * x_hat).sum(-1, keepdim=True) * x_hat)
+    return cos * x_hat + (1 - cos**2).clamp_min(0).sqrt() * ortho
+
+
+@register("theta_random_sae_norm")
+def theta_random_sae_norm(site: Site, *, generator: torch.Generator) -> Act:
+    """Same cosine to x as x_sae, norm ||x_sae|| (cos_preserving_substitution_w_sae_norm)."""
+    return _theta_random(site, generator) * site.x_sae.norm(dim=-1, keepdim=True)
+
+
+@register("theta_random_true_norm")
+def theta_random_true_norm(site: Site, *, generator: torch.Generator) -> Act:
+    """Same cosine to x as x_sae, norm ||x|| (cos_preserving_substitution_w_true_norm)."""
+    return _theta_random(site, generator) * site.x.norm(dim=-1, keepdim=True)
+
+
+@register("zero")
+def zero(site: Site, *, generator: torch.Generator) -> Act:
+    """Zero ablation (zero_ablation)."""
+    return torch.zeros_like(site.x)
+
+
+@register("mean")
+def mean(site: Site, *, generator: torch.Generator) -> Act:
+    """Mean ablation (mean_ablation): the hook's mean activation over a reference set of tokens."""
+    return site.mean.expand_as(site.x).clone()
+
+
+def latent_delta(site: Site, generator: torch.Generator, scale: float) -> Float[Tensor, "... d"]:
+    """The change in x_sae when each active latent f_i is multiplied by exp(scale * z_i), z_i ~ N(0, 1).
+
+    A multiplicative log-normal factor keeps every active latent positive and every inactive one zero,
+    so the support (and L0) are kept, as seed 004's prediction requires.
+    """
+    z = _gaussian(site.latents, generator)
+    new_latents = site.latents * torch.exp(scale * z)
+    return (new_latents - site.latents) @ site.W_dec
+
+
+@register("latent_perturb")
+def latent_perturb(site: Site, *, generator: torch.Generator, scale: float = 0.1) -> Act:
+    """Decode the active latents perturbed (support and L0 kept): x_sae + delta (seed 004)."""
+    return site.x_sae + latent_delta(site, generator, scale)
+
+
+@register("sae_plus_random")
+def sae_plus_random(site: Site, *, generator: torch.Generator, scale: float = 0.1) -> Act:
+    """x_sae + a uniformly random vector of the norm of `latent_perturb`'s change (same draws, same seed)."""
+    norm = latent_delta(site, generator, scale).norm(dim=-1, keepdim=True)
+    return site.x_sae + norm * random_unit(site.x, generator)
+
+
+@register("feature_aligned")
+def feature_aligned(site: Site, *, generator: torch.Generator, which: str = "active") -> Act:
+    """x + eps * (+/- a unit decoder direction): seed 004's "spikes along feature directions" test.
+
+    `which="active"` picks, per token, one of its active latents uniformly (a token with none falls back
+    to any latent); `"inactive"` one of its inactive latents; `"any"` any latent. The sign is random.
+    """
+    if which not in ("active", "inactive", "any"):
+        raise ValueError(f"which={which!r} must be one of ('active', 'inactive', 'any')")
+    active = site.latents > 0
+    if which == "active":
+        allowed = active | ~active.any(-1, keepdim=True)
+    elif which == "inactive":
+        allowed = ~active
+    else:
+        allowed = torch.ones_like(active)
+    # a uniform choice among the allowed latents: the argmax of uniform scores over them (far cheaper
+    # than torch.multinomial on the CPU)
+    scores = torch.rand(allowed.shape, generator=generator, device=generator.device).to(allowed.device)
+    pick = scores.masked_fill_(~allowed, -1.0).argmax(-1)
+    sign = torch.randint(0, 2, pick.shape, generator=generator, device=generator.device).to(site.x.device)
+    directions = _unit(site.W_dec)[pick] * (2 * sign - 1).to(site.x.dtype).unsqueeze(-1)
+    return site.x + site.eps.unsqueeze(-1) * directions

@@ -1,0 +1,417 @@
+"""The engine: splice perturbed activations into the model and measure the next-token distribution.
+
+`measure` (fast) and `measure_naive` (the plain reference) take the same arguments and return the same
+tidy frame, one row per sequence x position x hook x intervention x sample:
+
+    seq pos patch_pos token target hook layer intervention sample kl ce_clean ce_patched ce_delta
+    norm_x norm_sae eps cos_sae l0
+
+`kl` is KL(clean || patched) of the next-token distribution at `pos`, in nats; `ce_*` the cross-entropy
+of the true next token `target`. The geometry columns describe the activation that was patched (at
+`patch_pos`; equal to `pos` in all-token mode).
+
+Modes: all-token (`positions="all"`: every position but BOS patched at once, every position measured);
+single-token (`positions=p`: only p patched, measured at p..p+16 by default); many-sample
+(`n_samples=N` perturbations of the same tokens).
+
+Fast path (DESIGN.md, engine principles): one clean forward per batch caches every hook's activation,
+the clean log-probs and the clean keys/values; patched forwards start at the hooked layer
+(`start_at_layer`) and, in single-token mode, only at the patched position, reading the clean prefix
+from a frozen key/value cache; interventions and samples are stacked along the batch and run in chunks
+sized to a memory budget, each chunk reduced to per-token scalars at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from sae_lens.util import get_special_token_ids
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformer_lens.utilities import get_act_name
+
+from saenb import interventions as iv
+from saenb.metrics import CleanDistribution, ce_per_token, geometry, kl_per_token
+from saenb.presets import Loaded, hook_family, sae_layer
+
+SINGLE_TOKEN_SPAN = 16
+"""Single-token mode measures the patched position and this many after it, by default."""
+MEAN_REFERENCE_SEQS = 64
+"""Mean ablation uses the mean activation over the first this-many sequences (special tokens excluded)."""
+NOTEBOOK1 = ("sae", "sae_norm_corrected", "sae_norm", "eps_random", "theta_random_sae_norm",
+             "theta_random_true_norm", "zero", "mean", "feature_aligned")
+"""The interventions of notebook 1 (the study's eight, plus feature-aligned at the same eps)."""
+
+COLUMNS = ["seq", "pos", "patch_pos", "token", "target", "hook", "layer", "intervention", "sample", "kl",
+           "ce_clean", "ce_patched", "ce_delta", "norm_x", "norm_sae", "eps", "cos_sae", "l0"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated measurement request (what `measure` and `measure_naive` both compute)."""
+
+    hooks: tuple[str, ...]
+    specs: tuple[iv.Spec, ...]
+    patch: tuple[int, ...]
+    """Candidate positions to patch (the same in every sequence; special tokens are then skipped)."""
+    measured: tuple[int, ...]
+    """Positions measured: each one's next-token distribution (the last position has no CE target)."""
+    n_samples: int
+    seed: int
+    n_ctx: int
+    special: tuple[int, ...]
+    """Token ids never patched nor measured (empty when `include_special`)."""
+
+    @property
+    def single(self) -> bool:
+        return len(self.patch) == 1
+
+    def keep(self, tokens: Int[Tensor, "b pos"]) -> Bool[Tensor, "b pos"]:
+        """Where a token may be patched and measured: not a special token."""
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        for token_id in self.special:
+            mask &= tokens != token_id
+        return mask
+
+
+def make_request(
+    loaded: Loaded, hooks, interventions, tokens: Tensor, *, positions: int | Literal["all"] = "all",
+    measure_positions=None, n_samples: int = 1, seed: int = 0, include_special: bool = False,
+) -> Request:
+    """Check every argument against the loaded preset; errors say what was wrong and what is allowed."""
+    hooks = tuple(loaded.saes) if hooks is None else ((hooks,) if isinstance(hooks, str) else tuple(hooks))
+    if not hooks:
+        raise ValueError(f"hooks is empty; hooks with SAEs: {list(loaded.saes)}")
+    for hook in hooks:
+        if hook not in loaded.saes:
+            raise ValueError(f"no SAE at hook {hook!r}; hooks with SAEs: {list(loaded.saes)}")
+    if isinstance(interventions, (str, iv.Spec)):
+        interventions = (interventions,)
+    specs = tuple(iv.Spec.of(i) for i in interventions)
+    if not specs:
+        raise ValueError("interventions is empty; choose from " + str(iv.names()))
+    validate_tokens(loaded, tokens)
+    n_ctx = tokens.shape[1]
+    last = n_ctx - 2  # default measurements stop here: the last position has no next token to score
+    if positions == "all":
+        patch = tuple(range(n_ctx))
+        measured = tuple(range(1, last + 1)) if measure_positions is None else tuple(measure_positions)
+    else:
+        if isinstance(positions, bool) or not isinstance(positions, int) or not 0 <= positions < n_ctx:
+            raise ValueError(f"positions={positions!r} must be 'all' or a position in 0..{n_ctx - 1}")
+        patch = (positions,)
+        if measure_positions is None:
+            measured = tuple(range(positions, max(positions, min(positions + SINGLE_TOKEN_SPAN, last)) + 1))
+        else:
+            measured = tuple(measure_positions)
+            if any(q < positions for q in measured):
+                raise ValueError(f"measure_positions {measured} must not precede the patched position {positions}: "
+                                 "patching cannot change earlier positions")
+    if not measured or any(not 0 <= q < n_ctx for q in measured) or len(set(measured)) != len(measured):
+        raise ValueError(f"measure_positions must be distinct positions in 0..{n_ctx - 1}; got {measured}")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples={n_samples!r} must be a positive integer")
+    special = () if include_special else tuple(sorted(get_special_token_ids(loaded.model.tokenizer)))
+    return Request(hooks, specs, patch, tuple(sorted(measured)), n_samples, int(seed), n_ctx, special)
+
+
+def validate_tokens(loaded: Loaded, tokens: Tensor) -> None:
+    cfg = loaded.model.cfg
+    if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.long, torch.int32, torch.int64):
+        raise TypeError("tokens must be an integer tensor [n_seqs, n_ctx], e.g. loaded.tokens(64)")
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [n_seqs >= 1, n_ctx >= 2]; got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] > cfg.n_ctx:
+        raise ValueError(f"contexts of {tokens.shape[1]} tokens exceed the model's n_ctx={cfg.n_ctx}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= cfg.d_vocab:
+        raise ValueError(f"token ids must lie in 0..{cfg.d_vocab - 1} (the model's vocabulary); got {low}..{high}")
+
+
+def generator_for(seed: int, hook: str, seq: int) -> torch.Generator:
+    """The CPU generator of one (seed, hook, sequence): draws do not depend on batching or device."""
+    digest = hashlib.sha256(f"{seed}/{hook}/{seq}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def flat(act: Tensor, hook: str) -> Float[Tensor, "... d"]:
+    """hook_z activations with heads concatenated ([..., head_index, d_head] -> [..., head_index*d_head])."""
+    return act.flatten(-2) if hook_family(hook) == "z" else act
+
+
+def resid_input_name(hook: str) -> str:
+    """The residual stream the patched forward starts from: the hook itself, or its block's input."""
+    return get_act_name("resid_pre", sae_layer(hook))
+
+
+def hook_means(loaded: Loaded, hooks, tokens: Tensor) -> dict[str, Float[Tensor, "d"]]:
+    """Mean clean activation at each hook over the first MEAN_REFERENCE_SEQS sequences, special tokens excluded."""
+    ref = tokens[:MEAN_REFERENCE_SEQS].to(loaded.device)
+    special = torch.tensor(get_special_token_ids(loaded.model.tokenizer), device=ref.device, dtype=ref.dtype)
+    keep = ~torch.isin(ref, special)
+    with torch.inference_mode():
+        _, cache = loaded.model.run_with_cache(ref, names_filter=list(hooks))
+    return {h: flat(cache[h], h)[keep].mean(0) for h in hooks}
+
+
+def perturb(loaded: Loaded, req: Request, hook: str, x: Float[Tensor, "b p d"], seqs: list[int],
+            mean: Float[Tensor, "d"]) -> tuple[Float[Tensor, "b k n p d"], dict[str, Tensor]]:
+    """Every intervention's patched activations at the candidate positions, and the tokens' geometry.
+
+    Each sequence draws from its own generator, restarted for every intervention, so equally-seeded
+    interventions share their draws (`latent_perturb` / `sae_plus_random`).
+    """
+    sae = loaded.saes[hook]
+    latents = sae.encode(x)
+    x_sae = sae.decode(latents)
+    W_dec = sae.W_dec.detach()
+    n = req.n_samples
+    out = torch.empty((x.shape[0], len(req.specs), n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    for b, seq in enumerate(seqs):
+        site = iv.Site(x[b].expand(n, *x.shape[1:]), x_sae[b].expand(n, *x.shape[1:]),
+                       latents[b].expand(n, *latents.shape[1:]), W_dec, mean)
+        for k, spec in enumerate(req.specs):
+            out[b, k] = spec(site, generator_for(req.seed, hook, seq))
+    return out, geometry(x, x_sae, latents)
+
+
+def check_finite(patched: Tensor, keep: Tensor, req: Request, hook: str) -> None:
+    """Patched activations where they will be spliced in must be finite (a zero-norm x makes NaNs)."""
+    mask = keep[:, None, :].expand(patched.shape[0], patched.shape[2], patched.shape[3])  # [b, n, p]
+    bad = [s.label for k, s in enumerate(req.specs) if not torch.isfinite(patched[:, k][mask]).all()]
+    if bad:
+        raise FloatingPointError(f"non-finite patched activations at {hook} from {bad}: an activation of zero norm? "
+                                 "Leave that position out (measure_positions / positions) or use another intervention.")
+
+
+def _frame(req: Request, hook: str, seqs: list[int], tokens: Tensor, kl: Tensor, ce_clean: Tensor,
+           ce_patched: Tensor, geo: dict[str, Tensor]) -> pd.DataFrame:
+    """Tidy rows from [b, k, n, m] results (m measured positions); geometry is [b, p] over candidate positions.
+
+    Rows at special tokens (and, in single-token mode, whole sequences whose patched token is special) are
+    dropped: nothing was patched or measured there.
+    """
+    b, k, n, m = kl.shape
+    measured = np.asarray(req.measured)
+    patch_idx = measured if not req.single else np.zeros(m, int)
+    patch_pos = np.asarray(req.patch)[patch_idx]
+    tok = tokens.cpu().numpy()
+    keep = req.keep(tokens).cpu().numpy()
+    keep_bm = keep[:, measured] & keep[:, patch_pos]  # [b, m]
+    grid = np.meshgrid(np.arange(b), np.arange(k), np.arange(n), np.arange(m), indexing="ij")
+    rows = np.broadcast_to(keep_bm[:, None, None, :], (b, k, n, m)).ravel()
+    bi, ki, ni, mi = (g.ravel()[rows] for g in grid)
+    next_pos = np.minimum(measured[mi] + 1, req.n_ctx - 1)
+    has_next = measured[mi] + 1 < req.n_ctx
+    data = {
+        "seq": np.asarray(seqs, dtype=np.int32)[bi],
+        "pos": measured[mi].astype(np.int16),
+        "patch_pos": patch_pos[mi].astype(np.int16),
+        "token": tok[bi, measured[mi]].astype(np.int32),
+        "target": np.where(has_next, tok[bi, next_pos], -1).astype(np.int32),
+        "hook": pd.Categorical.from_codes(np.zeros(len(bi), dtype=np.int8), categories=[hook]),
+        "layer": np.full(len(bi), sae_layer(hook), dtype=np.int16),
+        "intervention": pd.Categorical.from_codes(ki, categories=[s.label for s in req.specs]),
+        "sample": ni.astype(np.int32),
+        "kl": kl.cpu().numpy()[bi, ki, ni, mi].astype(np.float32),
+        "ce_clean": ce_clean.cpu().numpy()[bi, mi].astype(np.float32),
+        "ce_patched": ce_patched.cpu().numpy()[bi, ki, ni, mi].astype(np.float32),
+    }
+    data["ce_delta"] = data["ce_patched"] - data["ce_clean"]
+    for name, values in geo.items():
+        data[name] = values.cpu().numpy()[bi, patch_idx[mi]].astype(np.float32)
+    return pd.DataFrame(data)[COLUMNS]
+
+
+def finish(frames: list[pd.DataFrame], req: Request) -> pd.DataFrame:
+    """One frame from per-batch frames: request-ordered categories, rows sorted by the frame's key."""
+    df = pd.concat(frames, ignore_index=True)
+    df["hook"] = pd.Categorical(df["hook"].astype(str), categories=list(req.hooks))
+    df["intervention"] = pd.Categorical(df["intervention"].astype(str), categories=[s.label for s in req.specs])
+    return df.sort_values(["hook", "intervention", "sample", "seq", "pos"], kind="stable").reset_index(drop=True)
+
+
+def _targets(batch: Tensor, measured: Tensor) -> Tensor:
+    """The next token at each measured position; the last position has none (0 here, NaN CE later)."""
+    return batch[:, (measured + 1).clamp_max(batch.shape[1] - 1)]
+
+
+def _nan_last(ce: Tensor, measured: Tensor, n_ctx: int) -> Tensor:
+    return ce.masked_fill(measured + 1 >= n_ctx, float("nan"))
+
+
+def _batches(tokens: Tensor, batch_size: int, seq_offset: int, desc: str, progress: bool):
+    starts = range(0, len(tokens), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+        batch = tokens[start:start + batch_size]
+        yield batch, list(range(seq_offset + start, seq_offset + start + len(batch)))
+
+
+# ------------------------------------------------------------------------------------------------ fast
+def measure(
+    loaded: Loaded, hooks=None, interventions=NOTEBOOK1, tokens: Tensor | None = None, *,
+    positions: int | Literal["all"] = "all", measure_positions=None, n_samples: int = 1, seed: int = 0,
+    include_special: bool = False, batch_size: int = 16, memory_mb: int = 512, seq_offset: int = 0,
+    means: dict[str, Tensor] | None = None, progress: bool = True,
+) -> pd.DataFrame:
+    """Per-token KL and CE of every (hook, intervention, sample) splice; see the module docstring.
+
+    tokens:          [n_seqs, n_ctx] contexts (default: the preset's default held-out contexts).
+    positions:       "all" (all-token mode) or one position (single-token / many-sample modes).
+    measure_positions: default 1..n_ctx-2 (all-token) or p..p+16 (single-token); the last position may be
+                     asked for (its CE is NaN: no next token).
+    include_special: patch and measure special tokens too (BOS, document separators). Off by default, as in
+                     sae_lens's evals.
+    batch_size:      sequences per clean forward.
+    memory_mb:       budget for one chunk of patched forwards (logits included); sets the chunk size.
+    seq_offset:      index of tokens[0] among all sequences (the `seq` column and the random draws follow
+                     it), so a measurement split into pieces equals the whole one.
+    means:           mean activation per hook for mean ablation (default: `hook_means` of these tokens).
+    """
+    tokens = loaded.tokens() if tokens is None else tokens
+    req = make_request(loaded, hooks, interventions, tokens, positions=positions, measure_positions=measure_positions,
+                       n_samples=n_samples, seed=seed, include_special=include_special)
+    means = hook_means(loaded, req.hooks, tokens) if means is None else means
+    model = loaded.model
+    # single-token work starts at the patched position (the clean prefix comes from the key/value cache);
+    # nothing after the last measured position is ever computed
+    window = (req.patch[0] if req.single else 0, req.measured[-1] + 1)
+    names = {*req.hooks, *(resid_input_name(h) for h in req.hooks)}
+    if window[0] > 0:
+        names |= {get_act_name(kind, layer) for kind in ("k", "v") for layer in range(model.cfg.n_layers)}
+    frames = []
+    with torch.inference_mode():
+        for batch, seqs in _batches(tokens, batch_size, seq_offset, "measure", progress):
+            batch = batch.to(loaded.device)
+            logits, cache = model.run_with_cache(batch, names_filter=sorted(names))
+            measured = torch.tensor(req.measured, device=batch.device)
+            clean = CleanDistribution(logits[:, measured].log_softmax(-1))  # [b, m, d_vocab]
+            ce_clean = _nan_last(ce_per_token(clean.logp, _targets(batch, measured), normalized=True),
+                                 measured, req.n_ctx)
+            del logits
+            keep = req.keep(batch)[:, list(req.patch)]  # [b, p]
+            for hook in req.hooks:
+                x = flat(cache[hook], hook)[:, list(req.patch)]  # [b, p, d]
+                patched, geo = perturb(loaded, req, hook, x, seqs, means[hook])
+                check_finite(patched, keep, req, hook)
+                kl, ce = _run_patched(loaded, req, hook, cache, patched, keep, clean, batch, window, memory_mb)
+                frames.append(_frame(req, hook, seqs, batch, kl, ce_clean, _nan_last(ce, measured, req.n_ctx), geo))
+    return finish(frames, req)
+
+
+def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[Tensor, "b k n p d"],
+                 keep: Bool[Tensor, "b p"], clean: CleanDistribution, batch: Tensor, window: tuple[int, int],
+                 memory_mb: int) -> tuple[Float[Tensor, "b k n m"], Float[Tensor, "b k n m"]]:
+    """Forward every stacked (sequence, intervention, sample) row from the hooked layer over `window`, in
+    chunks within `memory_mb`, each reduced at once to KL and CE at the measured positions."""
+    model, cfg = loaded.model, loaded.model.cfg
+    layer = sae_layer(hook)
+    w0, w1 = window
+    # candidate positions at or after w1 cannot change a measured position (causal attention): dropped
+    kept = [i for i, q in enumerate(req.patch) if q < w1]
+    patched, keep = patched[:, :, :, kept], keep[:, kept]
+    b, k, n, p, d = patched.shape
+    rel_patch = torch.tensor([req.patch[i] for i in kept], device=batch.device) - w0
+    measured = torch.tensor(req.measured, device=batch.device)
+    targets = _targets(batch, measured)
+    resid = cache[resid_input_name(hook)][:, w0:w1]  # [b, w, d_model]
+    clean_at_patch = flat(cache[hook], hook)[:, w0 + rel_patch]  # [b, p, d]
+    # special tokens keep their clean activation: nothing is spliced there
+    rows = torch.where(keep[:, None, None, :, None], patched, clean_at_patch[:, None, None]).reshape(b * k * n, p, d)
+    seq_of_row = torch.arange(b, device=batch.device).repeat_interleave(k * n)
+    # bytes per row: logits over the window (x3 for log-softmax and the KL difference) + activations
+    per_row = (w1 - w0) * (3 * cfg.d_vocab + 16 * cfg.d_model) * 4
+    chunk = max(1, int(memory_mb * 2**20 // per_row))
+    kl_out = torch.empty(b * k * n, len(req.measured), device=batch.device)
+    ce_out = torch.empty_like(kl_out)
+    for start in range(0, len(rows), chunk):
+        idx = seq_of_row[start:start + chunk]
+        rows_chunk = rows[start:start + chunk]
+        inp = resid[idx]
+        fwd_hooks = []
+        if hook_family(hook) == "z":
+            fwd_hooks.append((hook, functools.partial(_splice, rows=rows_chunk, rel_patch=rel_patch)))
+        else:
+            inp = _splice(inp, None, rows=rows_chunk, rel_patch=rel_patch)
+        kv = _prefix_cache(cache, idx, w0, cfg) if w0 > 0 else None
+        with model.hooks(fwd_hooks=fwd_hooks):
+            logits = model(inp, start_at_layer=layer, past_kv_cache=kv)[:, measured - w0]
+        kl_out[start:start + chunk], ce_out[start:start + chunk] = clean.kl_and_ce(idx, logits, targets[idx])
+        del logits
+    shape = (b, k, n, len(req.measured))
+    return kl_out.view(shape), ce_out.view(shape)
+
+
+def _splice(act: Tensor, hook, *, rows: Float[Tensor, "r p d"], rel_patch: Tensor) -> Tensor:
+    """`act` ([r, w, d] or hook_z's [r, w, head_index, d_head]) with `rows` written at `rel_patch`."""
+    act = act.clone()
+    act[:, rel_patch] = rows.view(rows.shape[0], rows.shape[1], *act.shape[2:])
+    return act
+
+
+def _prefix_cache(cache, idx: Tensor, w0: int, cfg) -> TransformerLensKeyValueCache:
+    """A frozen key/value cache holding the clean keys and values of positions < w0, one per stacked row."""
+    entries = [
+        TransformerLensKeyValueCacheEntry(cache[get_act_name("k", layer)][idx, :w0],
+                                          cache[get_act_name("v", layer)][idx, :w0], frozen=True)
+        for layer in range(cfg.n_layers)
+    ]
+    mask = torch.ones(len(idx), w0, dtype=torch.int, device=idx.device)
+    return TransformerLensKeyValueCache(entries=entries, previous_attention_mask=mask, frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------- naive
+def measure_naive(
+    loaded: Loaded, hooks=None, interventions=NOTEBOOK1, tokens: Tensor | None = None, *,
+    positions: int | Literal["all"] = "all", measure_positions=None, n_samples: int = 1, seed: int = 0,
+    include_special: bool = False, batch_size: int = 16, seq_offset: int = 0,
+    means: dict[str, Tensor] | None = None, progress: bool = True, **_engine_only,
+) -> pd.DataFrame:
+    """The plain reference, as the original study ran it: per hook a clean `run_with_cache`, then one full
+    `run_with_hooks` forward from the embedding per intervention and sample, with full-vocabulary logits
+    and log-softmax in memory and torch's `kl_div`. Same arguments and frame as `measure`."""
+    tokens = loaded.tokens() if tokens is None else tokens
+    req = make_request(loaded, hooks, interventions, tokens, positions=positions, measure_positions=measure_positions,
+                       n_samples=n_samples, seed=seed, include_special=include_special)
+    means = hook_means(loaded, req.hooks, tokens) if means is None else means
+    model = loaded.model
+    measured = torch.tensor(req.measured)
+    patch = list(req.patch)
+    frames = []
+    with torch.inference_mode():
+        for batch, seqs in _batches(tokens, batch_size, seq_offset, "measure (naive)", progress):
+            batch = batch.to(loaded.device)
+            targets = _targets(batch, measured.to(batch.device))
+            keep = req.keep(batch)[:, patch]
+            for hook in req.hooks:
+                logits, cache = model.run_with_cache(batch, names_filter=[hook])
+                clean_logp = logits.log_softmax(-1)[:, measured]
+                ce_clean = _nan_last(ce_per_token(clean_logp, targets, normalized=True), measured, req.n_ctx)
+                x = flat(cache[hook], hook)[:, patch]
+                patched, geo = perturb(loaded, req, hook, x, seqs, means[hook])
+                check_finite(patched, keep, req, hook)
+                kl = torch.empty(len(batch), len(req.specs), req.n_samples, len(measured))
+                ce = torch.empty_like(kl)
+                for k in range(len(req.specs)):
+                    for s in range(req.n_samples):
+                        values = torch.where(keep[..., None], patched[:, k, s], x)
+
+                        def splice(act, hook, values=values):
+                            act = act.clone()
+                            act[:, patch] = values.view(*values.shape[:2], *act.shape[2:])
+                            return act
+
+                        out = model.run_with_hooks(batch, fwd_hooks=[(hook, splice)]).log_softmax(-1)[:, measured]
+                        kl[:, k, s] = kl_per_token(clean_logp, out).cpu()
+                        ce[:, k, s] = _nan_last(ce_per_token(out, targets, normalized=True), measured, req.n_ctx).cpu()
+                frames.append(_frame(req, hook, seqs, batch, kl, ce_clean, ce, geo))
+    return finish(frames, req)

@@ -1,0 +1,59 @@
+"""The pathology score: how much more an SAE splice moves the next-token distribution than a random error
+of the same size. `saenb.score(loaded)` or `python -m saenb score --preset tiny-stdlib`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from saenb import metrics
+from saenb.presets import Loaded
+from saenb.store import measure_cached
+
+SCORE_INTERVENTIONS = ("sae", "eps_random", "zero")
+
+
+def score(loaded: Loaded, hooks=None, n_tokens: int = 65_536, *, seed: int = 0, confidence: float = 0.95,
+          progress: bool = True, **measure_kwargs) -> pd.DataFrame:
+    """Per SAE: mean KL of the SAE splice and of eps-random, their ratio with a bootstrap CI over sequences,
+    the mean CE delta of both, sae_lens's ce_loss_score (zero ablation as the reference) and mean L0.
+
+    All-token mode, BOS excluded; `n_tokens` is rounded up to whole contexts.
+    """
+    n_ctx = loaded.model.cfg.n_ctx
+    tokens = loaded.tokens(max(1, math.ceil(n_tokens / n_ctx)))
+    df = measure_cached(loaded, hooks, SCORE_INTERVENTIONS, tokens, seed=seed, progress=progress, **measure_kwargs)
+    rows = []
+    for hook, sub in df.groupby("hook", observed=True, sort=False):
+        per_seq = sub.groupby(["intervention", "seq"], observed=True)[["kl", "ce_delta"]].mean()
+        kl_sae, kl_eps = per_seq.loc["sae", "kl"].to_numpy(), per_seq.loc["eps_random", "kl"].to_numpy()
+        ratio, low, high = metrics.ratio_ci(kl_sae, kl_eps, confidence=confidence, seed=seed)
+        by = sub.groupby("intervention", observed=True)
+        ce_clean = by["ce_clean"].mean()["sae"]
+        ce = by["ce_patched"].mean()
+        sae_rows = sub[sub["intervention"] == "sae"]
+        rows.append({
+            "hook": hook,
+            "kl_sae": kl_sae.mean(),
+            "kl_eps_random": kl_eps.mean(),
+            "kl_ratio": ratio,
+            "ratio_ci_low": low,
+            "ratio_ci_high": high,
+            "ce_delta_sae": by["ce_delta"].mean()["sae"],
+            "ce_delta_eps_random": by["ce_delta"].mean()["eps_random"],
+            "ce_loss_score": metrics.ce_loss_score(ce_clean, ce["sae"], ce["zero"]),
+            "l0": sae_rows["l0"].mean(),
+            "n_tokens": len(sae_rows),
+        })
+    return pd.DataFrame(rows)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    shown = table.copy()
+    shown["ratio (95% CI)"] = [f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
+                               zip(table.kl_ratio, table.ratio_ci_low, table.ratio_ci_high, strict=True)]
+    cols = ["hook", "kl_sae", "kl_eps_random", "ratio (95% CI)", "ce_delta_sae", "ce_delta_eps_random",
+            "ce_loss_score", "l0", "n_tokens"]
+    return shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -1,0 +1,52 @@
+"""Shared fixtures: the committed tiny-stdlib bundle, loaded once, and a small bundle built per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Nothing in the suite may reach a hub: fail fast instead of retrying for 25 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few-second build through the real pipeline (tokenizer, model, sae_lens runner, run_evals) on one
+# stdlib package: used where a test must build, kill or corrupt a bundle.
+SMALL_BUILD_ARGS = [
+    "--heldout-percent", "30", "--n-heldout-contexts", "48", "--vocab-size", "512", "--n-layers", "2",
+    "--d-model", "64", "--n-heads", "2", "--d-mlp", "128", "--train-steps", "40", "--warmup-steps", "5",
+    "--checkpoint-every", "10", "--compile-model", "false", "--sae-training-tokens", "16384",
+    "--sae-batch-tokens", "512", "--sae-max-attempts", "1", "--eval-reconstruction-batches", "1",
+    "--alive-tokens", "4096", "--eval-batch-prompts", "8",
+]
+
+
+def small_corpus() -> Path:
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["stdlib"]) / "email"
+
+
+def build_command(out: Path, work: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "saenb.bundle", "build", "--out", str(out), "--work", str(work),
+            "--corpus", str(small_corpus()), *SMALL_BUILD_ARGS, *extra]
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small")
+    out = root / "bundle"
+    subprocess.run(build_command(out, root / "work"), check=True, cwd=REPO, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The committed tiny-stdlib preset, loaded once (CPU)."""
+    from saenb import load_preset
+
+    return load_preset("tiny-stdlib", device="cpu")

@@ -1,0 +1,115 @@
+"""interventions: the geometry each one promises, checked on random sites."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saenb import interventions as iv
+
+D, D_SAE = 48, 192
+
+
+@pytest.fixture
+def site() -> iv.Site:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 7, D, generator=g) * 3
+    W_dec = torch.randn(D_SAE, D, generator=g)
+    W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True) * 0.7  # decoder rows not unit-norm on purpose
+    latents = torch.relu(torch.randn(5, 7, D_SAE, generator=g) - 1.5)
+    x_sae = latents @ W_dec + 0.1 * torch.randn(D, generator=g)
+    return iv.Site(x, x_sae, latents, W_dec, mean=torch.randn(D, generator=g))
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_unknown_intervention_lists_known_ones():
+    with pytest.raises(ValueError, match=r"unknown intervention 'sea'.*'eps_random'.*'sae'"):
+        iv.get("sea")
+    with pytest.raises(ValueError, match="unknown intervention"):
+        iv.Spec.of("sea")
+    with pytest.raises(ValueError, match="already registered"):
+        iv.register("sae")(lambda site, generator: site.x)
+
+
+def test_deterministic_ones(site):
+    torch.testing.assert_close(iv.get("identity")(site, generator=gen()), site.x)
+    torch.testing.assert_close(iv.get("sae")(site, generator=gen()), site.x_sae)
+    out = iv.get("sae_norm_corrected")(site, generator=gen())
+    torch.testing.assert_close(out.norm(dim=-1), site.x.norm(dim=-1))
+    torch.testing.assert_close(torch.cosine_similarity(out, site.x_sae, dim=-1), torch.ones(5, 7))
+    out = iv.get("sae_norm")(site, generator=gen())
+    torch.testing.assert_close(out.norm(dim=-1), site.x_sae.norm(dim=-1))
+    torch.testing.assert_close(torch.cosine_similarity(out, site.x, dim=-1), torch.ones(5, 7))
+    assert (iv.get("zero")(site, generator=gen()) == 0).all()
+    torch.testing.assert_close(iv.get("mean")(site, generator=gen()), site.mean.expand_as(site.x))
+
+
+def test_eps_random_lands_at_distance_eps(site):
+    out = iv.get("eps_random")(site, generator=gen())
+    torch.testing.assert_close((out - site.x).norm(dim=-1), site.eps, rtol=1e-5, atol=1e-5)
+    # directions are isotropic: mean cosine with x near 0 over many draws
+    many = iv.Site(site.x[:1, :1].expand(4000, 1, D), site.x_sae[:1, :1].expand(4000, 1, D),
+                   site.latents[:1, :1].expand(4000, 1, D_SAE), site.W_dec, site.mean)
+    cos = torch.cosine_similarity(iv.get("eps_random")(many, generator=gen()) - many.x, many.x, dim=-1)
+    assert abs(cos.mean()) < 4 / (4000 * D) ** 0.5 * 3
+
+
+@pytest.mark.parametrize("name,norm_of", [("theta_random_sae_norm", "x_sae"), ("theta_random_true_norm", "x")])
+def test_theta_random_keeps_cosine_and_norm(site, name, norm_of):
+    out = iv.get(name)(site, generator=gen())
+    want_cos = torch.cosine_similarity(site.x, site.x_sae, dim=-1)
+    torch.testing.assert_close(torch.cosine_similarity(out, site.x, dim=-1), want_cos, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.norm(dim=-1), getattr(site, norm_of).norm(dim=-1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, site.x_sae * (out.norm(dim=-1, keepdim=True) / site.x_sae.norm(dim=-1, keepdim=True)))
+
+
+def test_latent_perturb_keeps_support_and_l0(site):
+    g = gen(3)
+    z = torch.randn(site.latents.shape, generator=g)
+    new_latents = site.latents * torch.exp(0.1 * z)
+    assert torch.equal(new_latents > 0, site.latents > 0)
+    out = iv.get("latent_perturb")(site, generator=gen(3), scale=0.1)
+    torch.testing.assert_close(out, site.x_sae + (new_latents - site.latents) @ site.W_dec)
+    assert not torch.allclose(out, site.x_sae)
+
+
+def test_sae_plus_random_matches_latent_perturb_change_norm(site):
+    perturbed = iv.get("latent_perturb")(site, generator=gen(5), scale=0.2)
+    plus = iv.get("sae_plus_random")(site, generator=gen(5), scale=0.2)
+    torch.testing.assert_close((plus - site.x_sae).norm(dim=-1), (perturbed - site.x_sae).norm(dim=-1),
+                               rtol=1e-5, atol=1e-6)
+    cos = torch.cosine_similarity((plus - site.x_sae).flatten(0, 1), (perturbed - site.x_sae).flatten(0, 1), dim=-1)
+    assert cos.abs().mean() < 0.5  # a different direction
+
+
+@pytest.mark.parametrize("which", ["active", "inactive", "any"])
+def test_feature_aligned_moves_eps_along_a_decoder_direction(site, which):
+    out = iv.get("feature_aligned")(site, generator=gen(), which=which)
+    step = out - site.x
+    torch.testing.assert_close(step.norm(dim=-1), site.eps, rtol=1e-5, atol=1e-5)
+    unit_dec = site.W_dec / site.W_dec.norm(dim=-1, keepdim=True)
+    cos = (step / step.norm(dim=-1, keepdim=True)) @ unit_dec.T  # [5, 7, d_sae]
+    best = cos.abs().max(-1)
+    torch.testing.assert_close(best.values, torch.ones(5, 7), atol=1e-5, rtol=1e-5)
+    active = (site.latents > 0).gather(-1, best.indices.unsqueeze(-1)).squeeze(-1)
+    if which == "active":
+        assert active.all()
+    elif which == "inactive":
+        assert not active.any()
+
+
+def test_random_draws_follow_the_generator(site):
+    a = iv.get("eps_random")(site, generator=gen(7))
+    b = iv.get("eps_random")(site, generator=gen(7))
+    c = iv.get("eps_random")(site, generator=gen(8))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_spec_parameters_and_label(site):
+    s = iv.spec("latent_perturb", scale=0.3)
+    assert s.label == "latent_perturb(scale=0.3)"
+    torch.testing.assert_close(s(site, gen(1)), iv.get("latent_perturb")(site, generator=gen(1), scale=0.3))
+    assert iv.Spec.of("sae").label == "sae"

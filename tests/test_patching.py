@@ -1,0 +1,138 @@
+"""The engine: fast equals naive in every mode, KL is a divergence, and the SAE's KL equals sae_lens's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from datasets import Dataset
+from sae_lens import ActivationsStore, run_evals
+from sae_lens.evals import EvalConfig
+from sae_lens.training.activation_scaler import ActivationScaler
+
+from saenb import interventions as iv
+from saenb.patching import NOTEBOOK1, measure, measure_naive
+
+HOOKS = ["blocks.1.hook_resid_pre", "blocks.4.hook_resid_pre", "blocks.2.attn.hook_z"]
+EVERY = [*NOTEBOOK1, "identity", "latent_perturb", "sae_plus_random", iv.spec("feature_aligned", which="inactive")]
+RANDOM = {"eps_random", "theta_random_sae_norm", "theta_random_true_norm", "feature_aligned", "latent_perturb",
+          "sae_plus_random", "feature_aligned(which=inactive)"}
+KEY = ["hook", "intervention", "sample", "seq", "pos"]
+
+
+def assert_fast_equals_naive(fast: pd.DataFrame, naive: pd.DataFrame) -> None:
+    assert len(fast) == len(naive) > 0
+    exact = [c for c in fast.columns if c not in ("kl", "ce_patched", "ce_delta", "ce_clean")]
+    pd.testing.assert_frame_equal(fast[exact], naive[exact])
+    for col in ("kl", "ce_patched", "ce_clean"):
+        a, b = fast[col].to_numpy(np.float64), naive[col].to_numpy(np.float64)
+        both_nan = np.isnan(a) & np.isnan(b)
+        close = np.isclose(a, b, rtol=1e-4, atol=1e-6) | both_nan
+        worst = np.argmax(np.where(close, 0, np.abs(a - b)))
+        assert close.all(), f"{col}: {(~close).sum()} rows differ, e.g. {fast.iloc[worst][KEY].to_dict()} " \
+                            f"fast={a[worst]} naive={b[worst]}"
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny):
+    return tiny.tokens(4)
+
+
+def test_all_token_fast_equals_naive(tiny, tokens):
+    kw = dict(hooks=HOOKS, interventions=EVERY, tokens=tokens, seed=3, progress=False, batch_size=3)
+    fast = measure(tiny, memory_mb=8, **kw)  # a small budget: several chunks per hook
+    naive = measure_naive(tiny, **kw)
+    assert_fast_equals_naive(fast, naive)
+    # every sequence, every non-special measured position, every (hook, intervention)
+    bos = tiny.model.tokenizer.bos_token_id
+    n_measured = int((tokens[:, 1:127] != bos).sum())
+    assert len(fast) == n_measured * len(HOOKS) * len(EVERY)
+    assert (fast.kl >= 0).all()
+    identity = fast[fast.intervention == "identity"]
+    assert identity.kl.abs().max() < 1e-6 and identity.ce_delta.abs().max() < 1e-4
+    assert (fast.token != bos).all() and (fast.pos == fast.patch_pos).all()
+    means = fast.groupby("intervention", observed=True).kl.mean()
+    assert means["zero"] > means["sae"] > means["identity"]
+
+
+def test_single_token_fast_equals_naive(tiny, tokens):
+    kw = dict(hooks=HOOKS, interventions=EVERY, tokens=tokens, positions=32, seed=1, progress=False)
+    fast, naive = measure(tiny, **kw), measure_naive(tiny, **kw)
+    assert_fast_equals_naive(fast, naive)
+    assert sorted(fast.pos.unique()) == list(range(32, 49)) and (fast.patch_pos == 32).all()
+    assert (fast.kl >= 0).all()
+    assert fast[fast.intervention == "identity"].kl.abs().max() < 1e-6
+
+
+def test_many_sample_fast_equals_naive(tiny, tokens):
+    random_ones = ["eps_random", "latent_perturb", "sae_plus_random", "theta_random_true_norm"]
+    kw = dict(hooks=HOOKS[1:], interventions=random_ones, tokens=tokens[:2], positions=48, n_samples=6,
+              measure_positions=[48, 49, 127], seed=7, progress=False)
+    fast, naive = measure(tiny, memory_mb=4, **kw), measure_naive(tiny, **kw)
+    assert_fast_equals_naive(fast, naive)
+    assert fast["sample"].nunique() == 6
+    assert fast[fast.pos == 127].ce_patched.isna().all()  # the last position has no next token
+    per_sample = fast[(fast.intervention == "eps_random") & (fast.pos == 48)].groupby(["hook", "seq"], observed=True).kl
+    assert (per_sample.nunique() == 6).all(), "each sample is a different draw"
+    # eps_random sits at distance eps: same eps column as the sae row of that token
+    assert np.allclose(fast.groupby(["hook", "seq"], observed=True).eps.nunique(), 1)
+
+
+def test_seed_controls_the_draws(tiny, tokens):
+    kw = dict(hooks=HOOKS[:1], interventions=["eps_random", "sae"], tokens=tokens[:2], progress=False)
+    a, b, c = measure(tiny, seed=0, **kw), measure(tiny, seed=0, **kw), measure(tiny, seed=1, **kw)
+    pd.testing.assert_frame_equal(a, b)
+    eps = lambda df: df[df.intervention == "eps_random"].kl.to_numpy()  # noqa: E731
+    sae = lambda df: df[df.intervention == "sae"].kl.to_numpy()  # noqa: E731
+    assert not np.allclose(eps(a), eps(c))
+    np.testing.assert_array_equal(sae(a), sae(c))
+
+
+def test_split_measurement_equals_whole(tiny, tokens):
+    kw = dict(hooks=HOOKS[2:], interventions=["eps_random", "mean"], progress=False)
+    whole = measure(tiny, tokens=tokens, **kw)
+    from saenb.patching import hook_means
+
+    means = hook_means(tiny, HOOKS[2:], tokens)
+    parts = [measure(tiny, tokens=tokens[i:i + 2], seq_offset=i, means=means, **kw) for i in (0, 2)]
+    from saenb.patching import finish, make_request
+
+    joined = finish(parts, make_request(tiny, HOOKS[2:], ["eps_random", "mean"], tokens))
+    pd.testing.assert_frame_equal(whole, joined, check_exact=False, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("hook", ["blocks.3.hook_resid_pre", "blocks.1.attn.hook_z"])
+def test_sae_kl_equals_sae_lens_run_evals(tiny, hook):
+    """sae_lens's run_evals on the same 16 contexts: same splice (special tokens kept clean), same mask."""
+    tokens = tiny.tokens(16)
+    ours = measure(tiny, hook, "sae", tokens, measure_positions=range(1, 128), progress=False)
+    sae = tiny.saes[hook]
+    store = ActivationsStore.from_sae(tiny.model, sae, dataset=Dataset.from_dict({"tokens": tokens.numpy()}),
+                                      context_size=128, streaming=False, store_batch_size_prompts=8,
+                                      train_batch_size_tokens=1024, n_batches_in_buffer=2)
+    cfg = EvalConfig(batch_size_prompts=8, n_eval_reconstruction_batches=2, compute_kl=True, compute_ce_loss=True)
+    metrics, _ = run_evals(sae, store, tiny.model, ActivationScaler(), cfg, exclude_special_tokens=True)
+    theirs = metrics["model_behavior_preservation"]["kl_div_with_sae"]
+    assert ours.kl.mean() == pytest.approx(theirs, rel=1e-3)
+    ce_theirs = metrics["model_performance_preservation"]["ce_loss_with_sae"]
+    # sae_lens's CE mask drops the last position and positions whose *input* token is special; so do we
+    assert ours.ce_patched.mean() == pytest.approx(ce_theirs, rel=1e-3)
+
+
+def test_bad_requests_name_the_fix(tiny, tokens):
+    with pytest.raises(ValueError, match=r"no SAE at hook 'blocks.9.hook_resid_pre'; hooks with SAEs"):
+        measure(tiny, "blocks.9.hook_resid_pre", "sae", tokens)
+    with pytest.raises(ValueError, match=r"unknown intervention 'sea'. Known interventions"):
+        measure(tiny, HOOKS[0], "sea", tokens)
+    with pytest.raises(ValueError, match=r"shape \(0, 128\)"):
+        measure(tiny, HOOKS[0], "sae", tokens[:0])
+    with pytest.raises(ValueError, match="vocabulary"):
+        measure(tiny, HOOKS[0], "sae", tokens + tiny.model.cfg.d_vocab)
+    with pytest.raises(ValueError, match=r"positions=200 must be 'all' or a position in 0..127"):
+        measure(tiny, HOOKS[0], "sae", tokens, positions=200)
+    with pytest.raises(ValueError, match="must not precede"):
+        measure(tiny, HOOKS[0], "sae", tokens, positions=40, measure_positions=[39])
+    with pytest.raises(ValueError, match="n_samples"):
+        measure(tiny, HOOKS[0], "sae", tokens, n_samples=0)
+    with pytest.raises(TypeError, match="integer tensor"):
+        measure(tiny, HOOKS[0], "sae", tokens.float())
