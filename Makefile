@@ -4,13 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.saenb-installed
 
-.PHONY: venv test reproduce bundle score clean-results
+.PHONY: venv test reproduce score bench bundle clean-results
 
 # torch is installed first, pinned, then the package with the pin as a constraint, so that pip never
 # resolves another torch (a CUDA build of several GB).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	$(BIN)/python -m ipykernel install --user --name saenb --display-name "saenb (.venv)"
@@ -23,6 +22,12 @@ test: venv
 
 reproduce: venv
 	$(BIN)/python -m saenb reproduce --preset tiny-stdlib
+
+score: venv
+	$(BIN)/python -m saenb score --preset tiny-stdlib
+
+bench: venv
+	$(BIN)/python bench/engine.py
 
 bundle: venv
 	$(BIN)/python -m saenb.bundle build --out data/bundles/tiny-stdlib

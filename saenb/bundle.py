@@ -70,16 +70,16 @@ class BuildConfig:
     checkpoint_every: int = 100
     compile_model: bool = True
     # SAEs
-    sae_expansion: int = 8
-    sae_training_tokens: int = 1_500_000
+    sae_expansion: int = 4
+    sae_training_tokens: int = 1_000_000
     sae_batch_tokens: int = 1024
     sae_lr: float = 1e-3
     sae_l1_resid: float = 1.0
     sae_l1_z: float = 1.0
-    sae_max_attempts: int = 3
+    sae_max_attempts: int = 2
     # evals
     eval_batch_prompts: int = 32
-    eval_reconstruction_batches: int = 12
+    eval_reconstruction_batches: int = 8
     alive_tokens: int = 500_000
 
     @property
@@ -108,6 +108,24 @@ QUALITY_TARGETS = {
 }
 
 
+STAGES = ("corpus", "tokenizer", "tokens", "model", "model_eval", "sae", "eval")
+# The first stage each option affects: a resumed build may change an option whose stage has not run yet.
+FIRST_STAGE = {
+    "seed": "corpus", "heldout_percent": "corpus", "vocab_size": "tokenizer", "n_heldout_contexts": "tokens",
+    "n_ctx": "tokens", **{k: "model" for k in ("n_layers", "d_model", "n_heads", "d_mlp", "batch_size",
+                                                "train_steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
+                                                "grad_clip", "compile_model")},
+    **{k: "sae" for k in ("sae_expansion", "sae_training_tokens", "sae_batch_tokens", "sae_lr", "sae_l1_resid",
+                          "sae_l1_z", "sae_max_attempts")},
+    **{k: "eval" for k in ("eval_batch_prompts", "eval_reconstruction_batches", "alive_tokens")},
+}  # checkpoint_every changes nothing that is built
+
+
+def stage_of(record_name: str) -> str:
+    """"sae:blocks.0.hook_resid_pre" -> "sae"."""
+    return record_name.split(":")[0]
+
+
 def hook_family(hook_name: str) -> str:
     return "z" if hook_name.endswith("hook_z") else "resid"
 
@@ -124,10 +142,15 @@ class Build:
         self.record_path = work / "stages.json"
         self.records: dict[str, Any] = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
         cfg_dict = dataclasses.asdict(cfg)
-        if self.records.get("config", cfg_dict) != cfg_dict:
+        done = set(self.records.get("stages", {}))
+        changed = [k for k, v in self.records.get("config", cfg_dict).items() if cfg_dict.get(k) != v]
+        clash = [k for k in changed if k in FIRST_STAGE and any(
+            STAGES.index(stage_of(name)) >= STAGES.index(FIRST_STAGE[k]) for name in done)]
+        if clash:
             raise SystemExit(
-                f"{work} holds a build with another configuration. Remove it (`rm -r {work}`) to start "
-                "over, or pass the same options."
+                f"{work} holds a build whose finished stages used other values of {clash}. Remove it "
+                f"(`rm -r {work}`) to start over, or pass the same options. (Options of stages not yet run "
+                "may change.)"
             )
         self.records["config"] = cfg_dict
 
@@ -241,8 +264,11 @@ class Build:
 
         ckpt_path = self.work / "model_ckpt.pt"
         step, history, elapsed = 0, [], 0.0
+        model_options = {k: v for k, v in dataclasses.asdict(cfg).items() if FIRST_STAGE.get(k) in STAGES[:4]}
         if ckpt_path.exists():
             ckpt = torch.load(ckpt_path, weights_only=False)
+            if ckpt.get("options", model_options) != model_options:
+                raise SystemExit(f"{ckpt_path} was trained with other model options; remove it to train anew")
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["opt"])
             step, history, elapsed = ckpt["step"], ckpt["history"], ckpt["elapsed"]
@@ -277,7 +303,7 @@ class Build:
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.train_steps:
                 tmp = ckpt_path.with_suffix(".tmp")
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                            "history": history, "elapsed": time.time() - t0}, tmp)
+                            "history": history, "elapsed": time.time() - t0, "options": model_options}, tmp)
                 tmp.replace(ckpt_path)
         model.eval()
         bundle_io.save_model(self.out, cfg.model_config_kwargs(), model.state_dict())
@@ -426,8 +452,9 @@ class Build:
 
 
 def evaluate_sae(root: Path, hook_name: str, sae_dir: Path, cfg: BuildConfig, *, n_recon_batches: int,
-                 n_sparsity_batches: int) -> dict[str, float]:
-    """Quality figures of one SAE on the held-out contexts, computed by sae_lens's own `run_evals`.
+                 n_sparsity_batches: int, first_context: int = 0) -> dict[str, float]:
+    """Quality figures of one SAE on the held-out contexts (from `first_context` on, in order, batches of
+    `cfg.eval_batch_prompts`), computed by sae_lens's own `run_evals`.
 
     Special tokens (BOS) are excluded, as sae_lens does by default. `alive_fraction` is the share of
     latents that fire at least once on the `n_sparsity_batches` batches (feature density > 0).
@@ -439,7 +466,7 @@ def evaluate_sae(root: Path, hook_name: str, sae_dir: Path, cfg: BuildConfig, *,
 
     model = bundle_io.load_model(root)
     sae = SAE.load_from_disk(sae_dir, device="cpu").eval()
-    tokens = bundle_io.load_tokens(root / bundle_io.HELDOUT_TOKENS)
+    tokens = bundle_io.load_tokens(root / bundle_io.HELDOUT_TOKENS)[first_context:]
     store = ActivationsStore.from_sae(
         model, sae, dataset=Dataset.from_dict({"tokens": tokens.numpy()}), context_size=cfg.n_ctx,
         streaming=False, store_batch_size_prompts=cfg.eval_batch_prompts, n_batches_in_buffer=4,

@@ -34,13 +34,15 @@ class CleanDistribution:
         self.p = clean_logp.exp()
 
     def kl_and_ce(
-        self, rows: Int[Tensor, "r"], patched_logits: Float[Tensor, "r m d_vocab"], targets: Int[Tensor, "r m"]
-    ) -> tuple[Float[Tensor, "r m"], Float[Tensor, "r m"]]:
-        """KL(clean || patched) and the patched CE of `targets`; `rows` picks each row's clean sequence."""
+        self, seq: Int[Tensor, "t"], pos: Int[Tensor, "t"], patched_logits: Float[Tensor, "t d_vocab"],
+        targets: Int[Tensor, "t"],
+    ) -> tuple[Float[Tensor, "t"], Float[Tensor, "t"]]:
+        """KL(clean || patched) and the patched CE of `targets`, per token; token t compares with the clean
+        distribution of sequence `seq[t]` at measured position index `pos[t]`."""
         logq = patched_logits.log_softmax(-1)
         ce = -logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        diff = torch.sub(self.logp[rows], logq, out=logq)  # log p - log q, in logq's memory
-        return torch.linalg.vecdot(self.p[rows], diff).clamp_min(0), ce
+        diff = torch.sub(self.logp[seq, pos], logq, out=logq)  # log p - log q, in logq's memory
+        return torch.linalg.vecdot(self.p[seq, pos], diff).clamp_min(0), ce
 
 
 def ce_per_token(

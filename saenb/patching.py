@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 from transformer_lens.utilities import get_act_name
+from transformer_lens.utilities.activation_functions import apply_softcap
 
 from saenb import interventions as iv
 from saenb.metrics import CleanDistribution, ce_per_token, geometry, kl_per_token
@@ -328,10 +329,11 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
     # special tokens keep their clean activation: nothing is spliced there
     rows = torch.where(keep[:, None, None, :, None], patched, clean_at_patch[:, None, None]).reshape(b * k * n, p, d)
     seq_of_row = torch.arange(b, device=batch.device).repeat_interleave(k * n)
-    # bytes per row: logits over the window (x3 for log-softmax and the KL difference) + activations
-    per_row = (w1 - w0) * (3 * cfg.d_vocab + 16 * cfg.d_model) * 4
+    # bytes per row: the window's activations through a block (MLP hidden included)
+    per_row = (w1 - w0) * 16 * cfg.d_model * 4 + len(req.measured) * cfg.d_model * 4
     chunk = max(1, int(memory_mb * 2**20 // per_row))
-    kl_out = torch.empty(b * k * n, len(req.measured), device=batch.device)
+    m = len(req.measured)
+    kl_out = torch.empty(b * k * n * m, device=batch.device)
     ce_out = torch.empty_like(kl_out)
     for start in range(0, len(rows), chunk):
         idx = seq_of_row[start:start + chunk]
@@ -344,11 +346,32 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
             inp = _splice(inp, None, rows=rows_chunk, rel_patch=rel_patch)
         kv = _prefix_cache(cache, idx, w0, cfg) if w0 > 0 else None
         with model.hooks(fwd_hooks=fwd_hooks):
-            logits = model(inp, start_at_layer=layer, past_kv_cache=kv)[:, measured - w0]
-        kl_out[start:start + chunk], ce_out[start:start + chunk] = clean.kl_and_ce(idx, logits, targets[idx])
-        del logits
+            final = model(inp, start_at_layer=layer, stop_at_layer=cfg.n_layers, past_kv_cache=kv)
+        final = final[:, measured - w0].reshape(-1, cfg.d_model)  # [rows * m, d_model]: measured positions only
+        seq_of_token = idx.repeat_interleave(m)
+        pos_of_token = torch.arange(m, device=batch.device).repeat(len(idx))
+        offset = start * m
+        _reduce_logits(model, final, clean, seq_of_token, pos_of_token, targets,
+                       kl_out[offset:offset + len(final)], ce_out[offset:offset + len(final)])
     shape = (b, k, n, len(req.measured))
     return kl_out.view(shape), ce_out.view(shape)
+
+
+LOGIT_BLOCK = 512
+"""Tokens unembedded at once: the block's full-vocabulary logits stay small enough to live in cache while
+they are reduced to KL and CE, and are freed before the next block."""
+
+
+def _reduce_logits(model, final: Float[Tensor, "t d_model"], clean: CleanDistribution, seq: Int[Tensor, "t"],
+                   pos: Int[Tensor, "t"], targets: Int[Tensor, "b m"], kl_out: Tensor, ce_out: Tensor) -> None:
+    """ln_final, unembed (TransformerLens's own modules) and KL/CE, LOGIT_BLOCK tokens at a time."""
+    if model.cfg.normalization_type is not None:
+        final = model.ln_final(final)
+    for t0 in range(0, len(final), LOGIT_BLOCK):
+        t1 = t0 + LOGIT_BLOCK
+        logits = apply_softcap(model.unembed(final[t0:t1]), model.cfg.output_logits_soft_cap)
+        kl_out[t0:t1], ce_out[t0:t1] = clean.kl_and_ce(seq[t0:t1], pos[t0:t1], logits,
+                                                       targets[seq[t0:t1], pos[t0:t1]])
 
 
 def _splice(act: Tensor, hook, *, rows: Float[Tensor, "r p d"], rel_patch: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ run's exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ def config_key(loaded: Loaded, config: dict[str, Any]) -> tuple[str, dict[str, A
         "preset": loaded.preset.name,
         "bundle_sha256": loaded.bundle_sha256,
         "model": loaded.model.cfg.model_name,
+        "sae_sources": [dataclasses.asdict(source) for source in loaded.preset.sae_sources],
         "saenb_version": saenb.__version__,
         **config,
     }
