@@ -33,6 +33,7 @@ def score(loaded: Loaded, hooks=None, n_tokens: int = 65_536, *, seed: int = 0, 
         by = sub.groupby("intervention", observed=True)
         ce_clean = by["ce_clean"].mean()["sae"]
         ce = by["ce_patched"].mean()
+        ce_delta = by["ce_delta"].mean()
         sae_rows = sub[sub["intervention"] == "sae"]
         rows.append({
             "hook": hook,
@@ -41,8 +42,8 @@ def score(loaded: Loaded, hooks=None, n_tokens: int = 65_536, *, seed: int = 0, 
             "kl_ratio": ratio,
             "ratio_ci_low": low,
             "ratio_ci_high": high,
-            "ce_delta_sae": by["ce_delta"].mean()["sae"],
-            "ce_delta_eps_random": by["ce_delta"].mean()["eps_random"],
+            "ce_delta_sae": ce_delta["sae"],
+            "ce_delta_eps_random": ce_delta["eps_random"],
             "ce_loss_score": metrics.ce_loss_score(ce_clean, ce["sae"], ce["zero"]),
             "l0": sae_rows["l0"].mean(),
             "n_tokens": len(sae_rows),
