@@ -42,16 +42,27 @@ class Site:
 
 Intervention = Callable[..., Act]
 _REGISTRY: dict[str, Intervention] = {}
+_DETERMINISTIC: set[str] = set()
 
 
-def register(name: str) -> Callable[[Intervention], Intervention]:
+def register(name: str, *, deterministic: bool = False) -> Callable[[Intervention], Intervention]:
+    """Register an intervention under `name`; `deterministic` ones never draw from the generator (the engine
+    may then apply them to many sequences at once)."""
+
     def wrap(fn: Intervention) -> Intervention:
         if name in _REGISTRY:
             raise ValueError(f"an intervention named {name!r} is already registered")
         _REGISTRY[name] = fn
+        if deterministic:
+            _DETERMINISTIC.add(name)
         return fn
 
     return wrap
+
+
+def is_deterministic(name: str) -> bool:
+    get(name)
+    return name in _DETERMINISTIC
 
 
 def get(name: str) -> Intervention:
@@ -107,25 +118,25 @@ def random_unit(like: Act, generator: torch.Generator) -> Act:
 
 
 # ------------------------------------------------------------------------------------- interventions
-@register("identity")
+@register("identity", deterministic=True)
 def identity(site: Site, *, generator: torch.Generator) -> Act:
     """x itself: the patched model must equal the clean one (a check of the engine)."""
     return site.x.clone()
 
 
-@register("sae")
+@register("sae", deterministic=True)
 def sae(site: Site, *, generator: torch.Generator) -> Act:
     """x <- x_sae (substitution)."""
     return site.x_sae.clone()
 
 
-@register("sae_norm_corrected")
+@register("sae_norm_corrected", deterministic=True)
 def sae_norm_corrected(site: Site, *, generator: torch.Generator) -> Act:
     """x_sae rescaled to ||x|| (norm_corrected_substitution): is the gap feature suppression?"""
     return site.x_sae * (site.x.norm(dim=-1, keepdim=True) / site.x_sae.norm(dim=-1, keepdim=True))
 
 
-@register("sae_norm")
+@register("sae_norm", deterministic=True)
 def sae_norm(site: Site, *, generator: torch.Generator) -> Act:
     """x rescaled to ||x_sae|| (cos_corrected_substitution, the post's SAE-norm substitution)."""
     return site.x * (site.x_sae.norm(dim=-1, keepdim=True) / site.x.norm(dim=-1, keepdim=True))
@@ -158,13 +169,13 @@ def theta_random_true_norm(site: Site, *, generator: torch.Generator) -> Act:
     return _theta_random(site, generator) * site.x.norm(dim=-1, keepdim=True)
 
 
-@register("zero")
+@register("zero", deterministic=True)
 def zero(site: Site, *, generator: torch.Generator) -> Act:
     """Zero ablation (zero_ablation)."""
     return torch.zeros_like(site.x)
 
 
-@register("mean")
+@register("mean", deterministic=True)
 def mean(site: Site, *, generator: torch.Generator) -> Act:
     """Mean ablation (mean_ablation): the hook's mean activation over a reference set of tokens."""
     return site.mean.expand_as(site.x).clone()

@@ -26,7 +26,9 @@ class CleanDistribution:
 
     `kl_div` exponentiates the clean log-probs on every call; here p = exp(log p) is computed once per batch
     and shared by every hook, intervention and sample, and each comparison is one subtraction and one dot
-    product over the vocabulary. Rounding can leave a zero KL at -1e-7: it is clamped at 0.
+    product over the vocabulary. (The shorter sum p log p - sum p log q subtracts two numbers of the size of
+    the entropy and loses about 1e-6 nats to rounding; the difference log p - log q keeps small KLs exact.)
+    Rounding can leave a zero KL at -1e-7: it is clamped at 0.
     """
 
     def __init__(self, clean_logp: Float[Tensor, "b m d_vocab"]):
@@ -34,15 +36,14 @@ class CleanDistribution:
         self.p = clean_logp.exp()
 
     def kl_and_ce(
-        self, seq: Int[Tensor, "t"], pos: Int[Tensor, "t"], patched_logits: Float[Tensor, "t d_vocab"],
-        targets: Int[Tensor, "t"],
-    ) -> tuple[Float[Tensor, "t"], Float[Tensor, "t"]]:
-        """KL(clean || patched) and the patched CE of `targets`, per token; token t compares with the clean
-        distribution of sequence `seq[t]` at measured position index `pos[t]`."""
+        self, seq: int, patched_logits: Float[Tensor, "r m d_vocab"], targets: Int[Tensor, "m"]
+    ) -> tuple[Float[Tensor, "r m"], Float[Tensor, "r m"]]:
+        """KL(clean || patched) and the patched CE of `targets`, per token, for r patched copies of sequence
+        `seq` at the m measured positions (the clean distribution is broadcast over the copies, not copied)."""
         logq = patched_logits.log_softmax(-1)
-        ce = -logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        diff = torch.sub(self.logp[seq, pos], logq, out=logq)  # log p - log q, in logq's memory
-        return torch.linalg.vecdot(self.p[seq, pos], diff).clamp_min(0), ce
+        ce = -logq.gather(-1, targets.expand(logq.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+        diff = torch.sub(self.logp[seq], logq, out=logq)  # log p - log q, in logq's memory
+        return torch.linalg.vecdot(self.p[seq], diff).clamp_min(0), ce
 
 
 def ce_per_token(
@@ -105,7 +106,9 @@ def ratio_ci(
     num_per_seq: np.ndarray, den_per_seq: np.ndarray, *, confidence: float = 0.95, n_resamples: int = 2000,
     seed: int = 0,
 ) -> tuple[float, float, float]:
-    """Ratio of means (num / den) with a paired bootstrap CI over sequences (both resampled together)."""
+    """Ratio of means (num / den) with a paired BCa bootstrap CI over sequences (both resampled together).
+
+    Given per-sequence sums over the same tokens, this is the ratio of token means."""
     num, den = np.asarray(num_per_seq, float), np.asarray(den_per_seq, float)
 
     def statistic(n, d, axis=-1):
@@ -119,3 +122,96 @@ def ratio_ci(
 def per_sequence(df: pd.DataFrame, value: str = "kl", by: tuple[str, ...] = ("hook", "intervention")) -> pd.DataFrame:
     """Mean of `value` per sequence within each group: the unit the bootstrap resamples."""
     return df.groupby([*by, "seq"], observed=True)[value].mean().reset_index()
+
+
+# ---------------------------------------------------------------------------------- tables of a frame
+def seq_sums(df: pd.DataFrame, value: str, by) -> pd.DataFrame:
+    """Per group and sequence: the sum of `value` and the token count (NaNs, e.g. the last position's CE,
+    left out). Columns: *by, seq, sum, count."""
+    g = df.groupby([*by, "seq"], observed=True)[value]
+    return pd.DataFrame({"sum": g.sum(), "count": g.count()}).reset_index()
+
+
+def mean_table(df: pd.DataFrame, value: str = "kl", by=("layer", "intervention"), *, confidence: float = 0.95,
+               n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Token mean of `value` per group with a 95% BCa bootstrap CI over sequences (scipy.stats.bootstrap;
+    each resample draws whole sequences, and its statistic is the resampled tokens' mean).
+
+    Columns: *by, metric, mean, ci_low, ci_high, n_tokens, n_seqs."""
+    by = list(by)
+    rows = []
+    for key, sub in seq_sums(df, value, by).groupby(by, observed=True, sort=True):
+        sums, counts = sub["sum"].to_numpy(float), sub["count"].to_numpy(float)
+        low, high = _sum_ratio_ci(sums, counts, confidence, n_resamples, seed)
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True)), "metric": value,
+                     "mean": sums.sum() / counts.sum(), "ci_low": low, "ci_high": high,
+                     "n_tokens": int(counts.sum()), "n_seqs": len(sums)})
+    return pd.DataFrame(rows)
+
+
+def ratio_table(df: pd.DataFrame, num: str = "sae", den: str = "eps_random", values=("kl", "ce_delta"),
+                by=("layer",), *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Ratio of token means of `num` and `den` interventions (e.g. SAE / eps-random KL) per group, with a
+    paired bootstrap CI over sequences (`ratio_ci` on per-sequence sums over the same tokens).
+
+    Columns: *by, metric, ratio, ci_low, ci_high, num_mean, den_mean, n_seqs."""
+    by = list(by)
+    rows = []
+    for value in values:
+        sums = seq_sums(df[df["intervention"].isin([num, den])], value, [*by, "intervention"])
+        wide = sums.pivot_table(index=[*by, "seq"], columns="intervention", values=["sum", "count"], observed=True)
+        for key, sub in wide.groupby(level=list(range(len(by))), sort=True):
+            n, d = sub[("sum", num)].to_numpy(float), sub[("sum", den)].to_numpy(float)
+            ratio, low, high = ratio_ci(n, d, confidence=confidence, n_resamples=n_resamples, seed=seed)
+            tokens = sub[("count", num)].to_numpy(float).sum()
+            rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True)), "metric": value,
+                         "ratio": ratio, "ci_low": low, "ci_high": high, "num_mean": n.sum() / tokens,
+                         "den_mean": d.sum() / tokens, "n_seqs": len(n)})
+    return pd.DataFrame(rows)
+
+
+def tail_table(df: pd.DataFrame, value: str = "kl", by=("layer", "intervention"), q: float = 0.999) -> pd.DataFrame:
+    """The q-quantile, mean and max of `value` per group (what a clamped histogram hides). Columns: *by,
+    metric, quantile, q, mean, max."""
+    g = df.groupby(list(by), observed=True)[value]
+    out = pd.DataFrame({"quantile": g.quantile(q), "mean": g.mean(), "max": g.max()}).reset_index()
+    return out.assign(metric=value, q=q)[[*by, "metric", "quantile", "q", "mean", "max"]]
+
+
+def histogram_table(df: pd.DataFrame, value: str = "kl", by=("layer", "intervention"), *, low: float = 0.0,
+                    high: float = 1.0, bins: int = 50) -> pd.DataFrame:
+    """Counts of `value` in `bins` equal bins over [low, high] per group; values outside are clamped into the
+    end bins (the tails a log-count histogram would otherwise stretch over). Columns: *by, metric, bin_left,
+    bin_right, count."""
+    edges = np.linspace(low, high, bins + 1)
+    frames = []
+    for key, sub in df.groupby(list(by), observed=True, sort=True):
+        counts, _ = np.histogram(sub[value].dropna().clip(low, high), bins=edges)
+        frame = pd.DataFrame({"bin_left": edges[:-1], "bin_right": edges[1:], "count": counts})
+        for col, v in zip(by, key if isinstance(key, tuple) else (key,), strict=True):
+            frame[col] = v
+        frames.append(frame.assign(metric=value))
+    return pd.concat(frames, ignore_index=True)[[*by, "metric", "bin_left", "bin_right", "count"]]
+
+
+def position_table(df: pd.DataFrame, value: str = "kl", by=("layer", "intervention")) -> pd.DataFrame:
+    """Mean of `value` per position within each group, with a normal 95% band over sequences (mean +/- 1.96
+    standard errors of the per-sequence values; one value per sequence and position). Columns: *by, pos,
+    mean, ci_low, ci_high."""
+    g = df.groupby([*by, "pos"], observed=True)[value]
+    out = pd.DataFrame({"mean": g.mean(), "sem": g.sem()}).reset_index()
+    out["ci_low"], out["ci_high"] = out["mean"] - 1.96 * out["sem"], out["mean"] + 1.96 * out["sem"]
+    return out.drop(columns="sem")
+
+
+def _sum_ratio_ci(sums: np.ndarray, counts: np.ndarray, confidence: float, n_resamples: int,
+                  seed: int) -> tuple[float, float]:
+    if len(sums) < 2:
+        return float("nan"), float("nan")
+
+    def statistic(s, c, axis=-1):
+        return s.sum(axis=axis) / c.sum(axis=axis)
+
+    res = stats.bootstrap((sums, counts), statistic, paired=True, confidence_level=confidence,
+                          n_resamples=n_resamples, random_state=np.random.default_rng(seed), vectorized=True)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)

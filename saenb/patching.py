@@ -18,27 +18,34 @@ Fast path (DESIGN.md, engine principles): one clean forward per batch caches eve
 the clean log-probs and the clean keys/values; patched forwards start at the hooked layer
 (`start_at_layer`) and, in single-token mode, only at the patched position, reading the clean prefix
 from a frozen key/value cache; interventions and samples are stacked along the batch and run in chunks
-sized to a memory budget, each chunk reduced to per-token scalars at once.
+sized to a memory budget, each chunk reduced to per-token scalars at once (blocks of one sequence's rows,
+compared with its clean distribution by broadcasting). Rows whose whole input is the same (zero and mean
+ablation at a residual hook, in every sequence of a batch) are forwarded once. LayerNorms and the MLP
+activation run as torch's fused kernels for the same functions (`fused_kernels`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from sae_lens.util import get_special_token_ids
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformer_lens.components import LayerNorm
+from transformer_lens.components.mlps.can_be_used_as_mlp import CanBeUsedAsMLP
 from transformer_lens.utilities import get_act_name
-from transformer_lens.utilities.activation_functions import apply_softcap
+from transformer_lens.utilities.activation_functions import apply_softcap, gelu_new, gelu_pytorch_tanh
 
 from saenb import interventions as iv
 from saenb.metrics import CleanDistribution, ce_per_token, geometry, kl_per_token
@@ -56,7 +63,7 @@ COLUMNS = ["seq", "pos", "patch_pos", "token", "target", "hook", "layer", "inter
            "ce_clean", "ce_patched", "ce_delta", "norm_x", "norm_sae", "eps", "cos_sae", "l0"]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Request:
     """A validated measurement request (what `measure` and `measure_naive` both compute)."""
 
@@ -159,8 +166,9 @@ def hook_means(loaded: Loaded, hooks, tokens: Tensor) -> dict[str, Float[Tensor,
     ref = tokens[:MEAN_REFERENCE_SEQS].to(loaded.device)
     special = torch.tensor(get_special_token_ids(loaded.model.tokenizer), device=ref.device, dtype=ref.dtype)
     keep = ~torch.isin(ref, special)
-    with torch.inference_mode():
-        _, cache = loaded.model.run_with_cache(ref, names_filter=list(hooks))
+    with torch.inference_mode():  # blocks after the last hooked one are not needed
+        _, cache = loaded.model.run_with_cache(ref, names_filter=list(hooks),
+                                               stop_at_layer=max(sae_layer(h) for h in hooks) + 1)
     return {h: flat(cache[h], h)[keep].mean(0) for h in hooks}
 
 
@@ -177,12 +185,53 @@ def perturb(loaded: Loaded, req: Request, hook: str, x: Float[Tensor, "b p d"], 
     W_dec = sae.W_dec.detach()
     n = req.n_samples
     out = torch.empty((x.shape[0], len(req.specs), n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    random = [k for k, spec in enumerate(req.specs) if not iv.is_deterministic(spec.name)]
+    # deterministic interventions see every sequence at once (the draws of random ones are per sequence)
+    whole = iv.Site(x, x_sae, latents, W_dec, mean)
+    for k, spec in enumerate(req.specs):
+        if k not in random:
+            out[:, k] = spec(whole, None).unsqueeze(1)
     for b, seq in enumerate(seqs):
         site = iv.Site(x[b].expand(n, *x.shape[1:]), x_sae[b].expand(n, *x.shape[1:]),
                        latents[b].expand(n, *latents.shape[1:]), W_dec, mean)
-        for k, spec in enumerate(req.specs):
-            out[b, k] = spec(site, generator_for(req.seed, hook, seq))
+        for k in random:
+            out[b, k] = req.specs[k](site, generator_for(req.seed, hook, seq))
     return out, geometry(x, x_sae, latents)
+
+
+FUSED_EQUIVALENTS = {gelu_new: gelu_pytorch_tanh}
+"""Activation functions the fast path swaps for a fused kernel computing the same function: TL's gelu_new
+is 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in seven tensor ops, torch's `gelu(approximate="tanh")`
+(TL's own gelu_pytorch_tanh) is that formula in one; they differ by rounding only."""
+
+
+def _fused_layer_norm(ln: LayerNorm, x: Tensor) -> Tensor:
+    """TL's LayerNorm ((x - mean) / sqrt(var + eps) * w + b, biased variance) as torch's one-kernel layer_norm."""
+    return F.layer_norm(x, (ln.length,), ln.w, ln.b, ln.eps)
+
+
+@contextlib.contextmanager
+def fused_kernels(model):
+    """Within the block, the model's float32 LayerNorms and MLP activations run as torch's fused kernels for
+    the same functions (`_fused_layer_norm`, `FUSED_EQUIVALENTS`): several times fewer passes over memory on
+    a CPU. Their hook points inside LayerNorm (hook_scale, hook_normalized) do not fire meanwhile; the engine
+    does not use them. Everything is restored on exit. The fast == naive tests hold the results together."""
+    swapped_act, swapped_ln = [], []
+    try:
+        for module in model.modules():
+            fn = getattr(module, "act_fn", None)
+            if isinstance(module, CanBeUsedAsMLP) and fn in FUSED_EQUIVALENTS:
+                swapped_act.append((module, fn))
+                module.act_fn = FUSED_EQUIVALENTS[fn]
+            elif type(module) is LayerNorm and model.cfg.dtype == torch.float32:
+                swapped_ln.append(module)
+                module.forward = functools.partial(_fused_layer_norm, module)
+        yield
+    finally:
+        for module, fn in swapped_act:
+            module.act_fn = fn
+        for module in swapped_ln:
+            del module.forward
 
 
 def check_finite(patched: Tensor, keep: Tensor, req: Request, hook: str) -> None:
@@ -261,8 +310,8 @@ def _batches(tokens: Tensor, batch_size: int, seq_offset: int, desc: str, progre
 def measure(
     loaded: Loaded, hooks=None, interventions=NOTEBOOK1, tokens: Tensor | None = None, *,
     positions: int | Literal["all"] = "all", measure_positions=None, n_samples: int = 1, seed: int = 0,
-    include_special: bool = False, batch_size: int = 16, memory_mb: int = 512, seq_offset: int = 0,
-    means: dict[str, Tensor] | None = None, progress: bool = True,
+    include_special: bool = False, batch_size: int = 16, memory_mb: int = 256, seq_offset: int = 0,
+    means: dict[str, Tensor] | None = None, progress: bool = True, fused: bool = True,
 ) -> pd.DataFrame:
     """Per-token KL and CE of every (hook, intervention, sample) splice; see the module docstring.
 
@@ -277,6 +326,8 @@ def measure(
     seq_offset:      index of tokens[0] among all sequences (the `seq` column and the random draws follow
                      it), so a measurement split into pieces equals the whole one.
     means:           mean activation per hook for mean ablation (default: `hook_means` of these tokens).
+    fused:           run LayerNorms and MLP activations as torch's fused kernels (`fused_kernels`); same
+                     functions, rounding differs.
     """
     tokens = loaded.tokens() if tokens is None else tokens
     req = make_request(loaded, hooks, interventions, tokens, positions=positions, measure_positions=measure_positions,
@@ -286,31 +337,39 @@ def measure(
     # single-token work starts at the patched position (the clean prefix comes from the key/value cache);
     # nothing after the last measured position is ever computed
     window = (req.patch[0] if req.single else 0, req.measured[-1] + 1)
+    # the clean run covers the window and every candidate position (the random draws are made for all
+    # candidates, so that they do not depend on the window)
+    clean_end = max(window[1], req.patch[-1] + 1)
     names = {*req.hooks, *(resid_input_name(h) for h in req.hooks)}
     if window[0] > 0:
         names |= {get_act_name(kind, layer) for kind in ("k", "v") for layer in range(model.cfg.n_layers)}
     frames = []
-    with torch.inference_mode():
+    with torch.inference_mode(), (fused_kernels(model) if fused else contextlib.nullcontext()):
+        unembed = _Unembed(model)
         for batch, seqs in _batches(tokens, batch_size, seq_offset, "measure", progress):
             batch = batch.to(loaded.device)
-            logits, cache = model.run_with_cache(batch, names_filter=sorted(names))
+            # the clean run stops where nothing more is needed and is unembedded at the measured positions only
+            final, cache = model.run_with_cache(batch[:, :clean_end], names_filter=sorted(names),
+                                                stop_at_layer=model.cfg.n_layers)
             measured = torch.tensor(req.measured, device=batch.device)
-            clean = CleanDistribution(logits[:, measured].log_softmax(-1))  # [b, m, d_vocab]
+            clean = CleanDistribution(unembed(final[:, measured]).log_softmax(-1))  # [b, m, d_vocab]
             ce_clean = _nan_last(ce_per_token(clean.logp, _targets(batch, measured), normalized=True),
                                  measured, req.n_ctx)
-            del logits
+            del final
             keep = req.keep(batch)[:, list(req.patch)]  # [b, p]
             for hook in req.hooks:
                 x = flat(cache[hook], hook)[:, list(req.patch)]  # [b, p, d]
                 patched, geo = perturb(loaded, req, hook, x, seqs, means[hook])
                 check_finite(patched, keep, req, hook)
-                kl, ce = _run_patched(loaded, req, hook, cache, patched, keep, clean, batch, window, memory_mb)
+                kl, ce = _run_patched(loaded, req, hook, cache, patched, keep, clean, unembed, batch, window,
+                                      memory_mb)
                 frames.append(_frame(req, hook, seqs, batch, kl, ce_clean, _nan_last(ce, measured, req.n_ctx), geo))
     return finish(frames, req)
 
 
 def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[Tensor, "b k n p d"],
-                 keep: Bool[Tensor, "b p"], clean: CleanDistribution, batch: Tensor, window: tuple[int, int],
+                 keep: Bool[Tensor, "b p"], clean: CleanDistribution, unembed: _Unembed, batch: Tensor,
+                 window: tuple[int, int],
                  memory_mb: int) -> tuple[Float[Tensor, "b k n m"], Float[Tensor, "b k n m"]]:
     """Forward every stacked (sequence, intervention, sample) row from the hooked layer over `window`, in
     chunks within `memory_mb`, each reduced at once to KL and CE at the measured positions."""
@@ -329,30 +388,41 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
     # special tokens keep their clean activation: nothing is spliced there
     rows = torch.where(keep[:, None, None, :, None], patched, clean_at_patch[:, None, None]).reshape(b * k * n, p, d)
     seq_of_row = torch.arange(b, device=batch.device).repeat_interleave(k * n)
-    # bytes per row: the window's activations through a block (MLP hidden included)
-    per_row = (w1 - w0) * 16 * cfg.d_model * 4 + len(req.measured) * cfg.d_model * 4
+    # bytes per row alive inside one block: residual, layer-norm, q/k/v, z and output (8 d_model), the MLP
+    # hidden and its activation's temporaries (6 d_mlp), attention scores/mask/pattern over the keys
+    per_row = (w1 - w0) * (8 * cfg.d_model + 6 * (cfg.d_mlp or 0) + 3 * cfg.n_heads * w1) * 4
     chunk = max(1, int(memory_mb * 2**20 // per_row))
     m = len(req.measured)
-    kl_out = torch.empty(b * k * n * m, device=batch.device)
+    if hook_family(hook) == "resid" and w0 == 0:
+        # The whole input of the patched forward is the spliced residual stream, so rows whose inputs are
+        # equal give equal outputs: each distinct input is forwarded once. Zero and mean ablation at a
+        # residual hook give every sequence of a batch the same input (BOS, left clean, is the same token).
+        inputs = _splice(resid[seq_of_row], None, rows=rows, rel_patch=rel_patch)  # [rows, w, d_model]
+        distinct, inverse = torch.unique(inputs.flatten(1), dim=0, return_inverse=True)
+        distinct = distinct.view(-1, *inputs.shape[1:])
+        del inputs
+        final = torch.cat([
+            model(distinct[a:a + chunk], start_at_layer=layer, stop_at_layer=cfg.n_layers)[:, measured - w0]
+            for a in range(0, len(distinct), chunk)
+        ])[inverse]  # [rows, m, d_model]: measured positions only
+    else:
+        final = torch.empty(len(rows), m, cfg.d_model, device=batch.device)
+        for start in range(0, len(rows), chunk):
+            idx = seq_of_row[start:start + chunk]
+            rows_chunk = rows[start:start + chunk]
+            inp = resid[idx]
+            fwd_hooks = []
+            if hook_family(hook) == "z":
+                fwd_hooks.append((hook, functools.partial(_splice, rows=rows_chunk, rel_patch=rel_patch)))
+            else:
+                inp = _splice(inp, None, rows=rows_chunk, rel_patch=rel_patch)
+            kv = _prefix_cache(cache, idx, w0, cfg) if w0 > 0 else None
+            with model.hooks(fwd_hooks=fwd_hooks) if fwd_hooks else contextlib.nullcontext():
+                out = model(inp, start_at_layer=layer, stop_at_layer=cfg.n_layers, past_kv_cache=kv)
+            final[start:start + chunk] = out[:, measured - w0]
+    kl_out = torch.empty(b * k * n, m, device=batch.device)
     ce_out = torch.empty_like(kl_out)
-    for start in range(0, len(rows), chunk):
-        idx = seq_of_row[start:start + chunk]
-        rows_chunk = rows[start:start + chunk]
-        inp = resid[idx]
-        fwd_hooks = []
-        if hook_family(hook) == "z":
-            fwd_hooks.append((hook, functools.partial(_splice, rows=rows_chunk, rel_patch=rel_patch)))
-        else:
-            inp = _splice(inp, None, rows=rows_chunk, rel_patch=rel_patch)
-        kv = _prefix_cache(cache, idx, w0, cfg) if w0 > 0 else None
-        with model.hooks(fwd_hooks=fwd_hooks):
-            final = model(inp, start_at_layer=layer, stop_at_layer=cfg.n_layers, past_kv_cache=kv)
-        final = final[:, measured - w0].reshape(-1, cfg.d_model)  # [rows * m, d_model]: measured positions only
-        seq_of_token = idx.repeat_interleave(m)
-        pos_of_token = torch.arange(m, device=batch.device).repeat(len(idx))
-        offset = start * m
-        _reduce_logits(model, final, clean, seq_of_token, pos_of_token, targets,
-                       kl_out[offset:offset + len(final)], ce_out[offset:offset + len(final)])
+    _reduce_logits(model, unembed, final, clean, seq_of_row, targets, kl_out, ce_out)
     shape = (b, k, n, len(req.measured))
     return kl_out.view(shape), ce_out.view(shape)
 
@@ -362,16 +432,42 @@ LOGIT_BLOCK = 512
 they are reduced to KL and CE, and are freed before the next block."""
 
 
-def _reduce_logits(model, final: Float[Tensor, "t d_model"], clean: CleanDistribution, seq: Int[Tensor, "t"],
-                   pos: Int[Tensor, "t"], targets: Int[Tensor, "b m"], kl_out: Tensor, ce_out: Tensor) -> None:
-    """ln_final, unembed (TransformerLens's own modules) and KL/CE, LOGIT_BLOCK tokens at a time."""
+def _reduce_logits(model, unembed: _Unembed, final: Float[Tensor, "r m d_model"], clean: CleanDistribution,
+                   seq: Int[Tensor, "r"], targets: Int[Tensor, "b m"], kl_out: Float[Tensor, "r m"],
+                   ce_out: Float[Tensor, "r m"]) -> None:
+    """ln_final, unembed (`_Unembed`) and KL/CE, about LOGIT_BLOCK tokens at a time.
+
+    Rows of one sequence are contiguous (`seq` is sorted), so each block holds rows of a single sequence and
+    is compared with that sequence's clean distribution by broadcasting, with no per-token copy of it.
+    """
     if model.cfg.normalization_type is not None:
         final = model.ln_final(final)
-    for t0 in range(0, len(final), LOGIT_BLOCK):
-        t1 = t0 + LOGIT_BLOCK
-        logits = apply_softcap(model.unembed(final[t0:t1]), model.cfg.output_logits_soft_cap)
-        kl_out[t0:t1], ce_out[t0:t1] = clean.kl_and_ce(seq[t0:t1], pos[t0:t1], logits,
-                                                       targets[seq[t0:t1], pos[t0:t1]])
+    rows_per_block = max(1, LOGIT_BLOCK // final.shape[1])
+    seqs, counts = torch.unique_consecutive(seq, return_counts=True)
+    r0 = 0
+    for s, count in zip(seqs.tolist(), counts.tolist(), strict=True):
+        for a in range(r0, r0 + count, rows_per_block):
+            z = min(a + rows_per_block, r0 + count)
+            logits = unembed(final[a:z], normalized=True)  # [rows, m, d_vocab]
+            kl_out[a:z], ce_out[a:z] = clean.kl_and_ce(s, logits, targets[s])
+        r0 += count
+
+
+class _Unembed:
+    """ln_final + unembed + soft-cap exactly as HookedTransformer.forward computes them (TransformerLens's
+    Unembed calls `F.linear(residual, W_U.T.contiguous(), b_U)`), with the transposed weight copied once
+    per measurement instead of once per call: the engine unembeds many small blocks."""
+
+    def __init__(self, model):
+        self.model = model
+        self.weight = model.unembed.W_U.T.contiguous()  # [d_vocab, d_model]
+        self.bias = model.unembed.b_U
+
+    def __call__(self, final: Float[Tensor, "... d_model"], normalized: bool = False) -> Float[Tensor, "... d_vocab"]:
+        if not normalized and self.model.cfg.normalization_type is not None:
+            final = self.model.ln_final(final)
+        logits = F.linear(final, self.weight, self.bias)
+        return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
 
 
 def _splice(act: Tensor, hook, *, rows: Float[Tensor, "r p d"], rel_patch: Tensor) -> Tensor:
@@ -427,14 +523,51 @@ def measure_naive(
                 for k in range(len(req.specs)):
                     for s in range(req.n_samples):
                         values = torch.where(keep[..., None], patched[:, k, s], x)
-
-                        def splice(act, hook, values=values):
-                            act = act.clone()
-                            act[:, patch] = values.view(*values.shape[:2], *act.shape[2:])
-                            return act
-
+                        splice = functools.partial(_splice, rows=values, rel_patch=patch)
                         out = model.run_with_hooks(batch, fwd_hooks=[(hook, splice)]).log_softmax(-1)[:, measured]
                         kl[:, k, s] = kl_per_token(clean_logp, out).cpu()
                         ce[:, k, s] = _nan_last(ce_per_token(out, targets, normalized=True), measured, req.n_ctx).cpu()
                 frames.append(_frame(req, hook, seqs, batch, kl, ce_clean, ce, geo))
     return finish(frames, req)
+
+
+# ------------------------------------------------------------------------------------------ inspection
+def next_token_distributions(
+    loaded: Loaded, hook: str, tokens: Tensor, seq: int, pos: int, interventions=("sae", "eps_random"), *,
+    seed: int = 0, top_k: int = 25, means: dict[str, Tensor] | None = None,
+) -> pd.DataFrame:
+    """The clean and patched next-token distributions at one (sequence, position), all-token mode (every
+    non-special position of `tokens[seq]` patched, as `measure` does, with the same random draws).
+
+    Rows: the clean model's top_k next tokens, for "clean" and each intervention. Columns: intervention,
+    rank (in the clean distribution), token_id, token_str, logp, kl (KL(clean || patched) at `pos`, the whole
+    vocabulary; 0 for clean).
+    """
+    if not 0 <= seq < len(tokens):
+        raise ValueError(f"seq={seq} must be in 0..{len(tokens) - 1} (an index into tokens)")
+    req = make_request(loaded, hook, interventions, tokens[seq:seq + 1], positions="all", measure_positions=[pos],
+                       seed=seed)
+    means = hook_means(loaded, [hook], tokens) if means is None else means
+    model = loaded.model
+    batch = tokens[seq:seq + 1].to(loaded.device)
+    patch = list(req.patch)
+    with torch.inference_mode():
+        logits, cache = model.run_with_cache(batch, names_filter=[hook])
+        clean = logits[0, pos].log_softmax(-1)
+        x = flat(cache[hook], hook)
+        patched, _ = perturb(loaded, req, hook, x, [seq], means[hook])
+        check_finite(patched, req.keep(batch), req, hook)
+        keep = req.keep(batch)[..., None]
+        dists = {"clean": clean}
+        for k, spec in enumerate(req.specs):
+            splice = functools.partial(_splice, rows=torch.where(keep, patched[:, k, 0], x), rel_patch=patch)
+            dists[spec.label] = model.run_with_hooks(batch, fwd_hooks=[(hook, splice)])[0, pos].log_softmax(-1)
+    top = clean.topk(top_k).indices
+    frames = []
+    for label, logp in dists.items():
+        frames.append(pd.DataFrame({
+            "intervention": label, "rank": np.arange(top_k), "token_id": top.cpu().numpy(),
+            "token_str": [repr(model.tokenizer.decode([t]))[1:-1] for t in top.tolist()],
+            "logp": logp[top].cpu().numpy(), "kl": float(kl_per_token(clean, logp)),
+        }))
+    return pd.concat(frames, ignore_index=True)

@@ -17,31 +17,32 @@ SCORE_INTERVENTIONS = ("sae", "eps_random", "zero")
 
 def score(loaded: Loaded, hooks=None, n_tokens: int = 65_536, *, seed: int = 0, confidence: float = 0.95,
           progress: bool = True, **measure_kwargs) -> pd.DataFrame:
-    """Per SAE: mean KL of the SAE splice and of eps-random, their ratio with a bootstrap CI over sequences,
-    the mean CE delta of both, sae_lens's ce_loss_score (zero ablation as the reference) and mean L0.
+    """Per SAE: mean KL of the SAE splice and of eps-random (token means), their ratio with a bootstrap CI
+    over sequences, the mean CE delta of both, sae_lens's ce_loss_score (zero ablation as the reference)
+    and mean L0.
 
     All-token mode, BOS excluded; `n_tokens` is rounded up to whole contexts.
     """
     n_ctx = loaded.model.cfg.n_ctx
     tokens = loaded.tokens(max(1, math.ceil(n_tokens / n_ctx)))
     df = measure_cached(loaded, hooks, SCORE_INTERVENTIONS, tokens, seed=seed, progress=progress, **measure_kwargs)
+    ratios = metrics.ratio_table(df, "sae", "eps_random", values=("kl",), by=("hook",), confidence=confidence,
+                                 seed=seed).set_index("hook")
     rows = []
     for hook, sub in df.groupby("hook", observed=True, sort=False):
-        per_seq = sub.groupby(["intervention", "seq"], observed=True)[["kl", "ce_delta"]].mean()
-        kl_sae, kl_eps = per_seq.loc["sae", "kl"].to_numpy(), per_seq.loc["eps_random", "kl"].to_numpy()
-        ratio, low, high = metrics.ratio_ci(kl_sae, kl_eps, confidence=confidence, seed=seed)
         by = sub.groupby("intervention", observed=True)
         ce_clean = by["ce_clean"].mean()["sae"]
         ce = by["ce_patched"].mean()
         ce_delta = by["ce_delta"].mean()
         sae_rows = sub[sub["intervention"] == "sae"]
+        r = ratios.loc[hook]
         rows.append({
             "hook": hook,
-            "kl_sae": kl_sae.mean(),
-            "kl_eps_random": kl_eps.mean(),
-            "kl_ratio": ratio,
-            "ratio_ci_low": low,
-            "ratio_ci_high": high,
+            "kl_sae": r["num_mean"],
+            "kl_eps_random": r["den_mean"],
+            "kl_ratio": r["ratio"],
+            "ratio_ci_low": r["ci_low"],
+            "ratio_ci_high": r["ci_high"],
             "ce_delta_sae": ce_delta["sae"],
             "ce_delta_eps_random": ce_delta["eps_random"],
             "ce_loss_score": metrics.ce_loss_score(ce_clean, ce["sae"], ce["zero"]),

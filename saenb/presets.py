@@ -183,7 +183,10 @@ class Loaded:
         return bundle_io.load_tokens(self.preset.bundle_path / bundle_io.HELDOUT_TOKENS)
 
     def tokens(self, n: int | None = None) -> Int[Tensor, "n pos"]:
-        """The first `n` held-out contexts (default: the preset's default), BOS first, on the CPU."""
+        """`n` held-out contexts (default: the preset's default), BOS first, on the CPU, the same every call.
+
+        A bundle's held-out contexts are stored in corpus (file) order, so `n` of them are taken evenly
+        spaced across the whole set: a small `n` still samples every part of the corpus."""
         n = self.preset.default_n_contexts if n is None else n
         if not isinstance(n, int) or n < 1:
             raise PresetError(f"n={n!r} must be a positive number of contexts")
@@ -195,7 +198,7 @@ class Loaded:
                     f"contexts. Ask for at most {available}, or rebuild the bundle with "
                     f"--n-heldout-contexts {n}."
                 )
-            return self._heldout[:n].clone()
+            return self._heldout[torch.arange(n) * available // n].clone()
         return data.hub_contexts(self.preset.dataset, self.model.tokenizer, n, self.preset.n_ctx,
                                  column=self.preset.dataset_column, cache_name=self.preset.name)
 

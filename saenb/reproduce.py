@@ -1,7 +1,9 @@
-"""Run the numbered notebooks headlessly with papermill: `python -m saenb reproduce`.
+"""Run the numbered notebooks headlessly with papermill: `python -m saenb reproduce [--quick]`.
 
 Executed copies go to data/runs/<preset>/ (git-ignored); a failing notebook is named with its failing
-cell and the others still run.
+cell and the others still run. The notebooks save their figures under figures/<preset>/; the report
+(`saenb.report`) is written from them at the end. `measure` results are cached (data/results/), so a
+second run only redraws.
 """
 
 from __future__ import annotations
@@ -30,10 +32,20 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
 
 
 def kernel_name() -> str:
-    """The `saenb` kernel when registered (make venv does it), else the running Python's own kernel."""
-    from jupyter_client.kernelspec import KernelSpecManager
+    """The `saenb` kernel when it is registered for this very interpreter (make venv registers it), else
+    ipykernel's built-in `python3`, which runs the current interpreter: a `saenb` kernel registered by
+    another checkout must not run these notebooks with that checkout's package."""
+    import os
+    import sys
 
-    return KERNEL if KERNEL in KernelSpecManager().find_kernel_specs() else "python3"
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        argv = KernelSpecManager().get_kernel_spec(KERNEL).argv
+    except NoSuchKernel:
+        return "python3"
+    ours = os.path.exists(argv[0]) and os.path.samefile(argv[0], sys.executable)
+    return KERNEL if ours else "python3"
 
 
 @dataclass
@@ -44,7 +56,9 @@ class Outcome:
     error: str = ""
 
 
-def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parameters: dict | None = None) -> list[Outcome]:
+def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parameters: dict | None = None, *,
+              quick: bool = False, report: bool = True) -> list[Outcome]:
+    """Run the notebooks (`quick`: each with its `quick` parameter on: a few contexts, for smoke runs and CI)."""
     import papermill as pm
 
     todo = notebooks(only)
@@ -55,14 +69,20 @@ def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parame
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
     kernel = kernel_name()
+    params = {"preset": preset, **({"quick": True} if quick else {}), **(parameters or {})}
     for path in tqdm(todo, desc=f"notebooks ({preset})", unit="nb"):
         output = out_dir / path.name
         try:
-            pm.execute_notebook(str(path), str(output), parameters={"preset": preset, **(parameters or {})},
-                                kernel_name=kernel, cwd=str(NOTEBOOKS), progress_bar=False)
+            pm.execute_notebook(str(path), str(output), parameters=params, kernel_name=kernel, cwd=str(NOTEBOOKS),
+                                progress_bar=False)
             outcomes.append(Outcome(path.name, True, output))
         except pm.PapermillExecutionError as exc:
             outcomes.append(Outcome(path.name, False, output, f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}"))
     for o in outcomes:
         print(f"{'ok    ' if o.ok else 'FAILED'} {o.notebook} -> {o.output}" + (f"\n       {o.error}" if o.error else ""))
+    if report and any(o.ok for o in outcomes):
+        from saenb.report import write_report
+
+        md, html = write_report(preset)
+        print(f"report: {md}\n        {html}")
     return outcomes

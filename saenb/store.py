@@ -27,7 +27,8 @@ from saenb import interventions as iv
 from saenb import patching
 from saenb.presets import Loaded
 
-RESULTS = Path(__file__).resolve().parents[1] / "data" / "results" / "measure"
+RESULTS = Path(os.environ.get("SAENB_RESULTS", Path(__file__).resolve().parents[1] / "data" / "results")) / "measure"
+"""The measurement cache (`SAENB_RESULTS` overrides data/results, e.g. for a cold-cache test run)."""
 
 
 def tokens_sha256(tokens: torch.Tensor) -> str:

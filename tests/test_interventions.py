@@ -108,6 +108,13 @@ def test_random_draws_follow_the_generator(site):
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
+@pytest.mark.parametrize("name", iv.names())
+def test_deterministic_flag_tells_which_ones_ignore_the_generator(site, name):
+    """The engine applies deterministic interventions to a whole batch at once: the flag must be right."""
+    a, b = iv.get(name)(site, generator=gen(1)), iv.get(name)(site, generator=gen(2))
+    assert torch.equal(a, b) == iv.is_deterministic(name)
+
+
 def test_spec_parameters_and_label(site):
     s = iv.spec("latent_perturb", scale=0.3)
     assert s.label == "latent_perturb(scale=0.3)"

@@ -23,9 +23,11 @@ def test_score_table(tiny, tmp_path):
     df = measure_cached(tiny, HOOKS, ("sae", "eps_random", "zero"), tiny.tokens(8), root=tmp_path, progress=False)
     for row in table.itertuples():
         sub = df[df.hook == row.hook]
-        sae = sub[sub.intervention == "sae"].groupby("seq").kl.mean().to_numpy()
-        eps = sub[sub.intervention == "eps_random"].groupby("seq").kl.mean().to_numpy()
-        assert row.kl_ratio == pytest.approx(sae.mean() / eps.mean())
+        # token means; the bootstrap resamples whole sequences (their KL sums)
+        assert row.kl_sae == pytest.approx(sub[sub.intervention == "sae"].kl.mean(), rel=1e-5)
+        sae = sub[sub.intervention == "sae"].groupby("seq").kl.sum().to_numpy(np.float64)
+        eps = sub[sub.intervention == "eps_random"].groupby("seq").kl.sum().to_numpy(np.float64)
+        assert row.kl_ratio == pytest.approx(sae.sum() / eps.sum(), rel=1e-6)
         assert row.ratio_ci_low < row.kl_ratio < row.ratio_ci_high
         ref = stats.bootstrap((sae, eps), lambda a, b, axis=-1: a.mean(axis) / b.mean(axis), paired=True,
                               n_resamples=2000, random_state=np.random.default_rng(0))

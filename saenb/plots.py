@@ -1,0 +1,256 @@
+"""Figures in one house style, built from tidy DataFrames, and saved with the data behind them.
+
+    plots.set_style()
+    fig = plots.ratio_by_layer(ratios)
+    plots.save_figure(fig, ratios, "ratio_by_layer", notebook="01_replication", preset="tiny-stdlib",
+                      caption="SAE / eps-random ratio per layer ...")
+
+`save_figure` writes `figures/<preset>/<notebook>/<name>.{png,svg,csv}` and records the caption in that
+folder's `figures.json` (the report reads it). Every plotting function takes a DataFrame and column names;
+none computes anything beyond arranging what it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+FIGURES = Path(os.environ.get("SAENB_FIGURES", Path(__file__).resolve().parents[1] / "figures"))
+"""Where figures go (`SAENB_FIGURES` overrides it, e.g. for a test run in a temporary folder)."""
+
+COLORS = {
+    # the SAE cluster: reds
+    "sae": "#c0392b",
+    "sae_norm_corrected": "#e67e22",
+    "sae_norm": "#8e44ad",
+    # random baselines at the same distance / cosine: blues and teals
+    "eps_random": "#2471a3",
+    "theta_random_sae_norm": "#17a589",
+    "theta_random_true_norm": "#76d7c4",
+    "feature_aligned": "#27ae60",
+    # latent-space perturbations (seed 004)
+    "latent_perturb": "#a04000",
+    "sae_plus_random": "#5dade2",
+    # references
+    "zero": "#212121",
+    "mean": "#7f8c8d",
+    "identity": "#bdc3c7",
+    "clean": "#000000",
+}
+"""One color per intervention, the same in every notebook (labels with parameters, e.g.
+`latent_perturb(scale=0.2)`, take their base name's color)."""
+
+NAMES = {
+    "sae": "SAE",
+    "sae_norm_corrected": "SAE, norm-corrected",
+    "sae_norm": "SAE-norm",
+    "eps_random": "eps-random",
+    "theta_random_sae_norm": "theta-random (SAE norm)",
+    "theta_random_true_norm": "theta-random (true norm)",
+    "feature_aligned": "feature-aligned",
+    "latent_perturb": "latent perturbation",
+    "sae_plus_random": "SAE + random",
+    "zero": "zero ablation",
+    "mean": "mean ablation",
+    "identity": "identity",
+    "clean": "clean",
+}
+
+GPT2_RESID_RANGE = (2.2, 4.5)
+"""The original study's SAE / eps-random KL ratio range on GPT-2 small's residual stream (Gurnee, 2024)."""
+
+
+def base(label: str) -> str:
+    return label.split("(")[0]
+
+
+def color(label: str) -> str:
+    return COLORS.get(base(label), "#95a5a6")
+
+
+def name(label: str) -> str:
+    return NAMES.get(base(label), base(label)) + (label[len(base(label)):] if "(" in label else "")
+
+
+def set_style() -> None:
+    """The house style: seaborn's whitegrid, one font size scale, tight saving at 150 dpi."""
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.9)
+    plt.rcParams.update({
+        "figure.dpi": 100,
+        "savefig.dpi": 150,
+        "savefig.bbox": "tight",
+        "axes.titlesize": 10,
+        "axes.titleweight": "bold",
+        "legend.frameon": False,
+        "svg.fonttype": "none",  # text stays text in the SVG
+    })
+
+
+# -------------------------------------------------------------------------------------------- saving
+def figure_dir(notebook: str, preset: str, root: Path = FIGURES) -> Path:
+    return Path(root) / preset / notebook
+
+
+def save_figure(fig: Figure, df: pd.DataFrame, name: str, *, notebook: str, preset: str, caption: str = "",
+                root: Path = FIGURES) -> Path:
+    """Write `<name>.png`, `.svg` and the DataFrame behind the figure (`.csv`) under
+    figures/<preset>/<notebook>/, and record the caption (in saving order) in that folder's figures.json."""
+    if df is None or len(df) == 0:
+        raise ValueError(f"figure {name!r}: the DataFrame behind it is empty; save the frame the figure was drawn from")
+    folder = figure_dir(notebook, preset, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "svg"):
+        tmp = folder / f".{name}.tmp.{ext}"
+        fig.savefig(tmp, format=ext)
+        os.replace(tmp, folder / f"{name}.{ext}")
+    tmp = folder / f".{name}.tmp.csv"
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, folder / f"{name}.csv")
+    index_path = folder / "figures.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    index[name] = {"caption": caption, "png": f"{name}.png", "svg": f"{name}.svg", "csv": f"{name}.csv"}
+    tmp = folder / ".figures.json.tmp"
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, index_path)
+    return folder / f"{name}.png"
+
+
+# -------------------------------------------------------------------------------------------- figures
+def grouped_bars(df: pd.DataFrame, *, x: str, y: str, hue: str, low: str, high: str, log: bool = False,
+                 ylabel: str | None = None, title: str = "", ax=None) -> Figure:
+    """Bars of `y` per `x`, grouped by `hue`, with the given CI as error bars.
+
+    Drawn with matplotlib: seaborn's barplot computes its own CIs from raw rows (over tokens), while
+    these CIs are bootstrapped over sequences beforehand.
+    """
+    hues = list(pd.unique(df[hue]))
+    xs = list(pd.unique(df[x]))
+    fig, ax = _axes(ax, figsize=(max(6.0, 0.18 * len(xs) * len(hues) + 2), 3.8))
+    width = 0.8 / len(hues)
+    for i, h in enumerate(hues):
+        sub = df[df[hue] == h].set_index(x).reindex(xs)
+        pos = np.arange(len(xs)) - 0.4 + width * (i + 0.5)
+        err = np.vstack([sub[y] - sub[low], sub[high] - sub[y]])
+        ax.bar(pos, sub[y], width, yerr=err, color=color(str(h)), label=name(str(h)), error_kw={"lw": 0.8})
+    ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs])
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel or y)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def histograms(df: pd.DataFrame, *, hue: str, col: str, notes: dict | None = None, xlabel: str = "",
+               col_wrap: int = 3) -> Figure:
+    """Log-count histograms from `metrics.histogram_table`'s counts (columns bin_left, bin_right, count), one
+    panel per `col`, overlaid by `hue`; `notes` maps a panel's `col` value to a text printed in its corner."""
+    panels = list(pd.unique(df[col]))
+    ncols = min(col_wrap, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.6 * nrows), sharex=True, sharey=True,
+                             layout="constrained", squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        sub = df[df[col] == panel]
+        for h in pd.unique(sub[hue]):
+            bins = sub[sub[hue] == h].sort_values("bin_left")
+            edges = np.append(bins["bin_left"].to_numpy(), bins["bin_right"].iloc[-1])
+            ax.stairs(bins["count"].to_numpy(), edges, lw=1.3, color=color(str(h)), label=name(str(h)))
+        ax.set_yscale("log")
+        ax.set_title(f"{col} {panel}")
+        if notes and panel in notes:
+            ax.text(0.97, 0.95, notes[panel], transform=ax.transAxes, ha="right", va="top", fontsize=7.5,
+                    bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("tokens")
+    axes.flat[0].legend(fontsize=8, loc="center right")
+    return fig
+
+
+def lines(df: pd.DataFrame, *, x: str, y: str, hue: str, col: str | None = None, low: str | None = None,
+          high: str | None = None, log: bool = False, ylabel: str | None = None, col_wrap: int = 3) -> Figure:
+    """One line of `y` against `x` per `hue` (a CI band when `low`/`high` are given), one panel per `col`."""
+    panels = list(pd.unique(df[col])) if col else [None]
+    ncols = min(col_wrap, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols if col else 7.0, 2.6 * nrows if col else 3.4),
+                             sharex=True, sharey=True, layout="constrained", squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        sub_panel = df if panel is None else df[df[col] == panel]
+        for h in pd.unique(sub_panel[hue]):
+            sub = sub_panel[sub_panel[hue] == h].sort_values(x)
+            ax.plot(sub[x], sub[y], color=color(str(h)), label=name(str(h)), lw=1.2)
+            if low and high:
+                ax.fill_between(sub[x], sub[low], sub[high], color=color(str(h)), alpha=0.2, lw=0)
+        if log:
+            ax.set_yscale("log")
+        if panel is not None:
+            ax.set_title(f"{col} {panel}")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel(x)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel or y)
+    axes.flat[0].legend(fontsize=8)
+    return fig
+
+
+def ratio_by_layer(df: pd.DataFrame, *, x: str = "layer", y: str = "ratio", hue: str = "metric",
+                   low: str = "ci_low", high: str = "ci_high", reference: tuple[float, float] | None = GPT2_RESID_RANGE,
+                   reference_label: str = "GPT-2 small residual, original study", title: str = "", ax=None) -> Figure:
+    """Ratios with CIs per layer, one marker series per `hue`, a line at 1 (no pathology) and the original
+    study's range as a band."""
+    fig, ax = _axes(ax, figsize=(6.0, 3.6))
+    series = list(pd.unique(df[hue]))
+    markers = "osD^v"
+    for i, s in enumerate(series):
+        sub = df[df[hue] == s].sort_values(x)
+        shift = (i - (len(series) - 1) / 2) * 0.12
+        ax.errorbar(sub[x] + shift, sub[y], yerr=np.vstack([sub[y] - sub[low], sub[high] - sub[y]]),
+                    marker=markers[i % len(markers)], ls="-", lw=1.2, capsize=3, label=str(s))
+    ax.axhline(1.0, color="#555555", lw=0.8, ls="--")
+    if reference:
+        ax.axhspan(*reference, color="#f5b7b1", alpha=0.35, lw=0, label=reference_label)
+    ax.set_xticks(sorted(pd.unique(df[x])))
+    ax.set_xlabel(x)
+    ax.set_ylabel("SAE / eps-random")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def next_token_logprobs(df: pd.DataFrame, *, title: str = "", ax=None) -> Figure:
+    """The "intuition" figure: top-k next-token log-probs of the clean model (x axis: its tokens, by rank)
+    and of each splice; the legend gives each splice's KL. Takes `next_token_distributions`'s frame."""
+    fig, ax = _axes(ax, figsize=(8.5, 3.6))
+    order = df[df.intervention == "clean"].sort_values("rank")
+    for label, sub in df.groupby("intervention", observed=True, sort=False):
+        sub = sub.set_index("token_id").reindex(order.token_id)
+        kl = sub["kl"].iloc[0]
+        legend = name(str(label)) + ("" if label == "clean" else f" (KL {kl:.3f})")
+        ax.plot(np.arange(len(order)), sub["logp"], marker="o", ms=3.5, lw=1.0, color=color(str(label)), label=legend)
+    ax.set_xticks(np.arange(len(order)), order.token_str, rotation=70, fontsize=7.5)
+    ax.set_ylabel("log p(next token)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _axes(ax, figsize):
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return fig, ax

@@ -1,0 +1,154 @@
+"""Notebooks: stored clean, run headlessly with papermill on tiny-stdlib, and every figure, frame and report
+number they save agrees with an independent computation from the measured frame."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+
+from saenb import reproduce as rep
+from saenb.report import write_report
+
+from .conftest import REPO
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+FIGURES_01 = ["kl_by_intervention", "kl_histograms", "ce_delta_histograms", "kl_by_position", "ratio_by_layer",
+              "intuition"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_clean_with_literal_parameters(path):
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs and cell.execution_count is None, f"{path.name}: commit without outputs"
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assert "parameters" in first.metadata.get("tags", []), f"{path.name}: first code cell must be tagged parameters"
+    for stmt in ast.parse(first.source).body:
+        assert isinstance(stmt, ast.Assign), f"{path.name}: parameters cell holds assignments only"
+        ast.literal_eval(stmt.value)  # raises on anything but a literal
+    assert nb.cells[0].cell_type == "markdown" and "**Question.**" in nb.cells[0].source
+
+
+@pytest.fixture(scope="module")
+def run_01(tmp_path_factory):
+    """Notebook 01 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
+    tmp = tmp_path_factory.mktemp("nb01")
+    env = {"SAENB_FIGURES": str(tmp / "figures"), "SAENB_RESULTS": str(tmp / "results")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the papermill kernel inherits them
+    try:
+        rep.RUNS = tmp / "runs"
+        outcomes = rep.reproduce("tiny-stdlib", ["01"], quick=True, report=False)
+    finally:
+        rep.RUNS = REPO / "data" / "runs"
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return tmp, outcomes
+
+
+def test_notebook_01_runs_and_saves_every_figure(run_01):
+    tmp, outcomes = run_01
+    assert [o.ok for o in outcomes] == [True], outcomes
+    folder = tmp / "figures" / "tiny-stdlib" / "01_replication"
+    index = json.loads((folder / "figures.json").read_text())
+    assert list(index) == FIGURES_01
+    for name, entry in index.items():
+        assert entry["caption"]
+        for kind in ("png", "svg", "csv"):
+            assert (folder / entry[kind]).stat().st_size > 0, f"{name}.{kind} is empty"
+        assert len(pd.read_csv(folder / entry["csv"])) > 0
+
+
+def measured_frame(tmp):
+    (result,) = (tmp / "results" / "measure").glob("*/result.parquet")
+    return pd.read_parquet(result)
+
+
+def test_report_headline_equals_the_ratio_recomputed_from_the_measured_frame(run_01):
+    tmp, _ = run_01
+    md, html = write_report("tiny-stdlib", root=tmp / "figures")
+    text = md.read_text()
+    df = measured_frame(tmp)
+    # independent of saenb.metrics: plain pandas sums over the tokens of each layer
+    kl = df.groupby(["layer", "intervention"], observed=True).kl.sum().unstack()
+    rows = re.findall(r"\|\s*(\d+)\s*\|\s*([\d.]+) \[([\d.]+), ([\d.]+)\]", text)
+    assert len(rows) == df.layer.nunique()
+    for layer, ratio, low, high in rows:
+        expected = kl.loc[int(layer), "sae"] / kl.loc[int(layer), "eps_random"]
+        assert float(ratio) == pytest.approx(expected, abs=0.005)
+        assert float(low) <= float(ratio) <= float(high)
+    page = html.read_text()
+    assert page.count("data:image/png;base64,") == len(FIGURES_01) and "<table>" in page
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
+def test_report_html_renders_in_headless_chromium(run_01):
+    """The self-contained page renders: a screenshot of it is not blank and shows the embedded figures."""
+    tmp, _ = run_01
+    _, html = write_report("tiny-stdlib", root=tmp / "figures")
+    shot = tmp / "report.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1100,2400", html.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (2400, 1100)
+    assert pixels.std() > 10, "the screenshot is blank"
+    assert (pixels < 128).mean() > 0.01, "almost nothing dark (text, axes) was drawn"
+
+
+def test_saved_frames_agree_with_the_measured_frame(run_01):
+    tmp, _ = run_01
+    folder = tmp / "figures" / "tiny-stdlib" / "01_replication"
+    df = measured_frame(tmp)
+    means = pd.read_csv(folder / "kl_by_intervention.csv")
+    direct = df.groupby(["layer", "intervention"], observed=True).kl.mean()
+    for row in means.itertuples():
+        assert row.mean == pytest.approx(direct[(row.layer, row.intervention)], rel=1e-5)
+        assert row.ci_low <= row.mean <= row.ci_high
+    hist = pd.read_csv(folder / "kl_histograms.csv")
+    pair = df[df.intervention.isin(["sae", "eps_random"])]
+    counts = hist.groupby(["layer", "intervention"])["count"].sum()
+    direct = pair.groupby(["layer", pair.intervention.astype(str)]).size()
+    assert len(counts) == len(direct) and (counts == direct.reindex(counts.index)).all(), "every token binned"
+    # the intuition figure's KL is the engine's KL for that token (same splice, same random draws)
+    intuition = pd.read_csv(folder / "intuition.csv")
+    layer = int(re.search(r"layer (\d+)", json.loads((folder / "figures.json").read_text())["intuition"]["caption"])[1])
+    for (seq, pos, label), sub in intuition[intuition.intervention != "clean"].groupby(["seq", "pos", "intervention"]):
+        engine = df[(df.seq == seq) & (df.pos == pos) & (df.layer == layer) & (df.intervention == label)].kl
+        assert sub.kl.iloc[0] == pytest.approx(float(engine.iloc[0]), rel=1e-4, abs=1e-6)
+    assert np.isfinite(intuition.logp).all()
+
+
+def test_reproduce_names_the_failing_notebook_and_cell_and_runs_the_others(tmp_path, monkeypatch):
+    good = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("preset = 'x'\nquick = False"),
+                                           nbformat.v4.new_code_cell("print(preset)")])
+    good.cells[0].metadata["tags"] = ["parameters"]
+    bad = nbformat.v4.new_notebook(cells=[good.cells[0], nbformat.v4.new_code_cell("x = 1"),
+                                          nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")])
+    for nb in (good, bad):
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(bad, tmp_path / "01_bad.ipynb")
+    nbformat.write(good, tmp_path / "02_good.ipynb")
+    monkeypatch.setattr(rep, "NOTEBOOKS", tmp_path)
+    monkeypatch.setattr(rep, "RUNS", tmp_path / "runs")
+    outcomes = rep.reproduce("tiny-stdlib", report=False)
+    assert [(o.notebook, o.ok) for o in outcomes] == [("01_bad.ipynb", False), ("02_good.ipynb", True)]
+    assert "cell" in outcomes[0].error and "broken on purpose" in outcomes[0].error
+    assert (tmp_path / "runs" / "tiny-stdlib" / "02_good.ipynb").exists()
+    with pytest.raises(ValueError, match="no notebook numbered"):
+        rep.notebooks(["07"])
