@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saenb import bundle_io, data
+from saenb import bundle_io, data, files
 from saenb.bundle_io import BOS_TOKEN, write_json
 
 log = logging.getLogger("saenb.bundle")
@@ -215,7 +215,7 @@ class Build:
         )
         tok.train_from_iterator(self._texts(heldout=False), trainer=trainer)
         assert tok.token_to_id(BOS_TOKEN) == 0, "BOS must be token 0"
-        bundle_io.atomic_write_text(self.out / bundle_io.TOKENIZER, tok.to_str())
+        files.write_text(self.out / bundle_io.TOKENIZER, tok.to_str())
         return {"vocab_size": tok.get_vocab_size(), "bos_token_id": 0}
 
     # 3 ----------------------------------------------------------------------------------------------
@@ -301,10 +301,9 @@ class Build:
             if (step + 1) % 20 == 0:
                 history.append([step + 1, round(loss.item(), 4)])
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.train_steps:
-                tmp = ckpt_path.with_suffix(".tmp")
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                            "history": history, "elapsed": time.time() - t0, "options": model_options}, tmp)
-                tmp.replace(ckpt_path)
+                with files.atomic_path(ckpt_path) as tmp:
+                    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                                "history": history, "elapsed": time.time() - t0, "options": model_options}, tmp)
         model.eval()
         bundle_io.save_model(self.out, cfg.model_config_kwargs(), model.state_dict())
         n_tokens = cfg.train_steps * cfg.batch_size * cfg.n_ctx

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ import torch
 from jaxtyping import Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from saenb import files
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -47,16 +48,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and `os.replace`, so a killed writer never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    files.write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -98,9 +91,8 @@ def verify(root: Path, manifest: dict[str, Any] | None = None) -> None:
 
 def save_model(root: Path, config_kwargs: dict[str, Any], state_dict: dict[str, Tensor]) -> None:
     write_json(root / MODEL_CONFIG, config_kwargs)
-    tmp = root / (MODEL_WEIGHTS + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
-    os.replace(tmp, root / MODEL_WEIGHTS)
+    with files.atomic_path(root / MODEL_WEIGHTS) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
 
 
 def hf_tokenizer(path: Path):
@@ -138,9 +130,8 @@ def load_sae(root: Path, hook_name: str, device: str | torch.device = "cpu"):
 
 def save_tokens(path: Path, tokens: Int[Tensor, "n pos"]) -> None:
     # int32 keeps any vocabulary under 2**31; the held-out set is small enough that 2 more bytes do not matter
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"tokens": tokens.to(torch.int32).contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        save_file({"tokens": tokens.to(torch.int32).contiguous()}, str(tmp))
 
 
 def load_tokens(path: Path) -> Int[Tensor, "n pos"]:

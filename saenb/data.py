@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saenb import hub
+from saenb.files import atomic_path
 
 TOKENS_CACHE = Path(__file__).resolve().parents[1] / "data" / "results" / "tokens"
 
@@ -55,8 +56,6 @@ def hub_contexts(dataset: str, tokenizer, n: int, n_ctx: int, *, column: str = "
     contexts = chunk_contexts(docs, bos, n_ctx, n)
     if len(contexts) < n:
         raise ValueError(f"{dataset} holds only {len(contexts)} contexts of {n_ctx} tokens; asked for {n}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(contexts, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(contexts, tmp)
     return contexts

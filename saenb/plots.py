@@ -22,6 +22,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from saenb.files import atomic_path, write_text
+
 FIGURES = Path(os.environ.get("SAENB_FIGURES", Path(__file__).resolve().parents[1] / "figures"))
 """Where figures go (`SAENB_FIGURES` overrides it, e.g. for a test run in a temporary folder)."""
 
@@ -105,20 +107,15 @@ def save_figure(fig: Figure, df: pd.DataFrame, name: str, *, notebook: str, pres
     if df is None or len(df) == 0:
         raise ValueError(f"figure {name!r}: the DataFrame behind it is empty; save the frame the figure was drawn from")
     folder = figure_dir(notebook, preset, root)
-    folder.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "svg"):
-        tmp = folder / f".{name}.tmp.{ext}"
-        fig.savefig(tmp, format=ext)
-        os.replace(tmp, folder / f"{name}.{ext}")
-    tmp = folder / f".{name}.tmp.csv"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, folder / f"{name}.csv")
+        with atomic_path(folder / f"{name}.{ext}") as tmp:
+            fig.savefig(tmp, format=ext)
+    with atomic_path(folder / f"{name}.csv") as tmp:
+        df.to_csv(tmp, index=False)
     index_path = folder / "figures.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
     index[name] = {"caption": caption, "png": f"{name}.png", "svg": f"{name}.svg", "csv": f"{name}.csv"}
-    tmp = folder / ".figures.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, index_path)
+    write_text(index_path, json.dumps(index, indent=2))
     return folder / f"{name}.png"
 
 
@@ -154,10 +151,7 @@ def histograms(df: pd.DataFrame, *, hue: str, col: str, notes: dict | None = Non
     """Log-count histograms from `metrics.histogram_table`'s counts (columns bin_left, bin_right, count), one
     panel per `col`, overlaid by `hue`; `notes` maps a panel's `col` value to a text printed in its corner."""
     panels = list(pd.unique(df[col]))
-    ncols = min(col_wrap, len(panels))
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.6 * nrows), sharex=True, sharey=True,
-                             layout="constrained", squeeze=False)
+    fig, axes = _panels(len(panels), col_wrap, (3.4, 2.6))
     for ax, panel in zip(axes.flat, panels, strict=False):
         sub = df[df[col] == panel]
         for h in pd.unique(sub[hue]):
@@ -169,12 +163,7 @@ def histograms(df: pd.DataFrame, *, hue: str, col: str, notes: dict | None = Non
         if notes and panel in notes:
             ax.text(0.97, 0.95, notes[panel], transform=ax.transAxes, ha="right", va="top", fontsize=7.5,
                     bbox={"facecolor": "white", "alpha": 0.8, "lw": 0})
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel(xlabel)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("tokens")
+    _label(axes, len(panels), xlabel, "tokens")
     axes.flat[0].legend(fontsize=8, loc="center right")
     return fig
 
@@ -183,10 +172,7 @@ def lines(df: pd.DataFrame, *, x: str, y: str, hue: str, col: str | None = None,
           high: str | None = None, log: bool = False, ylabel: str | None = None, col_wrap: int = 3) -> Figure:
     """One line of `y` against `x` per `hue` (a CI band when `low`/`high` are given), one panel per `col`."""
     panels = list(pd.unique(df[col])) if col else [None]
-    ncols = min(col_wrap, len(panels))
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols if col else 7.0, 2.6 * nrows if col else 3.4),
-                             sharex=True, sharey=True, layout="constrained", squeeze=False)
+    fig, axes = _panels(len(panels), col_wrap, (3.6, 2.6) if col else (7.0, 3.4))
     for ax, panel in zip(axes.flat, panels, strict=False):
         sub_panel = df if panel is None else df[df[col] == panel]
         for h in pd.unique(sub_panel[hue]):
@@ -198,12 +184,7 @@ def lines(df: pd.DataFrame, *, x: str, y: str, hue: str, col: str | None = None,
             ax.set_yscale("log")
         if panel is not None:
             ax.set_title(f"{col} {panel}")
-    for ax in axes.flat[len(panels):]:
-        ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel(x)
-    for ax in axes[:, 0]:
-        ax.set_ylabel(ylabel or y)
+    _label(axes, len(panels), x, ylabel or y)
     axes.flat[0].legend(fontsize=8)
     return fig
 
@@ -247,6 +228,24 @@ def next_token_logprobs(df: pd.DataFrame, *, title: str = "", ax=None) -> Figure
     ax.set_title(title)
     ax.legend(fontsize=8)
     return fig
+
+
+def _panels(n: int, col_wrap: int, size: tuple[float, float]):
+    """A grid of n panels sharing both axes, col_wrap wide, each `size` inches."""
+    ncols = min(col_wrap, n)
+    nrows = -(-n // ncols)
+    return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), sharex=True, sharey=True,
+                        layout="constrained", squeeze=False)
+
+
+def _label(axes, n: int, xlabel: str, ylabel: str) -> None:
+    """Hide the grid's unused panels; label the bottom row's x axes and the left column's y axes."""
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
 
 
 def _axes(ax, figsize):

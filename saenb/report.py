@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 from markdown_it import MarkdownIt
 
+from saenb.files import write_text
 from saenb.plots import FIGURES
 
 HEADLINES = {"01_replication": "ratio_by_layer"}
@@ -80,16 +80,10 @@ def write_report(preset: str = "tiny-stdlib", root: Path = FIGURES) -> tuple[Pat
     """Write report.md and the self-contained report.html under figures/<preset>/; returns both paths."""
     out = Path(root) / preset
     md_path, html_path = out / "report.md", out / "report.html"
-    _write(md_path, build_markdown(preset, root))
+    write_text(md_path, build_markdown(preset, root))
     body = MarkdownIt("commonmark").enable("table").render(build_markdown(preset, root, embed=True))
     html = (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>saenb report: {preset}</title>"
             f"<style>{CSS}</style></head><body>\n{body}</body></html>\n")
-    _write(html_path, html)
+    write_text(html_path, html)
     return md_path, html_path
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 

@@ -79,7 +79,8 @@ def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parame
         except pm.PapermillExecutionError as exc:
             outcomes.append(Outcome(path.name, False, output, f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}"))
     for o in outcomes:
-        print(f"{'ok    ' if o.ok else 'FAILED'} {o.notebook} -> {o.output}" + (f"\n       {o.error}" if o.error else ""))
+        detail = f"\n       {o.error}" if o.error else ""
+        print(f"{'ok    ' if o.ok else 'FAILED'} {o.notebook} -> {o.output}{detail}")
     if report and any(o.ok for o in outcomes):
         from saenb.report import write_report
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 import saenb
 from saenb import interventions as iv
 from saenb import patching
+from saenb.files import atomic_path
 from saenb.presets import Loaded
 
 RESULTS = Path(os.environ.get("SAENB_RESULTS", Path(__file__).resolve().parents[1] / "data" / "results")) / "measure"
@@ -50,9 +51,8 @@ def config_key(loaded: Loaded, config: dict[str, Any]) -> tuple[str, dict[str, A
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 def measure_cached(
