@@ -194,11 +194,11 @@ def histogram_table(df: pd.DataFrame, value: str = "kl", by=("layer", "intervent
     return pd.concat(frames, ignore_index=True)[[*by, "metric", "bin_left", "bin_right", "count"]]
 
 
-def position_table(df: pd.DataFrame, value: str = "kl", by=("layer", "intervention")) -> pd.DataFrame:
-    """Mean of `value` per position within each group, with a normal 95% band over sequences (mean +/- 1.96
-    standard errors of the per-sequence values; one value per sequence and position). Columns: *by, pos,
-    mean, ci_low, ci_high."""
-    g = df.groupby([*by, "pos"], observed=True)[value]
+def position_table(df: pd.DataFrame, value: str = "kl", by=("layer", "intervention"), x: str = "pos") -> pd.DataFrame:
+    """Mean of `value` per position (column `x`: "pos", or e.g. an offset from the patched position) within
+    each group, with a normal 95% band over sequences (mean +/- 1.96 standard errors of the per-sequence
+    values; one value per sequence and position). Columns: *by, x, mean, ci_low, ci_high."""
+    g = df.groupby([*by, x], observed=True)[value]
     out = pd.DataFrame({"mean": g.mean(), "sem": g.sem()}).reset_index()
     out["ci_low"], out["ci_high"] = out["mean"] - 1.96 * out["sem"], out["mean"] + 1.96 * out["sem"]
     return out.drop(columns="sem")

@@ -121,8 +121,9 @@ def save_figure(fig: Figure, df: pd.DataFrame, name: str, *, notebook: str, pres
 
 # -------------------------------------------------------------------------------------------- figures
 def grouped_bars(df: pd.DataFrame, *, x: str, y: str, hue: str, low: str, high: str, log: bool = False,
-                 ylabel: str | None = None, title: str = "", ax=None) -> Figure:
-    """Bars of `y` per `x`, grouped by `hue`, with the given CI as error bars.
+                 ylabel: str | None = None, title: str = "", annotate: pd.Series | None = None, ax=None) -> Figure:
+    """Bars of `y` per `x`, grouped by `hue`, with the given CI as error bars; `annotate` maps an `x` value to a
+    text written above its group (e.g. a ratio).
 
     Drawn with matplotlib: seaborn's barplot computes its own CIs from raw rows (over tokens), while
     these CIs are bootstrapped over sequences beforehand.
@@ -136,6 +137,12 @@ def grouped_bars(df: pd.DataFrame, *, x: str, y: str, hue: str, low: str, high: 
         pos = np.arange(len(xs)) - 0.4 + width * (i + 0.5)
         err = np.vstack([sub[y] - sub[low], sub[high] - sub[y]])
         ax.bar(pos, sub[y], width, yerr=err, color=color(str(h)), label=name(str(h)), error_kw={"lw": 0.8})
+    if annotate is not None:
+        top = df.groupby(x)[high].max()
+        for i, v in enumerate(xs):
+            if v in annotate.index:
+                ax.annotate(str(annotate[v]), (i, top[v]), xytext=(0, 4), textcoords="offset points", ha="center",
+                            fontsize=8)
     ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs])
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel or y)
@@ -179,7 +186,9 @@ def lines(df: pd.DataFrame, *, x: str, y: str, hue: str, col: str | None = None,
             sub = sub_panel[sub_panel[hue] == h].sort_values(x)
             ax.plot(sub[x], sub[y], color=color(str(h)), label=name(str(h)), lw=1.2)
             if low and high:
-                ax.fill_between(sub[x], sub[low], sub[high], color=color(str(h)), alpha=0.2, lw=0)
+                # a band reaching below zero cannot be drawn on a log axis: its bottom is cut at y / 10 there
+                bottom = sub[low].where(sub[low] > 0, sub[y] / 10) if log else sub[low]
+                ax.fill_between(sub[x], bottom, sub[high], color=color(str(h)), alpha=0.2, lw=0)
         if log:
             ax.set_yscale("log")
         if panel is not None:

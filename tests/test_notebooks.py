@@ -40,15 +40,15 @@ def test_notebook_is_stored_clean_with_literal_parameters(path):
 
 
 @pytest.fixture(scope="module")
-def run_01(tmp_path_factory):
-    """Notebook 01 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
+def run_notebooks(tmp_path_factory):
+    """Notebooks 01 and 02 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
     tmp = tmp_path_factory.mktemp("nb01")
     env = {"SAENB_FIGURES": str(tmp / "figures"), "SAENB_RESULTS": str(tmp / "results")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the papermill kernel inherits them
     try:
         rep.RUNS = tmp / "runs"
-        outcomes = rep.reproduce("tiny-stdlib", ["01"], quick=True, report=False)
+        outcomes = rep.reproduce("tiny-stdlib", ["01", "02"], quick=True, report=False)
     finally:
         rep.RUNS = REPO / "data" / "runs"
         for k, v in old.items():
@@ -56,9 +56,9 @@ def run_01(tmp_path_factory):
     return tmp, outcomes
 
 
-def test_notebook_01_runs_and_saves_every_figure(run_01):
-    tmp, outcomes = run_01
-    assert [o.ok for o in outcomes] == [True], outcomes
+def test_notebook_01_runs_and_saves_every_figure(run_notebooks):
+    tmp, outcomes = run_notebooks
+    assert [o.ok for o in outcomes] == [True, True], outcomes
     folder = tmp / "figures" / "tiny-stdlib" / "01_replication"
     index = json.loads((folder / "figures.json").read_text())
     assert list(index) == FIGURES_01
@@ -69,13 +69,15 @@ def test_notebook_01_runs_and_saves_every_figure(run_01):
         assert len(pd.read_csv(folder / entry["csv"])) > 0
 
 
-def measured_frame(tmp):
-    (result,) = (tmp / "results" / "measure").glob("*/result.parquet")
+def measured_frame(tmp, positions="all"):
+    """The cached measurement of the run with these `positions` (01: "all", 02: one position)."""
+    (result,) = [p / "result.parquet" for p in (tmp / "results" / "measure").iterdir()
+                 if json.loads((p / "config.json").read_text())["positions"] == positions]
     return pd.read_parquet(result)
 
 
-def test_report_headline_equals_the_ratio_recomputed_from_the_measured_frame(run_01):
-    tmp, _ = run_01
+def test_report_headline_equals_the_ratio_recomputed_from_the_measured_frame(run_notebooks):
+    tmp, _ = run_notebooks
     md, html = write_report("tiny-stdlib", root=tmp / "figures")
     text = md.read_text()
     df = measured_frame(tmp)
@@ -88,16 +90,17 @@ def test_report_headline_equals_the_ratio_recomputed_from_the_measured_frame(run
         assert float(ratio) == pytest.approx(expected, abs=0.005)
         assert float(low) <= float(ratio) <= float(high)
     page = html.read_text()
-    assert page.count("data:image/png;base64,") == len(FIGURES_01) and "<table>" in page
+    n_figures = sum(len(json.loads(f.read_text())) for f in (tmp / "figures" / "tiny-stdlib").glob("*/figures.json"))
+    assert page.count("data:image/png;base64,") == n_figures > len(FIGURES_01) and "<table>" in page
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
-def test_report_html_renders_in_headless_chromium(run_01):
+def test_report_html_renders_in_headless_chromium(run_notebooks):
     """The self-contained page renders: a screenshot of it is not blank and shows the embedded figures."""
-    tmp, _ = run_01
+    tmp, _ = run_notebooks
     _, html = write_report("tiny-stdlib", root=tmp / "figures")
     shot = tmp / "report.png"
     subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
@@ -111,8 +114,8 @@ def test_report_html_renders_in_headless_chromium(run_01):
     assert (pixels < 128).mean() > 0.01, "almost nothing dark (text, axes) was drawn"
 
 
-def test_saved_frames_agree_with_the_measured_frame(run_01):
-    tmp, _ = run_01
+def test_saved_frames_agree_with_the_measured_frame(run_notebooks):
+    tmp, _ = run_notebooks
     folder = tmp / "figures" / "tiny-stdlib" / "01_replication"
     df = measured_frame(tmp)
     means = pd.read_csv(folder / "kl_by_intervention.csv")
@@ -152,3 +155,18 @@ def test_reproduce_names_the_failing_notebook_and_cell_and_runs_the_others(tmp_p
     assert (tmp_path / "runs" / "tiny-stdlib" / "02_good.ipynb").exists()
     with pytest.raises(ValueError, match="no notebook numbered"):
         rep.notebooks(["07"])
+
+
+def test_notebook_02_figures_agree_with_the_single_token_frame(run_notebooks):
+    tmp, _ = run_notebooks
+    folder = tmp / "figures" / "tiny-stdlib" / "02_single_token"
+    index = json.loads((folder / "figures.json").read_text())
+    assert list(index) == ["kl_by_offset", "kl_at_offsets_0_1", "ce_delta_at_offsets_0_1"]
+    df = measured_frame(tmp, positions=32)
+    assert (df.patch_pos == 32).all() and sorted(df.pos.unique()) == list(range(32, 49))
+    bars = pd.read_csv(folder / "kl_at_offsets_0_1.csv")
+    for row in bars[bars.intervention == "sae"].itertuples():
+        at = df[(df.pos == 32 + row.offset) & (df.layer == row.layer)]
+        kl = at.groupby("intervention", observed=True).kl.sum()
+        assert row.ratio == pytest.approx(kl["sae"] / kl["eps_random"], rel=1e-5)
+        assert row.mean == pytest.approx(at[at.intervention == "sae"].kl.mean(), rel=1e-5)
