@@ -13,7 +13,7 @@ from saenb.presets import (
     register_preset,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Loaded",

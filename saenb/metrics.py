@@ -204,6 +204,38 @@ def position_table(df: pd.DataFrame, value: str = "kl", by=("layer", "interventi
     return out.drop(columns="sem")
 
 
+def tail_position(samples: pd.DataFrame, reference: pd.DataFrame, value: str = "kl",
+                  by=("hook", "layer", "seq", "pos")) -> pd.DataFrame:
+    """Where one reference value per token (e.g. the SAE splice's KL) falls among that token's samples (e.g.
+    500 eps-random splices): z = (reference - sample mean) / sample std, and the percentile (the share of
+    samples below the reference). Columns: *by, reference, sample_mean, sample_std, z, percentile, n_samples."""
+    by = list(by)
+    ref = reference.groupby(by, observed=True)[value].first().rename("reference")
+    g = samples.groupby(by, observed=True)[value]
+    out = pd.concat([ref, g.mean().rename("sample_mean"), g.std().rename("sample_std"),
+                     g.size().rename("n_samples")], axis=1, join="inner")
+    out["z"] = (out["reference"] - out["sample_mean"]) / out["sample_std"]
+    below = samples.join(ref, on=by).assign(below=lambda d: d[value] < d["reference"])
+    out["percentile"] = below.groupby(by, observed=True)["below"].mean()
+    return out.reset_index()
+
+
+def paired_test(df: pd.DataFrame, a: str, b: str, value: str = "kl", by=("layer",)) -> pd.DataFrame:
+    """Intervention `a` against `b` on the same tokens: the ratio of token means with its bootstrap CI
+    (`ratio_table`) and a paired t-test of the per-sequence means (scipy.stats.ttest_rel). Columns: *by, a, b,
+    ratio, ci_low, ci_high, t, p_value, n_seqs."""
+    ratios = ratio_table(df, a, b, values=(value,), by=by)
+    rows = []
+    for row in ratios.itertuples(index=False):
+        key = dict(zip(by, row[:len(by)], strict=True))
+        sub = df.loc[np.logical_and.reduce([df[k] == v for k, v in key.items()])] if key else df
+        per_seq = sub.groupby(["intervention", "seq"], observed=True)[value].mean().unstack(0)[[a, b]].dropna()
+        test = stats.ttest_rel(per_seq[a], per_seq[b])
+        rows.append({**key, "a": a, "b": b, "ratio": row.ratio, "ci_low": row.ci_low, "ci_high": row.ci_high,
+                     "t": float(test.statistic), "p_value": float(test.pvalue), "n_seqs": len(per_seq)})
+    return pd.DataFrame(rows)
+
+
 def _sum_ratio_ci(sums: np.ndarray, counts: np.ndarray, confidence: float, n_resamples: int,
                   seed: int) -> tuple[float, float]:
     if len(sums) < 2:

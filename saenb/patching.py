@@ -4,11 +4,12 @@
 tidy frame, one row per sequence x position x hook x intervention x sample:
 
     seq pos patch_pos token target hook layer intervention sample kl ce_clean ce_patched ce_delta
-    norm_x norm_sae eps cos_sae l0
+    norm_x norm_sae eps cos_sae l0 dist_sae
 
 `kl` is KL(clean || patched) of the next-token distribution at `pos`, in nats; `ce_*` the cross-entropy
 of the true next token `target`. The geometry columns describe the activation that was patched (at
-`patch_pos`; equal to `pos` in all-token mode).
+`patch_pos`; equal to `pos` in all-token mode); `dist_sae` is the splice's own distance from x_sae
+(0 for `sae`; the perturbation's norm for `latent_perturb` and `sae_plus_random`).
 
 Modes: all-token (`positions="all"`: every position but BOS patched at once, every position measured);
 single-token (`positions=p`: only p patched, measured at p..p+16 by default); many-sample
@@ -60,7 +61,7 @@ NOTEBOOK1 = ("sae", "sae_norm_corrected", "sae_norm", "eps_random", "theta_rando
 """The interventions of notebook 1 (the study's eight, plus feature-aligned at the same eps)."""
 
 COLUMNS = ["seq", "pos", "patch_pos", "token", "target", "hook", "layer", "intervention", "sample", "kl",
-           "ce_clean", "ce_patched", "ce_delta", "norm_x", "norm_sae", "eps", "cos_sae", "l0"]
+           "ce_clean", "ce_patched", "ce_delta", "norm_x", "norm_sae", "eps", "cos_sae", "l0", "dist_sae"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +197,9 @@ def perturb(loaded: Loaded, req: Request, hook: str, x: Float[Tensor, "b p d"], 
                        latents[b].expand(n, *latents.shape[1:]), W_dec, mean)
         for k in random:
             out[b, k] = req.specs[k](site, generator_for(req.seed, hook, seq))
-    return out, geometry(x, x_sae, latents)
+    geo = geometry(x, x_sae, latents)
+    geo["dist_sae"] = (out - x_sae[:, None, None]).norm(dim=-1)  # [b, k, n, p]: how far each splice is from x_sae
+    return out, geo
 
 
 FUSED_EQUIVALENTS = {gelu_new: gelu_pytorch_tanh}
@@ -277,8 +280,10 @@ def _frame(req: Request, hook: str, seqs: list[int], tokens: Tensor, kl: Tensor,
         "ce_patched": ce_patched.cpu().numpy()[bi, ki, ni, mi].astype(np.float32),
     }
     data["ce_delta"] = data["ce_patched"] - data["ce_clean"]
-    for name, values in geo.items():
-        data[name] = values.cpu().numpy()[bi, patch_idx[mi]].astype(np.float32)
+    for name, values in geo.items():  # per token [b, p], or per splice [b, k, n, p]
+        values = values.cpu().numpy()
+        picked = values[bi, patch_idx[mi]] if values.ndim == 2 else values[bi, ki, ni, patch_idx[mi]]
+        data[name] = picked.astype(np.float32)
     return pd.DataFrame(data)[COLUMNS]
 
 

@@ -154,11 +154,11 @@ def grouped_bars(df: pd.DataFrame, *, x: str, y: str, hue: str, low: str, high: 
 
 
 def histograms(df: pd.DataFrame, *, hue: str, col: str, notes: dict | None = None, xlabel: str = "",
-               col_wrap: int = 3) -> Figure:
+               col_wrap: int = 3, sharex: bool = True) -> Figure:
     """Log-count histograms from `metrics.histogram_table`'s counts (columns bin_left, bin_right, count), one
     panel per `col`, overlaid by `hue`; `notes` maps a panel's `col` value to a text printed in its corner."""
     panels = list(pd.unique(df[col]))
-    fig, axes = _panels(len(panels), col_wrap, (3.4, 2.6))
+    fig, axes = _panels(len(panels), col_wrap, (3.4, 2.6), sharex=sharex)
     for ax, panel in zip(axes.flat, panels, strict=False):
         sub = df[df[col] == panel]
         for h in pd.unique(sub[hue]):
@@ -222,6 +222,29 @@ def ratio_by_layer(df: pd.DataFrame, *, x: str = "layer", y: str = "ratio", hue:
     return fig
 
 
+def sample_grid(samples: pd.DataFrame, tails: pd.DataFrame, *, value: str = "kl", hue: str = "intervention",
+                panel: str = "seq", bins: int = 40, col_wrap: int = 4, reference_label: str = "SAE") -> Figure:
+    """One panel per token (`panel` value): histograms of its sampled `value` per `hue`, the reference (the
+    SAE splice) as a vertical line, and its z-score (from `tails`) in the corner.
+    `tails` is `metrics.tail_position`'s frame (columns panel, reference, z)."""
+    tokens = list(pd.unique(samples[panel]))
+    fig, axes = _panels(len(tokens), col_wrap, (3.0, 2.3), sharex=False, sharey=False)
+    tails = tails.set_index(panel)
+    for ax, token in zip(axes.flat, tokens, strict=False):
+        sub = samples[samples[panel] == token]
+        edges = np.linspace(0, max(sub[value].max(), tails.loc[token, "reference"]) * 1.05, bins + 1)
+        for h in pd.unique(sub[hue]):
+            ax.hist(sub.loc[sub[hue] == h, value], bins=edges, histtype="stepfilled", alpha=0.45, color=color(str(h)),
+                    label=name(str(h)))
+        ax.axvline(tails.loc[token, "reference"], color=color("sae"), lw=1.8, label=reference_label)
+        ax.text(0.97, 0.95, f"z = {tails.loc[token, 'z']:.1f}", transform=ax.transAxes, ha="right", va="top",
+                fontsize=8, color=color("sae"))
+        ax.set_title(f"{panel} {token}")
+    axes.flat[0].legend(fontsize=6.5, loc="center right")
+    _label(axes, len(tokens), value, "samples")
+    return fig
+
+
 def next_token_logprobs(df: pd.DataFrame, *, title: str = "", ax=None) -> Figure:
     """The "intuition" figure: top-k next-token log-probs of the clean model (x axis: its tokens, by rank)
     and of each splice; the legend gives each splice's KL. Takes `next_token_distributions`'s frame."""
@@ -239,11 +262,11 @@ def next_token_logprobs(df: pd.DataFrame, *, title: str = "", ax=None) -> Figure
     return fig
 
 
-def _panels(n: int, col_wrap: int, size: tuple[float, float]):
-    """A grid of n panels sharing both axes, col_wrap wide, each `size` inches."""
+def _panels(n: int, col_wrap: int, size: tuple[float, float], sharex: bool = True, sharey: bool = True):
+    """A grid of n panels, col_wrap wide, each `size` inches (axes shared unless told otherwise)."""
     ncols = min(col_wrap, n)
     nrows = -(-n // ncols)
-    return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), sharex=True, sharey=True,
+    return plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), sharex=sharex, sharey=sharey,
                         layout="constrained", squeeze=False)
 
 

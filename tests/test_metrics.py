@@ -73,3 +73,19 @@ def test_tail_and_position_tables(frame):
     got = pos[(pos.layer == 0) & (pos.intervention == "sae") & (pos.pos == 5)].iloc[0]
     assert got["mean"] == pytest.approx(at5.mean())
     assert got.ci_high - got["mean"] == pytest.approx(1.96 * at5.std(ddof=1) / np.sqrt(len(at5)))
+
+
+def test_tail_position_and_paired_test_against_numpy_and_scipy(frame):
+    rng = np.random.default_rng(1)
+    samples = pd.DataFrame({"seq": np.repeat(np.arange(30), 200), "kl": rng.lognormal(-2, 0.5, 6000)})
+    reference = pd.DataFrame({"seq": np.arange(30), "kl": rng.lognormal(-1.5, 0.5, 30)})
+    tails = metrics.tail_position(samples, reference, by=("seq",)).set_index("seq")
+    for seq in (0, 17):
+        draws, ref = samples[samples.seq == seq].kl.to_numpy(), reference.kl[seq]
+        assert tails.loc[seq, "z"] == pytest.approx((ref - draws.mean()) / draws.std(ddof=1))
+        assert tails.loc[seq, "percentile"] == pytest.approx(stats.percentileofscore(draws, ref, kind="strict") / 100)
+    test = metrics.paired_test(frame, "sae", "eps_random", by=("layer",)).set_index("layer")
+    sub = frame[frame.layer == 1].groupby(["seq", "intervention"]).kl.mean().unstack()
+    ref = stats.ttest_rel(sub["sae"], sub["eps_random"])
+    assert test.loc[1, "t"] == pytest.approx(ref.statistic) and test.loc[1, "p_value"] == pytest.approx(ref.pvalue)
+    assert test.loc[1, "ratio"] > 1 and test.loc[1, "n_seqs"] == 40

@@ -41,14 +41,14 @@ def test_notebook_is_stored_clean_with_literal_parameters(path):
 
 @pytest.fixture(scope="module")
 def run_notebooks(tmp_path_factory):
-    """Notebooks 01 and 02 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
+    """Notebooks 01-03 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
     tmp = tmp_path_factory.mktemp("nb01")
     env = {"SAENB_FIGURES": str(tmp / "figures"), "SAENB_RESULTS": str(tmp / "results")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the papermill kernel inherits them
     try:
         rep.RUNS = tmp / "runs"
-        outcomes = rep.reproduce("tiny-stdlib", ["01", "02"], quick=True, report=False)
+        outcomes = rep.reproduce("tiny-stdlib", ["01", "02", "03"], quick=True, report=False)
     finally:
         rep.RUNS = REPO / "data" / "runs"
         for k, v in old.items():
@@ -58,7 +58,7 @@ def run_notebooks(tmp_path_factory):
 
 def test_notebook_01_runs_and_saves_every_figure(run_notebooks):
     tmp, outcomes = run_notebooks
-    assert [o.ok for o in outcomes] == [True, True], outcomes
+    assert [o.ok for o in outcomes] == [True, True, True], outcomes
     folder = tmp / "figures" / "tiny-stdlib" / "01_replication"
     index = json.loads((folder / "figures.json").read_text())
     assert list(index) == FIGURES_01
@@ -69,10 +69,11 @@ def test_notebook_01_runs_and_saves_every_figure(run_notebooks):
         assert len(pd.read_csv(folder / entry["csv"])) > 0
 
 
-def measured_frame(tmp, positions="all"):
-    """The cached measurement of the run with these `positions` (01: "all", 02: one position)."""
+def measured_frame(tmp, positions="all", interventions=None):
+    """The cached measurement of the run with these `positions` (01: "all", 02: 32, 03: 48) and interventions."""
     (result,) = [p / "result.parquet" for p in (tmp / "results" / "measure").iterdir()
-                 if json.loads((p / "config.json").read_text())["positions"] == positions]
+                 if (c := json.loads((p / "config.json").read_text()))["positions"] == positions
+                 and (interventions is None or c["interventions"] == interventions)]
     return pd.read_parquet(result)
 
 
@@ -170,3 +171,25 @@ def test_notebook_02_figures_agree_with_the_single_token_frame(run_notebooks):
         kl = at.groupby("intervention", observed=True).kl.sum()
         assert row.ratio == pytest.approx(kl["sae"] / kl["eps_random"], rel=1e-5)
         assert row.mean == pytest.approx(at[at.intervention == "sae"].kl.mean(), rel=1e-5)
+
+
+def test_notebook_03_z_scores_and_ratios_agree_with_the_sampled_frames(run_notebooks):
+    tmp, _ = run_notebooks
+    folder = tmp / "figures" / "tiny-stdlib" / "03_hypersphere"
+    index = json.loads((folder / "figures.json").read_text())
+    assert list(index) == ["samples_per_token", "z_scores", "feature_aligned", "latent_perturbation"]
+    sae = measured_frame(tmp, 48, ["sae"]).set_index("seq").kl
+    samples = measured_frame(tmp, 48, ["eps_random", "theta_random_sae_norm", "theta_random_true_norm"])
+    eps = samples[samples.intervention == "eps_random"]
+    assert eps.groupby("seq").size().nunique() == 1 and eps["sample"].nunique() > 1
+    z = pd.read_csv(folder / "z_scores.csv").set_index("seq")
+    for seq, draws in eps.groupby("seq").kl:
+        want = (sae[seq] - draws.mean()) / draws.std(ddof=1)
+        assert z.loc[seq, "z"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+        assert z.loc[seq, "percentile"] == pytest.approx((draws < sae[seq]).mean())
+    labels = ["feature_aligned(which=active)", "feature_aligned(which=inactive)", "eps_random"]
+    aligned = measured_frame(tmp, 48, labels)
+    means = pd.read_csv(folder / "feature_aligned.csv")
+    assert sorted(means.intervention) == sorted(labels)
+    for row in means.itertuples():
+        assert row.mean == pytest.approx(aligned[aligned.intervention == row.intervention].kl.mean(), rel=1e-5)
