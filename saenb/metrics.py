@@ -230,6 +230,7 @@ def paired_test(df: pd.DataFrame, a: str, b: str, value: str = "kl", by=("layer"
         key = dict(zip(by, row[:len(by)], strict=True))
         sub = df.loc[np.logical_and.reduce([df[k] == v for k, v in key.items()])] if key else df
         per_seq = sub.groupby(["intervention", "seq"], observed=True)[value].mean().unstack(0)[[a, b]].dropna()
+        per_seq = per_seq.astype(np.float64)  # float32 frames: small p-values would underflow
         test = stats.ttest_rel(per_seq[a], per_seq[b])
         rows.append({**key, "a": a, "b": b, "ratio": row.ratio, "ci_low": row.ci_low, "ci_high": row.ci_high,
                      "t": float(test.statistic), "p_value": float(test.pvalue), "n_seqs": len(per_seq)})

@@ -37,6 +37,8 @@ COLORS = {
     "theta_random_sae_norm": "#17a589",
     "theta_random_true_norm": "#76d7c4",
     "feature_aligned": "#27ae60",
+    "feature_aligned(which=active)": "#1e8449",
+    "feature_aligned(which=inactive)": "#82e0aa",
     # latent-space perturbations (seed 004)
     "latent_perturb": "#a04000",
     "sae_plus_random": "#5dade2",
@@ -74,7 +76,7 @@ def base(label: str) -> str:
 
 
 def color(label: str) -> str:
-    return COLORS.get(base(label), "#95a5a6")
+    return COLORS.get(label, COLORS.get(base(label), "#95a5a6"))
 
 
 def name(label: str) -> str:
@@ -158,7 +160,7 @@ def histograms(df: pd.DataFrame, *, hue: str, col: str, notes: dict | None = Non
     """Log-count histograms from `metrics.histogram_table`'s counts (columns bin_left, bin_right, count), one
     panel per `col`, overlaid by `hue`; `notes` maps a panel's `col` value to a text printed in its corner."""
     panels = list(pd.unique(df[col]))
-    fig, axes = _panels(len(panels), col_wrap, (3.4, 2.6), sharex=sharex)
+    fig, axes = _panels(len(panels), col_wrap, (3.4, 2.6) if len(panels) > 1 else (6.5, 3.6), sharex=sharex)
     for ax, panel in zip(axes.flat, panels, strict=False):
         sub = df[df[col] == panel]
         for h in pd.unique(sub[hue]):

@@ -177,7 +177,8 @@ def test_notebook_03_z_scores_and_ratios_agree_with_the_sampled_frames(run_noteb
     tmp, _ = run_notebooks
     folder = tmp / "figures" / "tiny-stdlib" / "03_hypersphere"
     index = json.loads((folder / "figures.json").read_text())
-    assert list(index) == ["samples_per_token", "z_scores", "feature_aligned", "latent_perturbation"]
+    assert list(index) == ["samples_per_token", "z_scores", "feature_aligned", "feature_aligned_ratios",
+                           "latent_perturbation", "latent_perturbation_ratios"]
     sae = measured_frame(tmp, 48, ["sae"]).set_index("seq").kl
     samples = measured_frame(tmp, 48, ["eps_random", "theta_random_sae_norm", "theta_random_true_norm"])
     eps = samples[samples.intervention == "eps_random"]
@@ -189,7 +190,9 @@ def test_notebook_03_z_scores_and_ratios_agree_with_the_sampled_frames(run_noteb
         assert z.loc[seq, "percentile"] == pytest.approx((draws < sae[seq]).mean())
     labels = ["feature_aligned(which=active)", "feature_aligned(which=inactive)", "eps_random"]
     aligned = measured_frame(tmp, 48, labels)
-    means = pd.read_csv(folder / "feature_aligned.csv")
-    assert sorted(means.intervention) == sorted(labels)
-    for row in means.itertuples():
-        assert row.mean == pytest.approx(aligned[aligned.intervention == row.intervention].kl.mean(), rel=1e-5)
+    counts = pd.read_csv(folder / "feature_aligned.csv").groupby("intervention")["count"].sum()
+    assert (counts == aligned.groupby(aligned.intervention.astype(str)).size().reindex(counts.index)).all()
+    ratios = pd.read_csv(folder / "feature_aligned_ratios.csv")
+    kl = aligned.groupby("intervention", observed=True).kl.sum()
+    for row in ratios.itertuples():
+        assert row.b == "eps_random" and row.ratio == pytest.approx(kl[row.a] / kl["eps_random"], rel=1e-5)

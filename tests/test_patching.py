@@ -22,12 +22,19 @@ KEY = ["hook", "intervention", "sample", "seq", "pos"]
 
 def assert_fast_equals_naive(fast: pd.DataFrame, naive: pd.DataFrame) -> None:
     assert len(fast) == len(naive) > 0
-    exact = [c for c in fast.columns if c not in ("kl", "ce_patched", "ce_delta", "ce_clean")]
+    # the fast path's fused kernels change rounding upstream of the hooks: activations, and so the geometry
+    # columns, agree to float tolerance; the row keys exactly
+    # columns, agree to float tolerance (norms and distances within 1e-5 of the activation's own norm: a
+    # distance such as | ||x|| - ||x_sae|| | cancels most of its digits); the row keys exactly
+    measured = ["kl", "ce_patched", "ce_clean", "norm_x", "norm_sae", "eps", "cos_sae", "l0", "dist_sae"]
+    exact = [c for c in fast.columns if c not in (*measured, "ce_delta")]
     pd.testing.assert_frame_equal(fast[exact], naive[exact])
-    for col in ("kl", "ce_patched", "ce_clean"):
+    scale = naive["norm_x"].to_numpy(np.float64)
+    for col in measured:
         a, b = fast[col].to_numpy(np.float64), naive[col].to_numpy(np.float64)
         both_nan = np.isnan(a) & np.isnan(b)
-        close = np.isclose(a, b, rtol=1e-4, atol=1e-6) | both_nan
+        atol = 1e-5 * scale if col in ("norm_x", "norm_sae", "eps", "dist_sae") else 1e-6
+        close = (np.abs(a - b) <= atol + 1e-4 * np.abs(b)) | both_nan
         worst = np.argmax(np.where(close, 0, np.abs(a - b)))
         assert close.all(), f"{col}: {(~close).sum()} rows differ, e.g. {fast.iloc[worst][KEY].to_dict()} " \
                             f"fast={a[worst]} naive={b[worst]}"
