@@ -93,15 +93,6 @@ def ce_rec(ce_clean: float, ce_patched: float, ce_ablation: float) -> float:
     return ce_loss_score(ce_clean, ce_patched, ce_ablation)
 
 
-def bootstrap_ci(
-    per_seq: np.ndarray, statistic=np.mean, *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """BCa bootstrap CI (scipy.stats.bootstrap) of `statistic` over per-sequence values."""
-    res = stats.bootstrap((np.asarray(per_seq),), statistic, confidence_level=confidence, n_resamples=n_resamples,
-                          random_state=np.random.default_rng(seed), vectorized=False)
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def ratio_ci(
     num_per_seq: np.ndarray, den_per_seq: np.ndarray, *, confidence: float = 0.95, n_resamples: int = 2000,
     seed: int = 0,
@@ -117,11 +108,6 @@ def ratio_ci(
     res = stats.bootstrap((num, den), statistic, paired=True, confidence_level=confidence,
                           n_resamples=n_resamples, random_state=np.random.default_rng(seed), vectorized=True)
     return float(num.mean() / den.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
-def per_sequence(df: pd.DataFrame, value: str = "kl", by: tuple[str, ...] = ("hook", "intervention")) -> pd.DataFrame:
-    """Mean of `value` per sequence within each group: the unit the bootstrap resamples."""
-    return df.groupby([*by, "seq"], observed=True)[value].mean().reset_index()
 
 
 # ---------------------------------------------------------------------------------- tables of a frame
