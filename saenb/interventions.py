@@ -32,8 +32,9 @@ class Site:
     latents: Float[Tensor, "... d_sae"]
     """SAE latent activations (`hook_sae_acts_post`)."""
     W_dec: Float[Tensor, "d_sae d"]
-    mean: Float[Tensor, "d"]
-    """Mean clean activation at the hook (over a reference set of non-BOS tokens)."""
+    mean: Float[Tensor, "d"] | None
+    """Mean clean activation at the hook (over a reference set of non-BOS tokens); None when no intervention of
+    the request needs it."""
 
     @property
     def eps(self) -> Float[Tensor, "..."]:

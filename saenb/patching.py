@@ -173,8 +173,19 @@ def hook_means(loaded: Loaded, hooks, tokens: Tensor) -> dict[str, Float[Tensor,
     return {h: flat(cache[h], h)[keep].mean(0) for h in hooks}
 
 
+def means_for(loaded: Loaded, req: Request, tokens: Tensor,
+              means: dict[str, Tensor] | None = None) -> dict[str, Tensor | None]:
+    """The mean-ablation reference per hook: `means` when given, `hook_means` of `tokens` when an intervention
+    uses it (`mean`), else nothing (no forward pass is spent on it)."""
+    if means is not None:
+        return means
+    if any(spec.name == "mean" for spec in req.specs):
+        return hook_means(loaded, req.hooks, tokens)
+    return dict.fromkeys(req.hooks)
+
+
 def perturb(loaded: Loaded, req: Request, hook: str, x: Float[Tensor, "b p d"], seqs: list[int],
-            mean: Float[Tensor, "d"]) -> tuple[Float[Tensor, "b k n p d"], dict[str, Tensor]]:
+            mean: Float[Tensor, "d"] | None) -> tuple[Float[Tensor, "b k n p d"], dict[str, Tensor]]:
     """Every intervention's patched activations at the candidate positions, and the tokens' geometry.
 
     Each sequence draws from its own generator, restarted for every intervention, so equally-seeded
@@ -337,7 +348,7 @@ def measure(
     tokens = loaded.tokens() if tokens is None else tokens
     req = make_request(loaded, hooks, interventions, tokens, positions=positions, measure_positions=measure_positions,
                        n_samples=n_samples, seed=seed, include_special=include_special)
-    means = hook_means(loaded, req.hooks, tokens) if means is None else means
+    means = means_for(loaded, req, tokens, means)
     model = loaded.model
     # single-token work starts at the patched position (the clean prefix comes from the key/value cache);
     # nothing after the last measured position is ever computed
@@ -506,7 +517,7 @@ def measure_naive(
     tokens = loaded.tokens() if tokens is None else tokens
     req = make_request(loaded, hooks, interventions, tokens, positions=positions, measure_positions=measure_positions,
                        n_samples=n_samples, seed=seed, include_special=include_special)
-    means = hook_means(loaded, req.hooks, tokens) if means is None else means
+    means = means_for(loaded, req, tokens, means)
     model = loaded.model
     measured = torch.tensor(req.measured)
     patch = list(req.patch)
@@ -552,7 +563,7 @@ def next_token_distributions(
         raise ValueError(f"seq={seq} must be in 0..{len(tokens) - 1} (an index into tokens)")
     req = make_request(loaded, hook, interventions, tokens[seq:seq + 1], positions="all", measure_positions=[pos],
                        seed=seed)
-    means = hook_means(loaded, [hook], tokens) if means is None else means
+    means = means_for(loaded, req, tokens, means)
     model = loaded.model
     batch = tokens[seq:seq + 1].to(loaded.device)
     patch = list(req.patch)

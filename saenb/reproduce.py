@@ -8,6 +8,8 @@ second run only redraws.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +37,6 @@ def kernel_name() -> str:
     """The `saenb` kernel when it is registered for this very interpreter (make venv registers it), else
     ipykernel's built-in `python3`, which runs the current interpreter: a `saenb` kernel registered by
     another checkout must not run these notebooks with that checkout's package."""
-    import os
-    import sys
-
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     try:

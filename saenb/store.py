@@ -77,7 +77,7 @@ def measure_cached(
         return pd.read_parquet(final)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    means = patching.hook_means(loaded, req.hooks, tokens)
+    means = patching.means_for(loaded, req, tokens)
     specs = [iv.Spec.of(i) for i in req.specs]
     parts = []
     starts = range(0, len(tokens), chunk_seqs)
