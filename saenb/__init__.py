@@ -1,5 +1,6 @@
 """saenb: how pathological are sparse-autoencoder reconstruction errors? The workbook's helper package."""
 
+from saenb import nfm  # noqa: F401  (registers the sae_nfm intervention)
 from saenb.pathology import score
 from saenb.patching import measure, measure_naive
 from saenb.presets import (

@@ -7,7 +7,8 @@ excluded, sorted by path; files that are not valid UTF-8 are skipped and counted
 
 1. corpus     file list, held-out split by file (hash of the path), corpus sha256
 2. tokenizer  a byte-level BPE (`tokenizers`), `<|endoftext|>` as BOS / EOS
-3. tokens     train contexts and held-out contexts of `n_ctx` tokens, BOS first
+3. tokens     train contexts and held-out contexts of `n_ctx` tokens, BOS first; the training set's
+              token counts (token_counts)
 4. model      a GPT-2-architecture HookedTransformer trained from scratch (checkpoints every 100 steps)
 5. saes       a standard ReLU + L1 SAE per hook, by sae_lens's `LanguageModelSAETrainingRunner`
 6. evals      quality figures by sae_lens's `run_evals` on the held-out contexts
@@ -108,7 +109,7 @@ QUALITY_TARGETS = {
 }
 
 
-STAGES = ("corpus", "tokenizer", "tokens", "model", "model_eval", "sae", "eval")
+STAGES = ("corpus", "tokenizer", "tokens", "token_counts", "model", "model_eval", "sae", "eval")
 # The first stage each option affects: a resumed build may change an option whose stage has not run yet.
 FIRST_STAGE = {
     "seed": "corpus", "heldout_percent": "corpus", "vocab_size": "tokenizer", "n_heldout_contexts": "tokens",
@@ -241,6 +242,14 @@ class Build:
                     )
                 bundle_io.save_tokens(self.out / bundle_io.HELDOUT_TOKENS, contexts[: self.cfg.n_heldout_contexts])
         return stats
+
+    def token_counts(self) -> dict[str, Any]:
+        """How often each token occurs in the training contexts (BOS at position 0 excluded): the token
+        frequencies of notebook 04."""
+        contexts = torch.from_numpy(np.load(self.work / "train_contexts.npy").astype(np.int64))
+        counts = torch.bincount(contexts[:, 1:].flatten(), minlength=self.cfg.vocab_size)
+        bundle_io.save_token_counts(self.out / bundle_io.TRAIN_TOKEN_COUNTS, counts)
+        return {"tokens": int(counts.sum()), "distinct": int((counts > 0).sum())}
 
     # 4 ----------------------------------------------------------------------------------------------
     def model(self) -> dict[str, Any]:
@@ -418,6 +427,7 @@ class Build:
             "config": self.records["config"],
             "corpus": stages["corpus"]["result"],
             "tokens": stages["tokens"]["result"],
+            "token_counts": stages["token_counts"]["result"],
             "seeds": {"model": self.cfg.seed, "batches": "seed * 1_000_003 + step",
                       "sae_runner": self.cfg.seed, "sae_contexts": "seed + hook index"},
             "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
@@ -437,6 +447,7 @@ class Build:
         self.stage("corpus", self.corpus)
         self.stage("tokenizer", self.tokenizer)
         self.stage("tokens", self.tokens)
+        self.stage("token_counts", self.token_counts)
         self.stage("model", self.model)
         self.stage("model_eval", self.model_eval)
         for hook in self.cfg.hooks:

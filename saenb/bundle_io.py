@@ -8,6 +8,7 @@ A bundle is a folder:
     model/model.safetensors          the HookedTransformer state dict
     saes/<hook_name>/cfg.json ...    one sae_lens disk-format SAE per hook (`SAE.load_from_disk`)
     heldout_tokens.safetensors       "tokens": [n_contexts, n_ctx] held-out contexts, BOS first
+    train_token_counts.safetensors   "counts": [d_vocab] occurrences of each token in the training contexts
 
 `saenb.bundle` writes it; `saenb.presets` reads it through `load_model`, `load_sae` and `verify`.
 """
@@ -32,6 +33,7 @@ MODEL_CONFIG = "model/config.json"
 MODEL_WEIGHTS = "model/model.safetensors"
 SAE_DIR = "saes"
 HELDOUT_TOKENS = "heldout_tokens.safetensors"
+TRAIN_TOKEN_COUNTS = "train_token_counts.safetensors"
 BOS_TOKEN = "<|endoftext|>"
 REBUILD_COMMAND = "python -m saenb.bundle build --out {path}"
 
@@ -136,3 +138,16 @@ def save_tokens(path: Path, tokens: Int[Tensor, "n pos"]) -> None:
 
 def load_tokens(path: Path) -> Int[Tensor, "n pos"]:
     return load_file(str(path))["tokens"].long()
+
+
+def save_token_counts(path: Path, counts: Int[Tensor, "d_vocab"]) -> None:
+    with files.atomic_path(path) as tmp:
+        save_file({"counts": counts.to(torch.int64).contiguous()}, str(tmp))
+
+
+def load_token_counts(path: Path) -> Int[Tensor, "d_vocab"]:
+    if not path.exists():
+        raise BundleError(f"{path} is missing (bundles built before token counts existed lack it). Resume the "
+                          f"bundle's build to add it: `{REBUILD_COMMAND.format(path=path.parent)}` with the options "
+                          "recorded in its manifest's build_command; only the missing stage runs.")
+    return load_file(str(path))["counts"]

@@ -35,6 +35,8 @@ class Site:
     mean: Float[Tensor, "d"] | None
     """Mean clean activation at the hook (over a reference set of non-BOS tokens); None when no intervention of
     the request needs it."""
+    hook: str = ""
+    """The hook's name, for interventions with per-hook learned parts (`sae_nfm`)."""
 
     @property
     def eps(self) -> Float[Tensor, "..."]:

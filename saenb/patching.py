@@ -199,13 +199,13 @@ def perturb(loaded: Loaded, req: Request, hook: str, x: Float[Tensor, "b p d"], 
     out = torch.empty((x.shape[0], len(req.specs), n, *x.shape[1:]), dtype=x.dtype, device=x.device)
     random = [k for k, spec in enumerate(req.specs) if not iv.is_deterministic(spec.name)]
     # deterministic interventions see every sequence at once (the draws of random ones are per sequence)
-    whole = iv.Site(x, x_sae, latents, W_dec, mean)
+    whole = iv.Site(x, x_sae, latents, W_dec, mean, hook)
     for k, spec in enumerate(req.specs):
         if k not in random:
             out[:, k] = spec(whole, None).unsqueeze(1)
     for b, seq in enumerate(seqs):
         site = iv.Site(x[b].expand(n, *x.shape[1:]), x_sae[b].expand(n, *x.shape[1:]),
-                       latents[b].expand(n, *latents.shape[1:]), W_dec, mean)
+                       latents[b].expand(n, *latents.shape[1:]), W_dec, mean, hook)
         for k in random:
             out[b, k] = req.specs[k](site, generator_for(req.seed, hook, seq))
     geo = geometry(x, x_sae, latents)
@@ -548,17 +548,13 @@ def measure_naive(
 
 
 # ------------------------------------------------------------------------------------------ inspection
-def next_token_distributions(
+def next_token_logprobs(
     loaded: Loaded, hook: str, tokens: Tensor, seq: int, pos: int, interventions=("sae", "eps_random"), *,
-    seed: int = 0, top_k: int = 25, means: dict[str, Tensor] | None = None,
-) -> pd.DataFrame:
-    """The clean and patched next-token distributions at one (sequence, position), all-token mode (every
-    non-special position of `tokens[seq]` patched, as `measure` does, with the same random draws).
-
-    Rows: the clean model's top_k next tokens, for "clean" and each intervention. Columns: intervention,
-    rank (in the clean distribution), token_id, token_str, logp, kl (KL(clean || patched) at `pos`, the whole
-    vocabulary; 0 for clean).
-    """
+    seed: int = 0, means: dict[str, Tensor] | None = None,
+) -> dict[str, Float[Tensor, "d_vocab"]]:
+    """The clean and patched next-token log-probs at one (sequence, position), all-token mode (every
+    non-special position of `tokens[seq]` patched, as `measure` does, with the same random draws), by the
+    plain `run_with_hooks` path. Keys: "clean" and each intervention's label."""
     if not 0 <= seq < len(tokens):
         raise ValueError(f"seq={seq} must be in 0..{len(tokens) - 1} (an index into tokens)")
     req = make_request(loaded, hook, interventions, tokens[seq:seq + 1], positions="all", measure_positions=[pos],
@@ -566,24 +562,42 @@ def next_token_distributions(
     means = means_for(loaded, req, tokens, means)
     model = loaded.model
     batch = tokens[seq:seq + 1].to(loaded.device)
-    patch = list(req.patch)
     with torch.inference_mode():
         logits, cache = model.run_with_cache(batch, names_filter=[hook])
-        clean = logits[0, pos].log_softmax(-1)
         x = flat(cache[hook], hook)
         patched, _ = perturb(loaded, req, hook, x, [seq], means[hook])
         check_finite(patched, req.keep(batch), req, hook)
         keep = req.keep(batch)[..., None]
-        dists = {"clean": clean}
+        dists = {"clean": logits[0, pos].log_softmax(-1)}
         for k, spec in enumerate(req.specs):
-            splice = functools.partial(_splice, rows=torch.where(keep, patched[:, k, 0], x), rel_patch=patch)
+            splice = functools.partial(_splice, rows=torch.where(keep, patched[:, k, 0], x), rel_patch=list(req.patch))
             dists[spec.label] = model.run_with_hooks(batch, fwd_hooks=[(hook, splice)])[0, pos].log_softmax(-1)
+    return dists
+
+
+def next_token_distributions(
+    loaded: Loaded, hook: str, tokens: Tensor, seq: int, pos: int, interventions=("sae", "eps_random"), *,
+    seed: int = 0, top_k: int = 25, means: dict[str, Tensor] | None = None,
+) -> pd.DataFrame:
+    """`next_token_logprobs` on the clean model's top_k next tokens, as a frame.
+
+    Rows: the clean model's top_k next tokens, for "clean" and each intervention. Columns: intervention,
+    rank (in the clean distribution), token_id, token_str, logp, kl (KL(clean || patched) at `pos`, the whole
+    vocabulary; 0 for clean).
+    """
+    dists = next_token_logprobs(loaded, hook, tokens, seq, pos, interventions, seed=seed, means=means)
+    clean = dists["clean"]
     top = clean.topk(top_k).indices
     frames = []
     for label, logp in dists.items():
         frames.append(pd.DataFrame({
             "intervention": label, "rank": np.arange(top_k), "token_id": top.cpu().numpy(),
-            "token_str": [repr(model.tokenizer.decode([t]))[1:-1] for t in top.tolist()],
+            "token_str": token_strings(loaded, top.tolist()),
             "logp": logp[top].cpu().numpy(), "kl": float(kl_per_token(clean, logp)),
         }))
     return pd.concat(frames, ignore_index=True)
+
+
+def token_strings(loaded: Loaded, ids) -> list[str]:
+    """Each token id decoded alone, escaped (a newline shows as \\n)."""
+    return [repr(loaded.model.tokenizer.decode([t]))[1:-1] for t in ids]

@@ -8,6 +8,7 @@ import math
 
 import pandas as pd
 
+from saenb import interventions as iv
 from saenb import metrics
 from saenb.presets import Loaded
 from saenb.store import measure_cached
@@ -15,17 +16,23 @@ from saenb.store import measure_cached
 SCORE_INTERVENTIONS = ("sae", "eps_random", "zero")
 
 
-def score(loaded: Loaded, hooks=None, n_tokens: int = 65_536, *, seed: int = 0, confidence: float = 0.95,
-          progress: bool = True, **measure_kwargs) -> pd.DataFrame:
+def score(loaded: Loaded, hooks=None, n_tokens: int = 65_536, *, intervention: str | iv.Spec = "sae", seed: int = 0,
+          confidence: float = 0.95, progress: bool = True, **measure_kwargs) -> pd.DataFrame:
     """Per SAE: mean KL of the SAE splice and of eps-random (token means), their ratio with a bootstrap CI
     over sequences, the mean CE delta of both, sae_lens's ce_loss_score (zero ablation as the reference)
     and mean L0.
 
-    All-token mode, BOS excluded; `n_tokens` is rounded up to whole contexts.
+    `intervention` replaces the SAE splice in every column but eps-random's (e.g. an SAE + NFM splice,
+    `saenb.nfm.TrainedNFM.spec`); eps-random stays at the SAE's own error size. All-token mode, BOS
+    excluded; `n_tokens` is rounded up to whole contexts.
     """
     n_ctx = loaded.model.cfg.n_ctx
     tokens = loaded.tokens(max(1, math.ceil(n_tokens / n_ctx)))
-    df = measure_cached(loaded, hooks, SCORE_INTERVENTIONS, tokens, seed=seed, progress=progress, **measure_kwargs)
+    num = iv.Spec.of(intervention)
+    specs = [num, *SCORE_INTERVENTIONS[1:]]  # the splice scored, eps-random, zero ablation
+    df = measure_cached(loaded, hooks, specs, tokens, seed=seed, progress=progress, **measure_kwargs)
+    df["intervention"] = df["intervention"].cat.rename_categories({num.label: "sae"}) if num.label != "sae" \
+        else df["intervention"]
     ratios = metrics.ratio_table(df, "sae", "eps_random", values=("kl",), by=("hook",), confidence=confidence,
                                  seed=seed).set_index("hook")
     rows = []

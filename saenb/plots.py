@@ -42,6 +42,12 @@ COLORS = {
     # latent-space perturbations (seed 004)
     "latent_perturb": "#a04000",
     "sae_plus_random": "#5dade2",
+    # SAE + NFM (seed 003; notebook 06 names the variants so)
+    "sae_nfm": "#f1948a",
+    "sae_nfm_linear": "#f8c471",
+    "sae_nfm_interaction": "#d7bde2",
+    "linear_control": "#abb2b9",
+    "nfm_eps_random": "#85c1e9",
     # references
     "zero": "#212121",
     "mean": "#7f8c8d",
@@ -61,6 +67,11 @@ NAMES = {
     "feature_aligned": "feature-aligned",
     "latent_perturb": "latent perturbation",
     "sae_plus_random": "SAE + random",
+    "sae_nfm": "SAE + NFM",
+    "sae_nfm_linear": "SAE + NFM linear part",
+    "sae_nfm_interaction": "SAE + NFM interaction part",
+    "linear_control": "SAE + linear control",
+    "nfm_eps_random": "eps-random at the SAE + NFM's error",
     "zero": "zero ablation",
     "mean": "mean ablation",
     "identity": "identity",
@@ -69,6 +80,8 @@ NAMES = {
 
 GPT2_RESID_RANGE = (2.2, 4.5)
 """The original study's SAE / eps-random KL ratio range on GPT-2 small's residual stream (Gurnee, 2024)."""
+GPT2_Z_RANGE = (0.9, 1.7)
+"""The same on GPT-2 small's attention outputs (hook_z SAEs, heads concatenated)."""
 
 
 def base(label: str) -> str:
@@ -114,11 +127,30 @@ def save_figure(fig: Figure, df: pd.DataFrame, name: str, *, notebook: str, pres
             fig.savefig(tmp, format=ext)
     with atomic_path(folder / f"{name}.csv") as tmp:
         df.to_csv(tmp, index=False)
+    _record(folder, name, {"caption": caption, "png": f"{name}.png", "svg": f"{name}.svg", "csv": f"{name}.csv"})
+    return folder / f"{name}.png"
+
+
+def save_table(df: pd.DataFrame, name: str, *, notebook: str, preset: str, caption: str = "",
+               escape: bool = True, root: Path = FIGURES) -> Path:
+    """Write a table as `<name>.html` (a fragment, for the notebook and the report; `escape=False` keeps HTML
+    already in its cells) and `<name>.csv`, recorded in figures.json like a figure."""
+    if df is None or len(df) == 0:
+        raise ValueError(f"table {name!r} is empty")
+    folder = figure_dir(notebook, preset, root)
+    write_text(folder / f"{name}.html", df.to_html(index=False, escape=escape, border=0, float_format="{:.4g}".format))
+    with atomic_path(folder / f"{name}.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    _record(folder, name, {"caption": caption, "html": f"{name}.html", "csv": f"{name}.csv"})
+    return folder / f"{name}.html"
+
+
+def _record(folder: Path, name: str, entry: dict) -> None:
+    """Add (or replace) `name` in the folder's figures.json, keeping the saving order."""
     index_path = folder / "figures.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    index[name] = {"caption": caption, "png": f"{name}.png", "svg": f"{name}.svg", "csv": f"{name}.csv"}
+    index[name] = entry
     write_text(index_path, json.dumps(index, indent=2))
-    return folder / f"{name}.png"
 
 
 # -------------------------------------------------------------------------------------------- figures
@@ -202,7 +234,8 @@ def lines(df: pd.DataFrame, *, x: str, y: str, hue: str, col: str | None = None,
 
 def ratio_by_layer(df: pd.DataFrame, *, x: str = "layer", y: str = "ratio", hue: str = "metric",
                    low: str = "ci_low", high: str = "ci_high", reference: tuple[float, float] | None = GPT2_RESID_RANGE,
-                   reference_label: str = "GPT-2 small residual, original study", title: str = "", ax=None) -> Figure:
+                   reference_label: str = "GPT-2 small residual, original study", title: str = "",
+                   ylabel: str = "SAE / eps-random", ax=None) -> Figure:
     """Ratios with CIs per layer, one marker series per `hue`, a line at 1 (no pathology) and the original
     study's range as a band."""
     fig, ax = _axes(ax, figsize=(6.0, 3.6))
@@ -218,7 +251,7 @@ def ratio_by_layer(df: pd.DataFrame, *, x: str = "layer", y: str = "ratio", hue:
         ax.axhspan(*reference, color="#f5b7b1", alpha=0.35, lw=0, label=reference_label)
     ax.set_xticks(sorted(pd.unique(df[x])))
     ax.set_xlabel(x)
-    ax.set_ylabel("SAE / eps-random")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
     return fig
@@ -259,6 +292,108 @@ def next_token_logprobs(df: pd.DataFrame, *, title: str = "", ax=None) -> Figure
         ax.plot(np.arange(len(order)), sub["logp"], marker="o", ms=3.5, lw=1.0, color=color(str(label)), label=legend)
     ax.set_xticks(np.arange(len(order)), order.token_str, rotation=70, fontsize=7.5)
     ax.set_ylabel("log p(next token)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def heatmap(df: pd.DataFrame, *, x: str, y: str, value: str, fmt: str = "{:.2f}", title: str = "",
+            cmap: str = "RdBu_r", limits: tuple[float, float] = (-1.0, 1.0), ax=None) -> Figure:
+    """A grid of `value` (long form: one row per (y, x) cell), each cell printed, a diverging colour scale."""
+    grid = df.pivot(index=y, columns=x, values=value)
+    fig, ax = _axes(ax, figsize=(1.0 + 0.75 * grid.shape[1], 0.8 + 0.45 * grid.shape[0]))
+    image = ax.imshow(grid.to_numpy(float), cmap=cmap, vmin=limits[0], vmax=limits[1], aspect="auto")
+    for (i, j), v in np.ndenumerate(grid.to_numpy(float)):
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7.5,
+                color="white" if abs(v) > 0.6 * max(map(abs, limits)) else "black")
+    ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [str(r) for r in grid.index])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.grid(False)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.8, label=value)
+    return fig
+
+
+def binned_panels(df: pd.DataFrame, *, titles: dict | None = None, ylabel: str = "", col_wrap: int = 3,
+                  log_x: tuple[str, ...] = ()) -> Figure:
+    """`tokens.binned_table`'s frame: one panel per predictor, its binned means with CIs against the bins'
+    median predictor values; `titles` maps a predictor to its panel title (e.g. its Spearman rho)."""
+    predictors = list(pd.unique(df["predictor"]))
+    fig, axes = _panels(len(predictors), col_wrap, (3.5, 2.6), sharex=False, sharey=True)
+    for ax, predictor in zip(axes.flat, predictors, strict=False):
+        sub = df[df["predictor"] == predictor].sort_values("x")
+        ax.errorbar(sub["x"], sub["mean"], yerr=np.vstack([sub["mean"] - sub["ci_low"], sub["ci_high"] - sub["mean"]]),
+                    marker="o", ms=3.5, lw=1.2, capsize=2, color=color("sae"))
+        ax.axhline(0.0, color="#555555", lw=0.8, ls="--")
+        if predictor in log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(predictor)
+        ax.set_title((titles or {}).get(predictor, predictor), fontsize=9)
+    for ax in axes.flat[len(predictors):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    return fig
+
+
+def scatter(df: pd.DataFrame, *, x: str, y: str, log_x: bool = False, title: str = "", xlabel: str | None = None,
+            ylabel: str | None = None) -> Figure:
+    """Points of `y` against `x`, with a dashed line at y = 0."""
+    fig, ax = _axes(None, figsize=(5.5, 3.6))
+    ax.scatter(df[x], df[y], s=8, alpha=0.5, color=color("sae"), lw=0)
+    ax.axhline(0.0, color="#555555", lw=0.8, ls="--")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def reduction_scatter(df: pd.DataFrame, *, x: str, y: str, hue: str, low: str | None = None, high: str | None = None,
+                      label: str | None = None, reference: tuple[float, float] | None = None,
+                      reference_label: str = "", xlabel: str = "", ylabel: str = "", title: str = "") -> Figure:
+    """One point per row, coloured by `hue`, with optional CIs on `y`, the line y = x (the behavioural gain
+    equals the reconstruction gain) and a reference point (e.g. a published result); `label` names each point."""
+    fig, ax = _axes(None, figsize=(6.4, 4.2))
+    for h, sub in df.groupby(hue, sort=False, observed=True):
+        yerr = np.vstack([sub[y] - sub[low], sub[high] - sub[y]]) if low and high else None
+        ax.errorbar(sub[x], sub[y], yerr=yerr, fmt="o", ms=6, capsize=3, color=color(str(h)), label=name(str(h)))
+        if label:
+            for _, row in sub.iterrows():
+                ax.annotate(str(row[label]), (row[x], row[y]), xytext=(5, 3), textcoords="offset points", fontsize=7)
+    lims = [min(0.0, df[x].min(), df[low or y].min()) - 0.02,
+            max(df[x].max(), df[high or y].max(), *(reference or ())) + 0.05]
+    ax.plot(lims, lims, color="#555555", lw=0.8, ls="--", label="y = x")
+    if reference:
+        ax.scatter(*reference, marker="*", s=160, color="black", zorder=3, label=reference_label)
+    ax.axhline(0.0, color="#999999", lw=0.6)
+    ax.axvline(0.0, color="#999999", lw=0.6)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.set_title(title)
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def token_strips(rows: pd.DataFrame, summary: pd.DataFrame, *, y: str = "gap", title: str = "") -> Figure:
+    """`tokens.top_tokens`'s output: one box per token (its individual values over it as points), largest
+    mean first, the token string and its count as the label, the mean as a diamond."""
+    order = list(summary["token_str"])
+    fig, ax = _axes(None, figsize=(max(7.0, 0.45 * len(order) + 1.5), 4.0))
+    data = [rows.loc[rows["token_str"] == t, y].to_numpy() for t in order]
+    ax.boxplot(data, positions=np.arange(len(order)), widths=0.6, showfliers=False,
+               medianprops={"color": "#333333"}, boxprops={"color": "#777777"}, whiskerprops={"color": "#777777"})
+    rng = np.random.default_rng(0)  # horizontal jitter of the points only
+    for i, values in enumerate(data):
+        ax.scatter(i + rng.uniform(-0.2, 0.2, len(values)), values, s=6, alpha=0.45, color=color("sae"), lw=0)
+    ax.scatter(np.arange(len(order)), summary["mean"], marker="D", s=22, color="black", zorder=3, label="mean")
+    ax.axhline(0.0, color="#555555", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(order)), [f"{t!r} (n={c})" for t, c in zip(order, summary["count"], strict=True)],
+                  rotation=70, fontsize=7.5)
+    ax.set_ylabel(y)
     ax.set_title(title)
     ax.legend(fontsize=8)
     return fig

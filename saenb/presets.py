@@ -202,6 +202,27 @@ class Loaded:
         return data.hub_contexts(self.preset.dataset, self.model.tokenizer, n, self.preset.n_ctx,
                                  column=self.preset.dataset_column, cache_name=self.preset.name)
 
+    def tokens_excluding(self, n: int, exclude: Int[Tensor, "m pos"]) -> Int[Tensor, "n pos"]:
+        """`n` contexts none of which is a row of `exclude` (e.g. contexts to fit a model on, disjoint from the
+        evaluation contexts), evenly spaced over what remains of the held-out set."""
+        taken = {row.numpy().tobytes() for row in exclude.to(torch.int64)}
+        pool = self._heldout if self.preset.is_bundle else self.tokens(n + len(exclude))
+        rest = pool[[i for i, row in enumerate(pool.to(torch.int64)) if row.numpy().tobytes() not in taken]]
+        if n > len(rest):
+            raise PresetError(f"n={n} contexts asked for besides {len(exclude)} excluded ones, but only {len(rest)} "
+                              f"remain in {self.preset.name}'s held-out set; ask for at most {len(rest)}")
+        return rest[torch.arange(n) * len(rest) // n].clone()
+
+    def token_counts(self) -> tuple[Int[Tensor, "d_vocab"], str]:
+        """How often each token id occurs, and where it was counted: a bundle's training contexts, or for
+        hub presets (whose training corpus is not at hand) the preset's default evaluation contexts."""
+        if self.preset.is_bundle:
+            counts = bundle_io.load_token_counts(self.preset.bundle_path / bundle_io.TRAIN_TOKEN_COUNTS)
+            return counts, f"the {self.preset.name} bundle's training contexts"
+        tokens = self.tokens()
+        counts = torch.bincount(tokens[:, 1:].flatten(), minlength=self.model.cfg.d_vocab)
+        return counts, f"{len(tokens)} contexts of {self.preset.dataset}"
+
     @property
     def layers(self) -> list[int]:
         return sorted({sae_layer(h) for h in self.saes})

@@ -66,10 +66,14 @@ def build_markdown(preset: str, root: Path = FIGURES, *, embed: bool = False) ->
     for folder in folders:
         lines += [f"## {folder.name.replace('_', ' ', 1)}", ""]
         for fig_name, entry in json.loads((folder / "figures.json").read_text()).items():
-            png = folder / entry["png"]
-            src = ("data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()) if embed \
-                else f"{folder.name}/{entry['png']}"
-            lines += [f"### {fig_name.replace('_', ' ')}", "", f"![{fig_name}]({src})", ""]
+            lines += [f"### {fig_name.replace('_', ' ')}", ""]
+            if "html" in entry:  # a table: its HTML fragment goes in as it is
+                lines += [(folder / entry["html"]).read_text().strip(), ""]
+            else:
+                png = folder / entry["png"]
+                src = ("data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()) if embed \
+                    else f"{folder.name}/{entry['png']}"
+                lines += [f"![{fig_name}]({src})", ""]
             if entry.get("caption"):
                 lines += [f"*{entry['caption']}*", ""]
             lines += [f"Data: [`{folder.name}/{entry['csv']}`]({folder.name}/{entry['csv']})", ""]

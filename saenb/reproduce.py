@@ -22,10 +22,11 @@ KERNEL = "saenb"
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
-    """The numbered notebooks, in order; `only` keeps those whose number prefix is listed ("01", "3")."""
+    """The numbered notebooks, in order; `only` keeps those whose number or name is listed ("01", "3",
+    "01_replication")."""
     found = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     if only:
-        wanted = {o.zfill(2) for o in only}
+        wanted = {o.removesuffix(".ipynb").split("_")[0].zfill(2) for o in only}
         unknown = wanted - {p.name[:2] for p in found}
         if unknown:
             raise ValueError(f"no notebook numbered {sorted(unknown)}; notebooks: {[p.name for p in found]}")

@@ -14,8 +14,10 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from saenb import reproduce as rep
+from saenb.patching import NOTEBOOK1
 from saenb.report import write_report
 
 from .conftest import REPO
@@ -41,14 +43,14 @@ def test_notebook_is_stored_clean_with_literal_parameters(path):
 
 @pytest.fixture(scope="module")
 def run_notebooks(tmp_path_factory):
-    """Notebooks 01-03 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
+    """Notebooks 01-06 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
     tmp = tmp_path_factory.mktemp("nb01")
     env = {"SAENB_FIGURES": str(tmp / "figures"), "SAENB_RESULTS": str(tmp / "results")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the papermill kernel inherits them
     try:
         rep.RUNS = tmp / "runs"
-        outcomes = rep.reproduce("tiny-stdlib", ["01", "02", "03"], quick=True, report=False)
+        outcomes = rep.reproduce("tiny-stdlib", ["01", "02", "03", "04", "05", "06"], quick=True, report=False)
     finally:
         rep.RUNS = REPO / "data" / "runs"
         for k, v in old.items():
@@ -58,7 +60,7 @@ def run_notebooks(tmp_path_factory):
 
 def test_notebook_01_runs_and_saves_every_figure(run_notebooks):
     tmp, outcomes = run_notebooks
-    assert [o.ok for o in outcomes] == [True, True, True], outcomes
+    assert [o.ok for o in outcomes] == [True] * 6, outcomes
     folder = tmp / "figures" / "tiny-stdlib" / "01_replication"
     index = json.loads((folder / "figures.json").read_text())
     assert list(index) == FIGURES_01
@@ -69,11 +71,13 @@ def test_notebook_01_runs_and_saves_every_figure(run_notebooks):
         assert len(pd.read_csv(folder / entry["csv"])) > 0
 
 
-def measured_frame(tmp, positions="all", interventions=None):
-    """The cached measurement of the run with these `positions` (01: "all", 02: 32, 03: 48) and interventions."""
+def measured_frame(tmp, positions="all", interventions=NOTEBOOK1, family="hook_resid_pre"):
+    """The cached measurement of the run with these `positions` (01: "all", 02: 32, 03: 48), interventions
+    (None: any) and hooks (names ending in `family`)."""
     (result,) = [p / "result.parquet" for p in (tmp / "results" / "measure").iterdir()
                  if (c := json.loads((p / "config.json").read_text()))["positions"] == positions
-                 and (interventions is None or c["interventions"] == interventions)]
+                 and (interventions is None or c["interventions"] == list(interventions))
+                 and all(h.endswith(family) for h in c["hooks"])]
     return pd.read_parquet(result)
 
 
@@ -91,8 +95,12 @@ def test_report_headline_equals_the_ratio_recomputed_from_the_measured_frame(run
         assert float(ratio) == pytest.approx(expected, abs=0.005)
         assert float(low) <= float(ratio) <= float(high)
     page = html.read_text()
-    n_figures = sum(len(json.loads(f.read_text())) for f in (tmp / "figures" / "tiny-stdlib").glob("*/figures.json"))
+    entries = [e for f in (tmp / "figures" / "tiny-stdlib").glob("*/figures.json")
+               for e in json.loads(f.read_text()).values()]
+    n_figures = sum("png" in e for e in entries)
     assert page.count("data:image/png;base64,") == n_figures > len(FIGURES_01) and "<table>" in page
+    # tables (notebooks 04, 06) go in as HTML, the highlighted contexts included
+    assert sum("html" in e for e in entries) == 5 and "<mark><b>" in page
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -163,7 +171,7 @@ def test_notebook_02_figures_agree_with_the_single_token_frame(run_notebooks):
     folder = tmp / "figures" / "tiny-stdlib" / "02_single_token"
     index = json.loads((folder / "figures.json").read_text())
     assert list(index) == ["kl_by_offset", "kl_at_offsets_0_1", "ce_delta_at_offsets_0_1"]
-    df = measured_frame(tmp, positions=32)
+    df = measured_frame(tmp, positions=32, interventions=None)
     assert (df.patch_pos == 32).all() and sorted(df.pos.unique()) == list(range(32, 49))
     bars = pd.read_csv(folder / "kl_at_offsets_0_1.csv")
     for row in bars[bars.intervention == "sae"].itertuples():
@@ -196,3 +204,69 @@ def test_notebook_03_z_scores_and_ratios_agree_with_the_sampled_frames(run_noteb
     kl = aligned.groupby("intervention", observed=True).kl.sum()
     for row in ratios.itertuples():
         assert row.b == "eps_random" and row.ratio == pytest.approx(kl[row.a] / kl["eps_random"], rel=1e-5)
+
+
+def test_notebook_04_tables_agree_with_the_measured_frame(run_notebooks):
+    """Notebook 04 reads notebook 01's measurement (no second one) and its numbers follow from it."""
+    tmp, _ = run_notebooks
+    folder = tmp / "figures" / "tiny-stdlib" / "04_token_analysis"
+    index = json.loads((folder / "figures.json").read_text())
+    assert list(index) == ["predictor_correlations", "gap_by_predictor", "layer_correlations", "top_tokens",
+                           "top_tokens_table", "gap_vs_frequency", "frequency_correlations", "top_contexts"]
+    df = measured_frame(tmp)
+    kl = df[df.intervention.isin(["sae", "eps_random"])].pivot_table(
+        index=["layer", "seq", "pos", "token"], columns="intervention", values="kl", observed=True)
+    gap = (kl["sae"] - kl["eps_random"]).rename("gap").reset_index()
+    rho = pd.read_csv(folder / "predictor_correlations.csv").set_index(["layer", "predictor"]).rho
+    for layer, sub in gap.groupby("layer"):
+        assert rho[(layer, "pos")] == pytest.approx(stats.spearmanr(sub.pos, sub.gap).statistic, abs=1e-9)
+    layer = int(re.search(r"layer (\d+)", index["top_tokens_table"]["caption"])[1])
+    top = pd.read_csv(folder / "top_tokens_table.csv")
+    per_token = gap[gap.layer == layer].groupby("token").gap.agg(["mean", "size"])
+    per_token = per_token[per_token["size"] >= 5].nlargest(len(top), "mean")
+    assert top.token.tolist() == per_token.index.tolist()
+    np.testing.assert_allclose(top["mean"], per_token["mean"], rtol=1e-5)
+    html = (folder / "top_contexts.html").read_text()
+    assert html.count("<mark>") == len(pd.read_csv(folder / "top_contexts.csv")) > 0
+    layers = pd.read_csv(folder / "layer_correlations.csv")
+    assert np.allclose(layers[layers.layer_a == layers.layer_b].rho, 1.0)
+
+
+def test_notebook_05_ratios_agree_with_the_attention_frame(run_notebooks):
+    tmp, _ = run_notebooks
+    folder = tmp / "figures" / "tiny-stdlib" / "05_attention_saes"
+    assert list(json.loads((folder / "figures.json").read_text())) == ["kl_by_intervention", "ratio_by_layer",
+                                                                       "kl_histograms_z", "norm_share"]
+    z = measured_frame(tmp, family="hook_z")
+    assert z.hook.astype(str).str.endswith("attn.hook_z").all()
+    ratios = pd.read_csv(folder / "ratio_by_layer.csv")
+    sums = z.groupby(["layer", "intervention"], observed=True)[["kl", "ce_delta"]].sum()
+    for row in ratios[ratios.family == "z"].itertuples():
+        want = sums.loc[(row.layer, "sae"), row.metric] / sums.loc[(row.layer, "eps_random"), row.metric]
+        assert row.ratio == pytest.approx(want, rel=1e-5)
+    assert set(ratios.family) == {"resid", "z"}
+    norm = pd.read_csv(folder / "norm_share.csv")
+    row = norm[(norm.family == "z") & (norm.metric == "sae_norm / sae")].iloc[0]
+    assert row.ratio == pytest.approx(sums.loc[(row.layer, "sae_norm"), "kl"] / sums.loc[(row.layer, "sae"), "kl"],
+                                      rel=1e-5)
+
+
+def test_notebook_06_trains_every_variant_and_its_reductions_follow_from_the_frame(run_notebooks):
+    tmp, _ = run_notebooks
+    folder = tmp / "figures" / "tiny-stdlib" / "06_nfm_comparison"
+    assert list(json.loads((folder / "figures.json").read_text())) == [
+        "kl_by_variant", "kl_table", "reduction_scatter", "reconstruction_table", "kl_by_position"]
+    weights = list((tmp / "results" / "nfm").glob("*/*.safetensors"))
+    assert len(weights) == 4 * 2, "4 variants x 2 layers trained and cached"
+    (result,) = [p / "result.parquet" for p in (tmp / "results" / "measure").iterdir()
+                 if any(i.startswith("sae_nfm") for i in json.loads((p / "config.json").read_text())["interventions"])]
+    frame = pd.read_parquet(result)
+    kl = frame.groupby(["layer", frame.intervention.astype(str)]).kl.sum()
+    gains = pd.read_csv(folder / "reduction_scatter.csv")
+    labels = {str(i) for i in frame.intervention.unique()}
+    for row in gains.itertuples():
+        (label,) = [lab for lab in labels if lab.startswith("sae_nfm(") and lab.endswith(f"variant={row.variant})")]
+        assert row.kl_reduction == pytest.approx(1 - kl[(row.layer, label)] / kl[(row.layer, "sae")], abs=1e-6)
+        # the SAE's squared error is the frame's eps^2 (its tokens lack only each context's last position)
+        eps = frame[(frame.layer == row.layer) & (frame.intervention == "sae")].eps
+        assert row.mse_sae == pytest.approx((eps.astype(float) ** 2).mean(), rel=0.03)

@@ -51,6 +51,20 @@ def test_tokens_are_fixed_heldout_contexts(tiny):
     assert tiny.model.to_str_tokens(text)[0] == bundle_io.BOS_TOKEN
 
 
+def test_fit_contexts_exclude_the_evaluation_ones_and_counts_cover_the_training_set(tiny):
+    evaluation = tiny.tokens(64)
+    fit = tiny.tokens_excluding(100, evaluation)
+    assert fit.shape == (100, 128) and len({tuple(t) for t in fit.tolist()}) == 100
+    assert not {tuple(t) for t in fit.tolist()} & {tuple(t) for t in evaluation.tolist()}
+    with pytest.raises(PresetError, match="ask for at most"):
+        tiny.tokens_excluding(4096, evaluation)
+    counts, where = tiny.token_counts()
+    manifest = bundle_io.read_manifest(TINY_STDLIB.bundle_path)
+    # every training context contributes n_ctx - 1 tokens (BOS at position 0 is not counted)
+    assert int(counts.sum()) == manifest["tokens"]["train"]["contexts"] * 127
+    assert counts.shape == (tiny.model.cfg.d_vocab,) and "training" in where
+
+
 def test_model_is_a_language_model_of_its_corpus(tiny):
     """Held-out loss of the shipped weights, recomputed here, matches the manifest and beats unigram by 3 nats."""
     manifest = bundle_io.read_manifest(TINY_STDLIB.bundle_path)
@@ -188,3 +202,5 @@ def test_small_bundle_from_the_pipeline_loads(small_bundle):
     assert loaded.tokens().shape == (16, 128)
     manifest = json.loads((small_bundle / bundle_io.MANIFEST).read_text())
     assert manifest["corpus"]["n_files"] > 0 and manifest["tokens"]["heldout"]["contexts"] >= 48
+    counts, _ = loaded.token_counts()
+    assert int(counts.sum()) == manifest["token_counts"]["tokens"] == manifest["tokens"]["train"]["contexts"] * 127

@@ -48,3 +48,17 @@ def test_key_covers_the_configuration(tiny, tmp_path):
     store.measure_cached(tiny, tokens=tokens, root=tmp_path, **{**KW, "seed": 1})
     store.measure_cached(tiny, tokens=tiny.tokens(3)[1:], root=tmp_path, **KW)
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_a_subset_is_read_from_a_finished_superset(tiny, tmp_path, monkeypatch):
+    tokens = tiny.tokens(3)
+    store.measure_cached(tiny, tokens=tokens, root=tmp_path, **KW)
+    direct = patching.measure(tiny, ["blocks.0.attn.hook_z"], ["mean", "eps_random"], tokens, seed=0, progress=False)
+    monkeypatch.setattr(patching, "measure", None)  # nothing may be computed
+    subset = store.measure_cached(tiny, tokens=tokens, root=tmp_path,
+                                  **{**KW, "hooks": ["blocks.0.attn.hook_z"], "interventions": ["mean", "eps_random"]})
+    assert list(subset.intervention.cat.categories) == ["mean", "eps_random"]
+    pd.testing.assert_frame_equal(subset, direct, check_exact=False, atol=1e-6, rtol=1e-5)
+    # another seed is not a subset: it is measured
+    with pytest.raises(TypeError):
+        store.measure_cached(tiny, tokens=tokens, root=tmp_path, **{**KW, "seed": 1})
