@@ -12,6 +12,10 @@ excluded, sorted by path; files that are not valid UTF-8 are skipped and counted
 4. model      a GPT-2-architecture HookedTransformer trained from scratch (checkpoints every 100 steps)
 5. saes       a standard ReLU + L1 SAE per hook, by sae_lens's `LanguageModelSAETrainingRunner`
 6. evals      quality figures by sae_lens's `run_evals` on the held-out contexts
+7. model_small  a second model, half the width, same corpus, tokenizer, depth, batches and recipe
+8. topk       the TopK SAE sweep of notebook 07 (sae_lens's TopK architecture and runner) at hook_resid_post
+              of both models: every k at early / middle / late depth, and the budget check (a few k at the
+              middle layer again with topk_budget_factor times the tokens)
 
 Work files (token arrays, checkpoints, stage records) live in `--work`; the bundle in `--out`. Killed at
 any point, the same command continues from the last finished stage, SAE or checkpoint.
@@ -82,6 +86,20 @@ class BuildConfig:
     eval_batch_prompts: int = 32
     eval_reconstruction_batches: int = 8
     alive_tokens: int = 500_000
+    # the second model (notebook 07): same corpus, tokenizer, depth, batches and recipe; another width
+    small_d_model: int = 64
+    small_n_heads: int = 4
+    small_d_mlp: int = 256
+    # the TopK sweep (notebook 07), at blocks.L.hook_resid_post of both models
+    topk_ks: str = "8,16,32,64,128"
+    """Comma-separated k values."""
+    topk_layers: str = "1,3,5"
+    """Comma-separated layers: early, middle, late (the middle one, the second, also gets the budget check)."""
+    topk_expansion: int = 4
+    topk_training_tokens: int = 400_000
+    topk_budget_ks: str = "8,32"
+    """k values trained again at the middle layer with topk_budget_factor x topk_training_tokens."""
+    topk_budget_factor: int = 5
 
     @property
     def hooks(self) -> list[str]:
@@ -89,16 +107,32 @@ class BuildConfig:
             f"blocks.{layer}.attn.hook_z" for layer in range(self.n_layers)
         ]
 
-    def model_config_kwargs(self) -> dict[str, Any]:
-        """HookedTransformerConfig keyword arguments (plain JSON values), stored as model/config.json."""
+    def model_config_kwargs(self, small: bool = False) -> dict[str, Any]:
+        """HookedTransformerConfig keyword arguments (plain JSON values), stored as model/config.json (or, with
+        `small`, the second model's, as model_small/config.json)."""
+        d_model, n_heads, d_mlp = ((self.small_d_model, self.small_n_heads, self.small_d_mlp) if small
+                                   else (self.d_model, self.n_heads, self.d_mlp))
         return dict(
-            model_name="tiny-stdlib",
-            n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
-            d_head=self.d_model // self.n_heads, d_mlp=self.d_mlp, n_ctx=self.n_ctx,
+            model_name="tiny-stdlib-small" if small else "tiny-stdlib",
+            n_layers=self.n_layers, d_model=d_model, n_heads=n_heads,
+            d_head=d_model // n_heads, d_mlp=d_mlp, n_ctx=self.n_ctx,
             d_vocab=self.vocab_size, act_fn="gelu_new", normalization_type="LN",
             positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
             default_prepend_bos=True, tokenizer_prepends_bos=False, seed=self.seed,
         )
+
+    def topk_jobs(self) -> list[tuple[str, int, int, int]]:
+        """(model, layer, k, budget factor) of every TopK SAE of the sweep, in training order."""
+        ks, layers = _ints(self.topk_ks), _ints(self.topk_layers)
+        jobs = [(m, layer, k, 1) for m in ("base", "small") for layer in layers for k in ks]
+        middle = layers[len(layers) // 2]
+        budget = [(m, middle, k, self.topk_budget_factor) for m in ("base", "small")
+                  for k in _ints(self.topk_budget_ks)]
+        return jobs + budget
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in str(text).split(",") if v.strip()]
 
 
 # Quality the bundle must reach (issue 3, point 5); the build reports each against these.
@@ -109,7 +143,8 @@ QUALITY_TARGETS = {
 }
 
 
-STAGES = ("corpus", "tokenizer", "tokens", "token_counts", "model", "model_eval", "sae", "eval")
+STAGES = ("corpus", "tokenizer", "tokens", "token_counts", "model", "model_eval", "sae", "eval", "model_small",
+          "model_small_eval", "topk")
 # The first stage each option affects: a resumed build may change an option whose stage has not run yet.
 FIRST_STAGE = {
     "seed": "corpus", "heldout_percent": "corpus", "vocab_size": "tokenizer", "n_heldout_contexts": "tokens",
@@ -119,6 +154,9 @@ FIRST_STAGE = {
     **{k: "sae" for k in ("sae_expansion", "sae_training_tokens", "sae_batch_tokens", "sae_lr", "sae_l1_resid",
                           "sae_l1_z", "sae_max_attempts")},
     **{k: "eval" for k in ("eval_batch_prompts", "eval_reconstruction_batches", "alive_tokens")},
+    **{k: "model_small" for k in ("small_d_model", "small_n_heads", "small_d_mlp")},
+    **{k: "topk" for k in ("topk_ks", "topk_layers", "topk_expansion", "topk_training_tokens", "topk_budget_ks",
+                           "topk_budget_factor")},
 }  # checkpoint_every changes nothing that is built
 
 
@@ -253,11 +291,17 @@ class Build:
 
     # 4 ----------------------------------------------------------------------------------------------
     def model(self) -> dict[str, Any]:
+        return self._train_model(small=False)
+
+    def model_small(self) -> dict[str, Any]:
+        return self._train_model(small=True)
+
+    def _train_model(self, small: bool) -> dict[str, Any]:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        model = HookedTransformer(HookedTransformerConfig(**cfg.model_config_kwargs()))
+        model = HookedTransformer(HookedTransformerConfig(**cfg.model_config_kwargs(small)))
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         opt = torch.optim.AdamW(
@@ -271,9 +315,14 @@ class Build:
             frac = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
             return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
-        ckpt_path = self.work / "model_ckpt.pt"
+        ckpt_path = self.work / ("model_small_ckpt.pt" if small else "model_ckpt.pt")
         step, history, elapsed = 0, [], 0.0
-        model_options = {k: v for k, v in dataclasses.asdict(cfg).items() if FIRST_STAGE.get(k) in STAGES[:4]}
+        # what decides the weights: the data, the recipe and this model's width (a checkpoint of other options
+        # is refused)
+        width = ("small_d_model", "small_n_heads", "small_d_mlp") if small else ("d_model", "n_heads", "d_mlp")
+        model_options = {k: v for k, v in dataclasses.asdict(cfg).items()
+                         if FIRST_STAGE.get(k) in STAGES[:4] or k in width
+                         or (FIRST_STAGE.get(k) == "model" and k not in ("d_model", "n_heads", "d_mlp"))}
         if ckpt_path.exists():
             ckpt = torch.load(ckpt_path, weights_only=False)
             if ckpt.get("options", model_options) != model_options:
@@ -294,7 +343,8 @@ class Build:
                 log.warning("torch.compile unavailable (%s); training eagerly", exc)
         model.train()
         t0 = time.time() - elapsed
-        bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps, desc="model")
+        bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps,
+                   desc="model (small)" if small else "model")
         for step in bar:
             # The batch depends only on (seed, step): a resumed run draws exactly the batches it would have.
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -314,13 +364,14 @@ class Build:
                     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                                 "history": history, "elapsed": time.time() - t0, "options": model_options}, tmp)
         model.eval()
-        bundle_io.save_model(self.out, cfg.model_config_kwargs(), model.state_dict())
+        bundle_io.save_model(self.out, cfg.model_config_kwargs(small), model.state_dict(),
+                             bundle_io.SMALL_MODEL_DIR if small else bundle_io.MODEL_DIR)
         n_tokens = cfg.train_steps * cfg.batch_size * cfg.n_ctx
         return {"train_tokens_seen": n_tokens, "train_seconds": round(time.time() - t0, 1),
                 "compiled": compiled, "loss_history": history}
 
-    def model_eval(self) -> dict[str, Any]:
-        model = bundle_io.load_model(self.out)
+    def model_eval(self, folder: str = bundle_io.MODEL_DIR) -> dict[str, Any]:
+        model = bundle_io.load_model(self.out, folder=folder)
         tokens = bundle_io.load_tokens(self.out / bundle_io.HELDOUT_TOKENS)
         total, count = 0.0, 0
         with torch.inference_mode():
@@ -335,26 +386,34 @@ class Build:
 
     # 5 ----------------------------------------------------------------------------------------------
     def _train_sae(self, hook_name: str, l1: float, out_dir: Path) -> None:
-        from datasets import Dataset
-        from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
         from sae_lens import StandardTrainingSAEConfig
 
         cfg = self.cfg
-        model = bundle_io.load_model(self.out)
-        contexts = np.load(self.work / "train_contexts.npy").astype(np.int64)
-        n_contexts = math.ceil(cfg.sae_training_tokens / cfg.n_ctx) * 2  # enough, shuffled per hook
-        rng = np.random.default_rng(cfg.seed + cfg.hooks.index(hook_name))
-        dataset = Dataset.from_dict({"tokens": contexts[rng.choice(len(contexts), n_contexts, replace=False)]})
         steps = cfg.sae_training_tokens // cfg.sae_batch_tokens
+        sae_cfg = StandardTrainingSAEConfig(
+            d_in=cfg.d_model, d_sae=cfg.d_model * cfg.sae_expansion, l1_coefficient=l1,
+            l1_warm_up_steps=steps // 10, normalize_activations="expected_average_only_in",
+            reshape_activations="hook_z" if hook_family(hook_name) == "z" else "none",
+        )
+        self._run_sae_lens(sae_cfg, bundle_io.load_model(self.out), hook_name, cfg.sae_training_tokens,
+                           cfg.seed + cfg.hooks.index(hook_name), out_dir)
+
+    def _run_sae_lens(self, sae_cfg, model, hook_name: str, n_tokens: int, data_seed: int, out_dir: Path) -> None:
+        """sae_lens's own runner on `model` at `hook_name` for `n_tokens` training tokens, drawn (shuffled by
+        `data_seed`) from the training contexts; the SAE is written to `out_dir`."""
+        from datasets import Dataset
+        from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+
+        cfg = self.cfg
+        contexts = np.load(self.work / "train_contexts.npy").astype(np.int64)
+        n_contexts = min(len(contexts), math.ceil(n_tokens / cfg.n_ctx) * 2)  # enough, shuffled per SAE
+        rng = np.random.default_rng(data_seed)
+        dataset = Dataset.from_dict({"tokens": contexts[rng.choice(len(contexts), n_contexts, replace=False)]})
+        steps = n_tokens // cfg.sae_batch_tokens
         runner_cfg = LanguageModelSAERunnerConfig(
-            sae=StandardTrainingSAEConfig(
-                d_in=cfg.d_model, d_sae=cfg.d_model * cfg.sae_expansion, l1_coefficient=l1,
-                l1_warm_up_steps=steps // 10, normalize_activations="expected_average_only_in",
-                reshape_activations="hook_z" if hook_family(hook_name) == "z" else "none",
-            ),
-            model_name="tiny-stdlib", hook_name=hook_name, dataset_path="saenb/tiny-stdlib-train",
+            sae=sae_cfg, model_name=model.cfg.model_name, hook_name=hook_name, dataset_path="saenb/tiny-stdlib-train",
             is_dataset_tokenized=True, streaming=False, context_size=cfg.n_ctx, prepend_bos=True,
-            training_tokens=cfg.sae_training_tokens, train_batch_size_tokens=cfg.sae_batch_tokens,
+            training_tokens=n_tokens, train_batch_size_tokens=cfg.sae_batch_tokens,
             store_batch_size_prompts=32, n_batches_in_buffer=16, n_batches_for_norm_estimate=20,
             lr=cfg.sae_lr, lr_warm_up_steps=steps // 20, lr_scheduler_name="constant", lr_decay_steps=steps // 5,
             exclude_special_tokens=True, device="cpu", seed=cfg.seed, dtype="float32",
@@ -363,6 +422,29 @@ class Build:
         )
         torch.manual_seed(cfg.seed)
         LanguageModelSAETrainingRunner(runner_cfg, override_model=model, override_dataset=dataset).run()
+
+    def topk(self, model_key: str, layer: int, k: int, factor: int) -> dict[str, Any]:
+        """One TopK SAE of the sweep (sae_lens's TopK architecture), at blocks.{layer}.hook_resid_post."""
+        from sae_lens import TopKTrainingSAEConfig
+
+        cfg = self.cfg
+        folder = bundle_io.SMALL_MODEL_DIR if model_key == "small" else bundle_io.MODEL_DIR
+        model = bundle_io.load_model(self.out, folder=folder)
+        hook_name = f"blocks.{layer}.hook_resid_post"
+        d_model = model.cfg.d_model
+        out_dir = bundle_io.topk_path(self.out, model_key, hook_name, k, factor)
+        tmp_dir = self.work / "topk_runs" / out_dir.relative_to(self.out / bundle_io.TOPK_DIR)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        t0 = time.time()
+        sae_cfg = TopKTrainingSAEConfig(d_in=d_model, d_sae=d_model * cfg.topk_expansion, k=k,
+                                        normalize_activations="expected_average_only_in")
+        n_tokens = cfg.topk_training_tokens * factor
+        self._run_sae_lens(sae_cfg, model, hook_name, n_tokens, cfg.seed + 1000 + layer, tmp_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(tmp_dir, out_dir)
+        return {"model": model_key, "layer": layer, "hook": hook_name, "k": k, "d_sae": d_model * cfg.topk_expansion,
+                "training_tokens": n_tokens, "seconds": round(time.time() - t0, 1)}
 
     def _quick_check(self, hook_name: str, sae_dir: Path) -> dict[str, float]:
         """A small run_evals pass (a few batches) to decide whether the L1 coefficient needs a change."""
@@ -418,6 +500,11 @@ class Build:
         quality = {"model": stages["model_eval"]["result"], "saes": {}}
         for hook in self.cfg.hooks:
             quality["saes"][hook] = stages[f"eval:{hook}"]["result"]
+        topk = [stages[name]["result"] for name in stages if stage_of(name) == "topk"]
+        small = {"training": {k: v for k, v in stages["model_small"]["result"].items() if k != "loss_history"},
+                 "loss_history": stages["model_small"]["result"]["loss_history"],
+                 "config": self.cfg.model_config_kwargs(small=True),
+                 "quality": stages["model_small_eval"]["result"]} if "model_small_eval" in stages else None
         manifest = {
             "name": self.out.name,
             "build_command": "python -m saenb.bundle " + " ".join(argv),
@@ -438,6 +525,8 @@ class Build:
             "quality_targets": QUALITY_TARGETS,
             "quality": quality,
             "quality_met": quality_met(quality),
+            "small_model": small,
+            "topk_sweep": topk,
             "files": bundle_io.file_table(self.out),
         }
         write_json(self.out / bundle_io.MANIFEST, manifest)
@@ -454,6 +543,12 @@ class Build:
             self.stage(f"sae:{hook}", lambda h=hook: self.sae(h))
         for hook in self.cfg.hooks:
             self.stage(f"eval:{hook}", lambda h=hook: self.sae_eval(h))
+        self.stage("model_small", self.model_small)
+        self.stage("model_small_eval", lambda: self.model_eval(bundle_io.SMALL_MODEL_DIR))
+        for job in self.cfg.topk_jobs():
+            model_key, layer, k, factor = job
+            name = f"topk:{model_key}:{layer}:k{k}" + ("" if factor == 1 else f":x{factor}")
+            self.stage(name, lambda j=job: self.topk(*j))
         # Drop SAE folders of hooks this config does not have (an earlier, different build).
         for stale in (self.out / bundle_io.SAE_DIR).iterdir():
             if stale.name not in self.cfg.hooks:

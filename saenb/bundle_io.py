@@ -6,7 +6,9 @@ A bundle is a folder:
     tokenizer.json                   a `tokenizers` byte-level BPE
     model/config.json                the HookedTransformerConfig keyword arguments (plain JSON)
     model/model.safetensors          the HookedTransformer state dict
+    model_small/...                  the same for the second, half-width model (notebook 07), when built
     saes/<hook_name>/cfg.json ...    one sae_lens disk-format SAE per hook (`SAE.load_from_disk`)
+    topk/<model>/<hook_name>/k<k>[-x<f>]/   TopK SAEs of the sweep (notebook 07), sae_lens disk format
     heldout_tokens.safetensors       "tokens": [n_contexts, n_ctx] held-out contexts, BOS first
     train_token_counts.safetensors   "counts": [d_vocab] occurrences of each token in the training contexts
 
@@ -29,8 +31,11 @@ from saenb import files
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
-MODEL_CONFIG = "model/config.json"
-MODEL_WEIGHTS = "model/model.safetensors"
+MODEL_DIR = "model"
+SMALL_MODEL_DIR = "model_small"
+MODEL_CONFIG = f"{MODEL_DIR}/config.json"
+MODEL_WEIGHTS = f"{MODEL_DIR}/model.safetensors"
+TOPK_DIR = "topk"
 SAE_DIR = "saes"
 HELDOUT_TOKENS = "heldout_tokens.safetensors"
 TRAIN_TOKEN_COUNTS = "train_token_counts.safetensors"
@@ -91,9 +96,10 @@ def verify(root: Path, manifest: dict[str, Any] | None = None) -> None:
             )
 
 
-def save_model(root: Path, config_kwargs: dict[str, Any], state_dict: dict[str, Tensor]) -> None:
-    write_json(root / MODEL_CONFIG, config_kwargs)
-    with files.atomic_path(root / MODEL_WEIGHTS) as tmp:
+def save_model(root: Path, config_kwargs: dict[str, Any], state_dict: dict[str, Tensor],
+               folder: str = MODEL_DIR) -> None:
+    write_json(root / folder / "config.json", config_kwargs)
+    with files.atomic_path(root / folder / "model.safetensors") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
 
 
@@ -109,19 +115,25 @@ def hf_tokenizer(path: Path):
     )
 
 
-def load_model(root: Path, device: str | torch.device = "cpu"):
-    """The bundle's HookedTransformer, in eval mode, with its tokenizer attached."""
+def load_model(root: Path, device: str | torch.device = "cpu", folder: str = MODEL_DIR):
+    """The bundle's HookedTransformer (`folder`: MODEL_DIR or SMALL_MODEL_DIR), in eval mode, with its
+    tokenizer attached."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    kwargs = json.loads((root / MODEL_CONFIG).read_text())
+    kwargs = json.loads((root / folder / "config.json").read_text())
     cfg = HookedTransformerConfig(**kwargs, device=str(device))
     model = HookedTransformer(cfg, tokenizer=hf_tokenizer(root / TOKENIZER), move_to_device=False)
-    model.load_state_dict(load_file(str(root / MODEL_WEIGHTS)), strict=True)
+    model.load_state_dict(load_file(str(root / folder / "model.safetensors")), strict=True)
     return model.to(device).eval()
 
 
 def sae_path(root: Path, hook_name: str) -> Path:
     return root / SAE_DIR / hook_name
+
+
+def topk_path(root: Path, model: str, hook_name: str, k: int, budget_factor: int = 1) -> Path:
+    """Where the sweep's TopK SAE of `model` ("base" or "small") at `hook_name` with this k and budget lives."""
+    return root / TOPK_DIR / model / hook_name / (f"k{k}" if budget_factor == 1 else f"k{k}-x{budget_factor}")
 
 
 def load_sae(root: Path, hook_name: str, device: str | torch.device = "cpu"):

@@ -69,18 +69,59 @@ def geometry(
 
 
 def explained_variance(x: Float[Tensor, "n d"], x_hat: Float[Tensor, "n d"]) -> float:
-    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the rows (sae_lens's definition)."""
+    """R^2 = 1 - SSE / SST with mean-centred totals: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the
+    rows (sae_lens's explained variance, and seed 002's R^2)."""
+    x, x_hat = x.double(), x_hat.double()
     residual = (x - x_hat).pow(2).sum()
     total = (x - x.mean(0)).pow(2).sum()
     return float(1 - residual / total)
 
 
 def relative_error(x: Float[Tensor, "n d"], x_hat: Float[Tensor, "n d"]) -> Float[Tensor, "n"]:
+    """||x - x_hat|| / ||x|| per token (seed 002's relative error norm is its mean)."""
     return (x - x_hat).norm(dim=-1) / x.norm(dim=-1)
 
 
+def mse(x: Float[Tensor, "n d"], x_hat: Float[Tensor, "n d"]) -> Float[Tensor, "n"]:
+    """Squared error averaged over the model dimensions, per token (seed 002's mse_mean is its mean)."""
+    return (x - x_hat).pow(2).mean(-1)
+
+
 def alive_fraction(latents: Float[Tensor, "n d_sae"]) -> float:
-    return float((latents > 0).any(0).float().mean())
+    """Share of latents that are nonzero on at least one token (for TopK: selected at least once)."""
+    return float((latents != 0).any(0).float().mean())
+
+
+def rate_bits(latents: Float[Tensor, "n d_sae"], value_bits: int = 8) -> float:
+    """Seed 002's rate proxy, bits per token of the sparse code: each active latent's index entropy-coded
+    under the latents' empirical firing frequencies, plus `value_bits` for its value."""
+    active = latents != 0
+    counts = active.sum(0).double()
+    q = counts[counts > 0] / counts.sum()
+    index_bits = float(-(q * q.log2()).sum())
+    return float(active.sum(-1).double().mean()) * (index_bits + value_bits)
+
+
+def participation_ratio(x: Float[Tensor, "n d"], deflate: int = 0) -> float:
+    """(sum lambda)^2 / sum lambda^2 over the eigenvalues of x's mean-centred covariance; `deflate` removes
+    the top eigenvalues (directions) first. From singular values of the centred rows (float64)."""
+    centred = x.double() - x.double().mean(0)
+    lam = (torch.linalg.svdvals(centred).pow(2) / (len(x) - 1))[deflate:]  # descending
+    return float(lam.sum().pow(2) / lam.pow(2).sum())
+
+
+def k_star(ks, values, target: float) -> float:
+    """The smallest k at which `values` (e.g. CE_rec over a grid of k, increasing k) reaches `target`, by
+    linear interpolation between grid points (seed 002's k*); NaN when the grid never reaches it."""
+    ks, values = np.asarray(ks, float), np.asarray(values, float)
+    order = np.argsort(ks)
+    ks, values = ks[order], values[order]
+    if values[0] >= target:
+        return float(ks[0])
+    for k0, v0, k1, v1 in zip(ks[:-1], values[:-1], ks[1:], values[1:], strict=True):
+        if v0 < target <= v1:
+            return float(k0 + (target - v0) * (k1 - k0) / (v1 - v0))
+    return float("nan")
 
 
 def ce_loss_score(ce_clean: float, ce_patched: float, ce_ablation: float) -> float:
@@ -88,9 +129,19 @@ def ce_loss_score(ce_clean: float, ce_patched: float, ce_ablation: float) -> flo
     return (ce_ablation - ce_patched) / (ce_ablation - ce_clean)
 
 
-def ce_rec(ce_clean: float, ce_patched: float, ce_ablation: float) -> float:
-    """CE_rec of seed 002: the same recovered fraction, named as that post names it."""
-    return ce_loss_score(ce_clean, ce_patched, ce_ablation)
+def ce_rec(ce_clean: float, ce_patched: float) -> float:
+    """Seed 002's CE_rec = 2 - L_recon / L_orig (1: loss preserved; 0: loss doubled). Not ablation-normalised:
+    unlike `ce_loss_score`, it does not compare with an ablation."""
+    return 2 - ce_patched / ce_clean
+
+
+def ce_rec_ci(ce_patched_per_seq: np.ndarray, ce_clean_per_seq: np.ndarray, *, confidence: float = 0.95,
+              n_resamples: int = 5000, seed: int = 0) -> tuple[float, float, float]:
+    """CE_rec of token-mean losses with a BCa bootstrap CI over sequences (per-sequence loss sums over the
+    same tokens; 5,000 resamples as in seed 002): 2 minus `ratio_ci` of the two."""
+    ratio, low, high = ratio_ci(ce_patched_per_seq, ce_clean_per_seq, confidence=confidence, n_resamples=n_resamples,
+                                seed=seed)
+    return 2 - ratio, 2 - high, 2 - low
 
 
 def ratio_ci(

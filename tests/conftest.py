@@ -22,6 +22,8 @@ SMALL_BUILD_ARGS = [
     "--checkpoint-every", "10", "--compile-model", "false", "--sae-training-tokens", "16384",
     "--sae-batch-tokens", "512", "--sae-max-attempts", "1", "--eval-reconstruction-batches", "1",
     "--alive-tokens", "4096", "--eval-batch-prompts", "8",
+    "--small-d-model", "32", "--small-n-heads", "2", "--small-d-mlp", "64", "--topk-ks", "4,8", "--topk-layers", "0,1",
+    "--topk-training-tokens", "8192", "--topk-budget-ks", "4", "--topk-budget-factor", "2",
 ]
 
 

@@ -62,7 +62,8 @@ def test_build_refuses_options_that_finished_stages_did_not_use(tmp_path, small_
     assert result.returncode != 0 and "other values of ['seed']" in result.stderr
 
 
-MANIFEST = bundle_io.read_manifest(TINY_STDLIB.bundle_path) if (TINY_STDLIB.bundle_path / "manifest.json").exists() else {}
+MANIFEST = (bundle_io.read_manifest(TINY_STDLIB.bundle_path)
+            if (TINY_STDLIB.bundle_path / "manifest.json").exists() else {})
 HOOKS = list(MANIFEST.get("quality", {}).get("saes", {}))
 N_BATCHES = 4
 
@@ -95,3 +96,27 @@ def test_sae_figures_recomputed_with_run_evals_match_manifest(hook):
     # files, whose L0 differs by up to ~6% from the whole set: 10% allowed
     l0 = np.mean([b["l0"] for b in per_batch])
     assert abs(l0 - recorded["l0"]) <= 0.1 * recorded["l0"], (hook, l0, recorded["l0"])
+
+
+def test_second_model_and_topk_sweep(small_bundle):
+    """The build's second model (another width, same tokenizer and depth) and its TopK SAE sweep load, and
+    each TopK SAE keeps exactly k latents per token."""
+    manifest = json.loads((small_bundle / bundle_io.MANIFEST).read_text())
+    base = bundle_io.load_model(small_bundle)
+    small = bundle_io.load_model(small_bundle, folder=bundle_io.SMALL_MODEL_DIR)
+    assert small.cfg.d_model == manifest["small_model"]["config"]["d_model"] == 32 != base.cfg.d_model
+    assert small.cfg.n_layers == base.cfg.n_layers and small.cfg.d_vocab == base.cfg.d_vocab
+    assert manifest["small_model"]["quality"]["heldout_ce_nats"] > 0
+    sweep = manifest["topk_sweep"]
+    assert len(sweep) == 2 * 2 * 2 + 2  # models x layers x k, plus the budget check (k = 4 again, 2x tokens)
+    tokens = bundle_io.load_tokens(small_bundle / bundle_io.HELDOUT_TOKENS)[:2]
+    from sae_lens import SAE
+
+    for entry in sweep:
+        factor = entry["training_tokens"] // 8192
+        sae = SAE.load_from_disk(bundle_io.topk_path(small_bundle, entry["model"], entry["hook"], entry["k"], factor))
+        model = small if entry["model"] == "small" else base
+        _, cache = model.run_with_cache(tokens, names_filter=[entry["hook"]])
+        latents = sae.encode(cache[entry["hook"]])
+        assert sae.cfg.d_in == model.cfg.d_model and sae.cfg.k == entry["k"]
+        assert ((latents != 0).sum(-1) <= entry["k"]).all() and (latents != 0).sum(-1).float().mean() > 0.5 * entry["k"]

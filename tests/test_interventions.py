@@ -64,7 +64,8 @@ def test_theta_random_keeps_cosine_and_norm(site, name, norm_of):
     want_cos = torch.cosine_similarity(site.x, site.x_sae, dim=-1)
     torch.testing.assert_close(torch.cosine_similarity(out, site.x, dim=-1), want_cos, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.norm(dim=-1), getattr(site, norm_of).norm(dim=-1), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(out, site.x_sae * (out.norm(dim=-1, keepdim=True) / site.x_sae.norm(dim=-1, keepdim=True)))
+    rescaled = site.x_sae * (out.norm(dim=-1, keepdim=True) / site.x_sae.norm(dim=-1, keepdim=True))
+    assert not torch.allclose(out, rescaled)
 
 
 def test_latent_perturb_keeps_support_and_l0(site):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import stats
 
 from saenb import metrics
@@ -89,3 +90,59 @@ def test_tail_position_and_paired_test_against_numpy_and_scipy(frame):
     ref = stats.ttest_rel(sub["sae"], sub["eps_random"])
     assert test.loc[1, "t"] == pytest.approx(ref.statistic) and test.loc[1, "p_value"] == pytest.approx(ref.pvalue)
     assert test.loc[1, "ratio"] > 1 and test.loc[1, "n_seqs"] == 40
+
+
+# ------------------------------------------------------------------------------ seed 002's proxy-gap metrics
+def test_r2_is_one_minus_sse_over_centred_sst():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, (500, 8)) * np.arange(1, 9)  # an offset and unequal variances per dimension
+    x_hat = x + rng.normal(0, 1.5, x.shape)
+    sse, sst = ((x - x_hat) ** 2).sum(), ((x - x.mean(0)) ** 2).sum()
+    assert metrics.explained_variance(torch.tensor(x), torch.tensor(x_hat)) == pytest.approx(1 - sse / sst, rel=1e-12)
+    # the same as the variance-weighted average of per-dimension R^2 (scikit-learn's "variance_weighted")
+    per_dim_sst = ((x - x.mean(0)) ** 2).sum(0)
+    r2_dims = 1 - ((x - x_hat) ** 2).sum(0) / per_dim_sst
+    assert metrics.explained_variance(torch.tensor(x), torch.tensor(x_hat)) == pytest.approx(
+        (r2_dims * per_dim_sst).sum() / per_dim_sst.sum(), rel=1e-12)
+
+
+def test_participation_ratio_from_the_covariance_eigenvalues():
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.normal(size=(400, 12)) * np.geomspace(10, 0.1, 12) + 5.0)
+    lam = torch.linalg.eigvalsh(torch.cov(x.T)).flip(0)  # descending
+    assert metrics.participation_ratio(x) == pytest.approx(float(lam.sum() ** 2 / (lam ** 2).sum()), rel=1e-9)
+    assert metrics.participation_ratio(x, deflate=1) == pytest.approx(float(lam[1:].sum() ** 2 / (lam[1:] ** 2).sum()),
+                                                                      rel=1e-9)
+    iso = torch.tensor(rng.normal(size=(20000, 6)))
+    assert metrics.participation_ratio(iso) == pytest.approx(6, rel=0.02)  # isotropic: every direction counts
+
+
+def test_k_star_interpolates_linearly_on_the_grid():
+    ks, ce = [8, 16, 32, 64, 128], [0.30, 0.55, 0.80, 0.88, 0.93]
+    assert metrics.k_star(ks, ce, 0.85) == pytest.approx(32 + (0.85 - 0.80) / (0.88 - 0.80) * 32)
+    assert metrics.k_star(ks, ce, 0.90) == pytest.approx(64 + (0.90 - 0.88) / (0.93 - 0.88) * 64)
+    assert metrics.k_star(ks, ce, 0.2) == 8 and np.isnan(metrics.k_star(ks, ce, 0.95))
+    assert metrics.k_star(ks[::-1], ce[::-1], 0.85) == metrics.k_star(ks, ce, 0.85)  # grid order does not matter
+
+
+def test_ce_rec_and_its_ci_cover_the_true_value():
+    assert metrics.ce_rec(2.0, 3.0) == pytest.approx(0.5) and metrics.ce_rec(2.0, 4.0) == pytest.approx(0.0)
+    covered, truth = 0, 2 - 3.3 / 3.0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        clean = rng.gamma(30, 0.1, 120) * 128  # per-sequence loss sums; mean 3.0 per token
+        patched = clean * 1.1 + rng.normal(0, 20, 120)
+        _, low, high = metrics.ce_rec_ci(patched, clean, n_resamples=1000, seed=seed)
+        covered += low <= truth <= high
+    assert covered >= 34, f"the 95% CI covered the true CE_rec in only {covered} of 40 simulations"
+
+
+def test_rate_bits_entropy_codes_the_active_indices():
+    latents = torch.zeros(4, 8)
+    latents[0, [0, 1]] = 1.0
+    latents[1, [0, 1]] = 2.0
+    latents[2, [0, 2]] = 1.0
+    latents[3, [0, 3]] = 0.5
+    # index frequencies 4/8, 2/8, 1/8, 1/8: entropy 1.75 bits; 2 active latents per token, 8 bits per value
+    assert metrics.rate_bits(latents) == pytest.approx(2 * (1.75 + 8))
+    assert metrics.alive_fraction(latents) == 0.5 and metrics.mse(latents, latents).sum() == 0

@@ -85,7 +85,8 @@ def test_training_lowers_held_out_error_and_is_cached(tiny, tmp_path, monkeypatc
     torch.testing.assert_close((own - x).norm(dim=-1), (x_hat - x).norm(dim=-1))
     for spec in (trained.spec, trained.eps_spec):  # the engine batches deterministic ones: the flag must be right
         with torch.no_grad():
-            same = torch.equal(spec(site, torch.Generator().manual_seed(1)), spec(site, torch.Generator().manual_seed(2)))
+            one, two = (spec(site, torch.Generator().manual_seed(s)) for s in (1, 2))
+        same = torch.equal(one, two)
         assert same == patching.iv.is_deterministic(spec.name)
     torch.testing.assert_close(torch.nn.functional.cosine_similarity(own - x, sae_eps - x, dim=-1),
                                torch.ones(len(x)))
