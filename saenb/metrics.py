@@ -95,11 +95,15 @@ def alive_fraction(latents: Float[Tensor, "n d_sae"]) -> float:
 def rate_bits(latents: Float[Tensor, "n d_sae"], value_bits: int = 8) -> float:
     """Seed 002's rate proxy, bits per token of the sparse code: each active latent's index entropy-coded
     under the latents' empirical firing frequencies, plus `value_bits` for its value."""
-    active = latents != 0
-    counts = active.sum(0).double()
+    return rate_bits_from_counts((latents != 0).sum(0), len(latents), value_bits)
+
+
+def rate_bits_from_counts(counts: Float[Tensor, "d_sae"], n_tokens: int, value_bits: int = 8) -> float:
+    """`rate_bits` from each latent's firing count over `n_tokens` tokens (no need to keep the latents)."""
+    counts = counts.double()
     q = counts[counts > 0] / counts.sum()
     index_bits = float(-(q * q.log2()).sum())
-    return float(active.sum(-1).double().mean()) * (index_bits + value_bits)
+    return float(counts.sum()) / n_tokens * (index_bits + value_bits)
 
 
 def participation_ratio(x: Float[Tensor, "n d"], deflate: int = 0) -> float:

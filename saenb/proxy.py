@@ -80,61 +80,105 @@ def evaluate(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: int = 32
              seed: int = 0, progress: bool = True) -> pd.DataFrame:
     """Every SAE of the sweep on `tokens`: reconstruction metrics at its hook and the behaviour of its splice.
 
-    Columns (one row per SAE, `sweep.records` joined): r2 (mean-centred, over all tokens), cosine,
+    Columns (one row per SAE, `sweep.records` joined): r2 (mean-centred totals over all tokens), cosine,
     relative_error, mse (token means), l0, alive (fraction of latents selected on some token), rate_bits
     (`metrics.rate_bits`), ce_clean, ce_recon, ce_zero (zero ablation), ce_rec with ci_low/ci_high
     (`metrics.ce_rec_ci`, bootstrap over sequences), ce_loss_score, kl with kl_low/kl_high (token mean of
     KL(clean || spliced), bootstrap over sequences), n_tokens. Special tokens are never spliced; CE and KL
     are taken at every position with a next token.
+
+    One clean forward per batch and model serves all of that model's SAEs, one zero-ablation run per layer;
+    each SAE then costs only the continuation from its layer. Reconstruction statistics are accumulated as
+    sums, so memory does not grow with the number of tokens.
     """
-    rows = []
-    for key, sae in tqdm(sweep.saes.items(), desc="sweep", unit="SAE", disable=not progress):
-        model_key, layer, k, factor = key
-        model = sweep.models[model_key]
-        hook = f"blocks.{layer}.hook_resid_post"
+    acc = {key: _Accumulator(sae.cfg.d_sae) for key, sae in sweep.saes.items()}
+    layer_stats: dict[tuple[str, int], _Moments] = {}
+    ce = {name: {} for name in ("clean", "zero")}
+    for model_key, model in sweep.models.items():
+        keys = [key for key in sweep.saes if key[0] == model_key]
+        layers = sorted({key[1] for key in keys})
+        hooks = {layer: f"blocks.{layer}.hook_resid_post" for layer in layers}
         special = torch.tensor(get_special_token_ids(model.tokenizer))
-        xs, x_hats, latents_all = [], [], []
-        sums = {name: [] for name in ("clean", "recon", "zero", "kl")}
-        for start in range(0, len(tokens), batch_size):
+        batches = range(0, len(tokens), batch_size)
+        for start in tqdm(batches, desc=f"sweep ({model_key})", unit="batch", disable=not progress):
             batch = tokens[start:start + batch_size]
-            logits, cache = model.run_with_cache(batch, names_filter=[hook])
-            x = cache[hook]
-            keep = ~torch.isin(batch, special)
-            latents = sae.encode(x)
-            x_hat = torch.where(keep[..., None], sae.decode(latents), x)
-            zero = torch.where(keep[..., None], torch.zeros_like(x), x)
+            logits, cache = model.run_with_cache(batch, names_filter=list(hooks.values()))
             clean_logp = logits.log_softmax(-1)
-            recon_logits = _run_from(model, x_hat, layer)
-            recon_logp = recon_logits.log_softmax(-1)
-            kl = (clean_logp.exp() * (clean_logp - recon_logp)).sum(-1)[:, :-1]
-            sums["clean"].append(_ce_per_token(logits, batch).sum(-1))
-            sums["recon"].append(_ce_per_token(recon_logits, batch).sum(-1))
-            sums["zero"].append(_ce_per_token(_run_from(model, zero, layer), batch).sum(-1))
-            sums["kl"].append(kl.sum(-1))
-            xs.append(x[keep])
-            x_hats.append(x_hat[keep])
-            latents_all.append(latents[keep])
-        x, x_hat, latents = torch.cat(xs), torch.cat(x_hats), torch.cat(latents_all)
-        per_seq = {name: torch.cat(v).double().numpy() for name, v in sums.items()}
-        n_tok = tokens.shape[0] * (tokens.shape[1] - 1)
-        ce_clean, ce_recon, ce_zero = (per_seq[n].sum() / n_tok for n in ("clean", "recon", "zero"))
-        ce_rec, low, high = metrics.ce_rec_ci(per_seq["recon"], per_seq["clean"], n_resamples=n_resamples, seed=seed)
-        kl_mean, kl_low, kl_high = _mean_ci(per_seq["kl"], tokens.shape[1] - 1, n_resamples, seed)
+            keep = ~torch.isin(batch, special)
+            ce["clean"].setdefault(model_key, []).append(_ce_per_token(logits, batch).sum(-1))
+            for layer, hook in hooks.items():
+                x = cache[hook]
+                layer_stats.setdefault((model_key, layer), _Moments()).add(x[keep])
+                zero = torch.where(keep[..., None], torch.zeros_like(x), x)
+                ce["zero"].setdefault((model_key, layer), []).append(
+                    _ce_per_token(_run_from(model, zero, layer), batch).sum(-1))
+                for key in (k for k in keys if k[1] == layer):
+                    sae = sweep.saes[key]
+                    latents = sae.encode(x)
+                    x_hat = torch.where(keep[..., None], sae.decode(latents), x)
+                    recon_logits = _run_from(model, x_hat, layer)
+                    kl = (clean_logp.exp() * (clean_logp - recon_logits.log_softmax(-1))).sum(-1)[:, :-1]
+                    acc[key].add(x[keep], x_hat[keep], latents[keep], _ce_per_token(recon_logits, batch).sum(-1),
+                                 kl.sum(-1))
+    rows = []
+    n_pred = tokens.shape[1] - 1
+    for key, a in acc.items():
+        model_key, layer, k, factor = key
+        clean = torch.cat(ce["clean"][model_key]).double().numpy()
+        recon, kl = torch.cat(a.ce).double().numpy(), torch.cat(a.kl).double().numpy()
+        ce_clean, ce_recon = clean.mean() / n_pred, recon.mean() / n_pred
+        ce_zero = torch.cat(ce["zero"][(model_key, layer)]).double().mean().item() / n_pred
+        ce_rec, low, high = metrics.ce_rec_ci(recon, clean, n_resamples=n_resamples, seed=seed)
+        kl_mean, kl_low, kl_high = _mean_ci(kl, n_pred, n_resamples, seed)
+        sst = layer_stats[(model_key, layer)].sst()
         rows.append({
             "model": model_key, "layer": layer, "k": k, "budget": factor,
-            "r2": metrics.explained_variance(x, x_hat),
-            "cosine": float(F.cosine_similarity(x, x_hat, dim=-1).mean()),
-            "relative_error": float(metrics.relative_error(x, x_hat).mean()),
-            "mse": float(metrics.mse(x, x_hat).mean()),
-            "l0": float((latents != 0).sum(-1).float().mean()),
-            "alive": metrics.alive_fraction(latents),
-            "rate_bits": metrics.rate_bits(latents),
+            "r2": 1 - a.sse / sst, "cosine": a.cos / a.n, "relative_error": a.rel / a.n, "mse": a.sq / a.n,
+            "l0": float(a.counts.sum()) / a.n, "alive": float((a.counts > 0).double().mean()),
+            "rate_bits": metrics.rate_bits_from_counts(a.counts, a.n),
             "ce_clean": ce_clean, "ce_recon": ce_recon, "ce_zero": ce_zero,
             "ce_rec": ce_rec, "ci_low": low, "ci_high": high,
             "ce_loss_score": metrics.ce_loss_score(ce_clean, ce_recon, ce_zero),
-            "kl": kl_mean, "kl_low": kl_low, "kl_high": kl_high, "n_tokens": len(x),
+            "kl": kl_mean, "kl_low": kl_low, "kl_high": kl_high, "n_tokens": a.n,
         })
     return sweep.records.merge(pd.DataFrame(rows), on=["model", "layer", "k", "budget"])
+
+
+class _Moments:
+    """Running sums of x and ||x||^2 over tokens: SST = sum ||x - mean||^2 without keeping the tokens."""
+
+    def __init__(self):
+        self.n, self.sum, self.sq = 0, 0.0, 0.0
+
+    def add(self, x: Tensor) -> None:
+        x = x.double()
+        self.n += len(x)
+        self.sum = self.sum + x.sum(0)
+        self.sq += float(x.pow(2).sum())
+
+    def sst(self) -> float:
+        return self.sq - float(self.sum.pow(2).sum()) / self.n
+
+
+class _Accumulator:
+    """Per-SAE running sums: squared error, cosine, relative error, per-dimension MSE, latent firing counts,
+    and per-sequence CE / KL sums."""
+
+    def __init__(self, d_sae: int):
+        self.n, self.sse, self.cos, self.rel, self.sq = 0, 0.0, 0.0, 0.0, 0.0
+        self.counts = torch.zeros(d_sae, dtype=torch.float64)
+        self.ce, self.kl = [], []
+
+    def add(self, x: Tensor, x_hat: Tensor, latents: Tensor, ce_per_seq: Tensor, kl_per_seq: Tensor) -> None:
+        x, x_hat = x.double(), x_hat.double()
+        self.n += len(x)
+        self.sse += float((x - x_hat).pow(2).sum())
+        self.cos += float(F.cosine_similarity(x, x_hat, dim=-1).sum())
+        self.rel += float(metrics.relative_error(x, x_hat).sum())
+        self.sq += float(metrics.mse(x, x_hat).sum())
+        self.counts += (latents != 0).sum(0).double()
+        self.ce.append(ce_per_seq)
+        self.kl.append(kl_per_seq)
 
 
 def _mean_ci(per_seq_sums: np.ndarray, tokens_per_seq: int, n_resamples: int, seed: int) -> tuple[float, float, float]:

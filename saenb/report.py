@@ -19,9 +19,9 @@ from markdown_it import MarkdownIt
 from saenb.files import write_text
 from saenb.plots import FIGURES
 
-HEADLINES = {"01_replication": "ratio_by_layer"}
-"""Per notebook, the saved figure whose frame (columns layer, metric, ratio, ci_low, ci_high) makes the
-report's headline table."""
+HEADLINES = {"01_replication": ("ratio_by_layer", {}), "05_attention_saes": ("ratio_by_layer", {"family": "z"})}
+"""Per notebook, the saved figure whose frame (columns layer, metric, ratio, ci_low, ci_high), restricted to the
+rows whose columns equal the given values, makes a headline table of the report."""
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 980px; margin: 2em auto;
@@ -59,10 +59,14 @@ def build_markdown(preset: str, root: Path = FIGURES, *, embed: bool = False) ->
     lines += ["Every figure below was produced by the workbook's notebooks "
               f"(`python -m saenb reproduce --preset {preset}`); its data is the CSV beside it.", ""]
     for folder in folders:
-        headline = HEADLINES.get(folder.name)
-        if headline and (folder / f"{headline}.csv").exists():
-            table = headline_table(pd.read_csv(folder / f"{headline}.csv"))
-            lines += [f"## Headline numbers ({folder.name})", "", table.to_markdown(index=False), ""]
+        name, where = HEADLINES.get(folder.name, (None, {}))
+        if name and (folder / f"{name}.csv").exists():
+            frame = pd.read_csv(folder / f"{name}.csv")
+            for column, value in where.items():
+                frame = frame[frame[column] == value]
+            table = headline_table(frame)
+            scope = "".join(f", {column} {value}" for column, value in where.items())
+            lines += [f"## Headline numbers ({folder.name}{scope})", "", table.to_markdown(index=False), ""]
     for folder in folders:
         lines += [f"## {folder.name.replace('_', ' ', 1)}", ""]
         for fig_name, entry in json.loads((folder / "figures.json").read_text()).items():

@@ -85,15 +85,18 @@ def test_report_headline_equals_the_ratio_recomputed_from_the_measured_frame(run
     tmp, _ = run_notebooks
     md, html = write_report("tiny-stdlib", root=tmp / "figures")
     text = md.read_text()
-    df = measured_frame(tmp)
-    # independent of saenb.metrics: plain pandas sums over the tokens of each layer
-    kl = df.groupby(["layer", "intervention"], observed=True).kl.sum().unstack()
-    rows = re.findall(r"\|\s*(\d+)\s*\|\s*([\d.]+) \[([\d.]+), ([\d.]+)\]", text)
-    assert len(rows) == df.layer.nunique()
-    for layer, ratio, low, high in rows:
-        expected = kl.loc[int(layer), "sae"] / kl.loc[int(layer), "eps_random"]
-        assert float(ratio) == pytest.approx(expected, abs=0.005)
-        assert float(low) <= float(ratio) <= float(high)
+    sections = {s.split(")")[0]: s for s in text.split("## Headline numbers (")[1:]}
+    assert list(sections) == ["01_replication", "05_attention_saes, family z"]
+    for section, family in zip(sections.values(), ["hook_resid_pre", "hook_z"], strict=True):
+        df = measured_frame(tmp, family=family)
+        # independent of saenb.metrics: plain pandas sums over the tokens of each layer
+        kl = df.groupby(["layer", "intervention"], observed=True).kl.sum().unstack()
+        rows = re.findall(r"\|\s*(\d+)\s*\|\s*([\d.]+) \[([\d.]+), ([\d.]+)\]", section.split("\n## ")[0])
+        assert len(rows) == df.layer.nunique()
+        for layer, ratio, low, high in rows:
+            expected = kl.loc[int(layer), "sae"] / kl.loc[int(layer), "eps_random"]
+            assert float(ratio) == pytest.approx(expected, abs=0.005)
+            assert float(low) <= float(ratio) <= float(high)
     page = html.read_text()
     entries = [e for f in (tmp / "figures" / "tiny-stdlib").glob("*/figures.json")
                for e in json.loads(f.read_text()).values()]

@@ -36,6 +36,15 @@ def test_sweep_metrics_equal_the_naive_splice(sweep, small_bundle):
         assert row.ce_rec == pytest.approx(metrics.ce_rec(row.ce_clean, row.ce_recon), abs=1e-9)
         assert row.ci_low <= row.ce_rec <= row.ci_high and row.kl > 0
         assert row.l0 == pytest.approx(row.k, rel=0.01) and 0 < row.alive <= 1 and row.r2 < 1
+        # the streamed reconstruction statistics equal the metrics on all the tokens at once
+        with torch.inference_mode():
+            _, cache = model.run_with_cache(tokens, names_filter=[hook])
+            x = cache[hook][:, 1:].flatten(0, 1)
+            latents = sae.encode(x)
+            x_hat = sae.decode(latents)
+        assert row.r2 == pytest.approx(metrics.explained_variance(x, x_hat), rel=1e-6, abs=1e-6)
+        assert row.rate_bits == pytest.approx(metrics.rate_bits(latents), rel=1e-6)
+        assert row.cosine == pytest.approx(float(torch.cosine_similarity(x, x_hat, dim=-1).mean()), rel=1e-5)
 
 
 def test_participation_ratio_profile_equals_eigenvalues(sweep, small_bundle):
