@@ -48,6 +48,9 @@ COLORS = {
     "sae_nfm_interaction": "#d7bde2",
     "linear_control": "#abb2b9",
     "nfm_eps_random": "#85c1e9",
+    # the two model sizes of notebook 07
+    "base": "#1f4e79",
+    "small": "#e59866",
     # references
     "zero": "#212121",
     "mean": "#7f8c8d",
