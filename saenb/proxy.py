@@ -64,8 +64,7 @@ def load_sweep(preset: str | Preset = "tiny-stdlib", device: str | torch.device 
 
 def _ce_per_token(logits: Tensor, tokens: Tensor) -> Tensor:
     """Next-token cross-entropy per position [b, pos-1]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(
-        tokens.shape[0], -1)
+    return metrics.ce_per_token(logits[:, :-1], tokens[:, 1:])
 
 
 def _run_from(model: HookedTransformer, resid_post: Tensor, layer: int) -> Tensor:
@@ -117,7 +116,7 @@ def evaluate(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: int = 32
                     latents = sae.encode(x)
                     x_hat = torch.where(keep[..., None], sae.decode(latents), x)
                     recon_logits = _run_from(model, x_hat, layer)
-                    kl = (clean_logp.exp() * (clean_logp - recon_logits.log_softmax(-1))).sum(-1)[:, :-1]
+                    kl = metrics.kl_per_token(clean_logp, recon_logits.log_softmax(-1))[:, :-1]
                     acc[key].add(x[keep], x_hat[keep], latents[keep], _ce_per_token(recon_logits, batch).sum(-1),
                                  kl.sum(-1))
     rows = []
