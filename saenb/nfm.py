@@ -18,7 +18,6 @@ its random baseline at its own error size, `nfm_eps_random`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -34,7 +33,6 @@ from sae_lens.util import get_special_token_ids
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-import saenb
 from saenb import interventions as iv
 from saenb.files import atomic_path, write_text
 from saenb.patching import flat
@@ -217,12 +215,10 @@ class TrainedNFM:
 
 
 def config_key(loaded: Loaded, cfg: NFMConfig, tokens: Tensor) -> str:
-    from saenb.store import tokens_sha256
+    """The store's key (preset, bundle, SAEs, package version) extended by the NFM config and fit tokens."""
+    from saenb import store  # store imports the package, which imports this module
 
-    full = {"preset": loaded.preset.name, "bundle_sha256": loaded.bundle_sha256, "model": loaded.model.cfg.model_name,
-            "sae_sources": [dataclasses.asdict(s) for s in loaded.preset.sae_sources],
-            "saenb_version": saenb.__version__, "nfm": dataclasses.asdict(cfg), "tokens": tokens_sha256(tokens)}
-    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return store.config_key(loaded, {"nfm": dataclasses.asdict(cfg), "tokens": store.tokens_sha256(tokens)})[0][:12]
 
 
 def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: NFMConfig = NFMConfig(), *, root: Path = RESULTS,
@@ -292,9 +288,9 @@ def reconstruction_table(loaded: Loaded, trained: list[TrainedNFM], tokens: Tens
         for t in trained:
             if hook not in t.models:
                 continue
-            model = t.models[hook].cpu()
+            model = t.models[hook]
             with torch.no_grad():
-                parts = model.parts(z)
+                parts = {k: v.cpu() for k, v in model.parts(z.to(loaded.device)).items()}
             out = sum(parts.values())
             norms = {k: v.norm(dim=-1) for k, v in parts.items()}
             inter = norms.get("interaction", torch.zeros(len(z)))
@@ -303,5 +299,4 @@ def reconstruction_table(loaded: Loaded, trained: list[TrainedNFM], tokens: Tens
             rows.append({"hook": hook, "layer": sae_layer(hook), "variant": t.cfg.variant,
                          "n_parameters": n_parameters(model), "mse_sae": mse_sae, "mse_nfm": mse,
                          "error_reduction": 1 - mse / mse_sae, "interaction_share": float(share)})
-            model.to(loaded.device)
     return pd.DataFrame(rows)

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from jaxtyping import Int
+from scipy import stats
 from sae_lens import SAE
 from sae_lens.util import get_special_token_ids
 from torch import Tensor
@@ -181,8 +182,6 @@ class _Accumulator:
 
 
 def _mean_ci(per_seq_sums: np.ndarray, tokens_per_seq: int, n_resamples: int, seed: int) -> tuple[float, float, float]:
-    from scipy import stats
-
     values = per_seq_sums / tokens_per_seq
     res = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=n_resamples,
                           random_state=np.random.default_rng(seed))

@@ -49,8 +49,7 @@ def gap_frame(df: pd.DataFrame, counts: Tensor | None = None, *, num: str = "sae
         counts = counts.cpu().numpy() if isinstance(counts, Tensor) else np.asarray(counts)
         out["count"] = counts[out["token"].to_numpy()]
         out["frequency"] = out["count"] / counts.sum()
-    for col in ("hook",):
-        out[col] = out[col].astype(str)
+    out["hook"] = out["hook"].astype(str)
     return out.reset_index(drop=True)
 
 
