@@ -235,6 +235,30 @@ def lines(df: pd.DataFrame, *, x: str, y: str, hue: str, col: str | None = None,
     return fig
 
 
+def grid(df: pd.DataFrame, *, x: str, y: str, hue: str, row: str, col: str, logx: bool = False,
+         xlabel: str | None = None) -> Figure:
+    """A `row` x `col` grid of `y` against `x` (points joined by lines), one series per `hue`. Each row keeps its
+    own y scale (rows are different quantities: R^2, CE_rec, ...); columns share x."""
+    rows, cols = list(pd.unique(df[row])), list(pd.unique(df[col]))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.3 * len(cols), 2.3 * len(rows)), sharex=True,
+                             sharey="row", layout="constrained", squeeze=False)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            ax, sub = axes[i, j], df[(df[row] == r) & (df[col] == c)]
+            for h in pd.unique(sub[hue]):
+                line = sub[sub[hue] == h].sort_values(x)
+                ax.plot(line[x], line[y], color=color(str(h)), label=name(str(h)), lw=1.2, marker="o", ms=3)
+            if logx:
+                ax.set_xscale("log", base=2)
+            if i == 0:
+                ax.set_title(str(c))
+        axes[i, 0].set_ylabel(str(r))
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel or x)
+    axes.flat[0].legend(fontsize=8)
+    return fig
+
+
 def ratio_by_layer(df: pd.DataFrame, *, x: str = "layer", y: str = "ratio", hue: str = "metric",
                    low: str = "ci_low", high: str = "ci_high", reference: tuple[float, float] | None = GPT2_RESID_RANGE,
                    reference_label: str = "GPT-2 small residual, original study", title: str = "",

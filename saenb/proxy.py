@@ -41,7 +41,12 @@ class Sweep:
 
 def load_sweep(preset: str | Preset = "tiny-stdlib", device: str | torch.device = "cpu") -> Sweep:
     """Both models and every TopK SAE of a bundle's sweep (`python -m saenb.bundle build` stages 7-8)."""
-    root = get_preset(preset).bundle_path
+    preset = get_preset(preset)
+    if preset.bundle is None:
+        raise ValueError(f"preset {preset.name!r} loads from the hub and has no TopK sweep: notebook 07's SAEs are "
+                         "trained by `python -m saenb.bundle build`. Use preset='tiny-stdlib', or a Preset whose "
+                         "bundle= names a bundle built with the sweep stages.")
+    root = preset.bundle_path
     manifest = bundle_io.read_manifest(root)
     bundle_io.verify(root, manifest)
     if not manifest.get("topk_sweep"):
@@ -80,7 +85,8 @@ def evaluate(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: int = 32
              seed: int = 0, progress: bool = True) -> pd.DataFrame:
     """Every SAE of the sweep on `tokens`: reconstruction metrics at its hook and the behaviour of its splice.
 
-    Columns (one row per SAE, `sweep.records` joined): r2 (mean-centred totals over all tokens), cosine,
+    Columns (one row per SAE, `sweep.records` joined): r2 (mean-centred totals over all tokens) with its
+    sse_per_token and sst_per_token (seed 002's "variance scale" mechanism), cosine,
     relative_error, mse (token means), l0, alive (fraction of latents selected on some token), rate_bits
     (`metrics.rate_bits`), ce_clean, ce_recon, ce_zero (zero ablation), ce_rec with ci_low/ci_high
     (`metrics.ce_rec_ci`, bootstrap over sequences), ce_loss_score, kl with kl_low/kl_high (token mean of
@@ -133,7 +139,8 @@ def evaluate(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: int = 32
         sst = layer_stats[(model_key, layer)].sst()
         rows.append({
             "model": model_key, "layer": layer, "k": k, "budget": factor,
-            "r2": 1 - a.sse / sst, "cosine": a.cos / a.n, "relative_error": a.rel / a.n, "mse": a.sq / a.n,
+            "r2": 1 - a.sse / sst, "sse_per_token": a.sse / a.n, "sst_per_token": sst / a.n,
+            "cosine": a.cos / a.n, "relative_error": a.rel / a.n, "mse": a.sq / a.n,
             "l0": float(a.counts.sum()) / a.n, "alive": float((a.counts > 0).double().mean()),
             "rate_bits": metrics.rate_bits_from_counts(a.counts, a.n),
             "ce_clean": ce_clean, "ce_recon": ce_recon, "ce_zero": ce_zero,
@@ -209,3 +216,106 @@ def participation_ratios(model: HookedTransformer, tokens: Int[Tensor, "n pos"],
         rows.append({"layer": layer, "pr": pr, "pr_deflated": metrics.participation_ratio(x, deflate=1),
                      "pr_over_d_model": pr / model.cfg.d_model})
     return pd.DataFrame(rows)
+
+
+def model_order(table: pd.DataFrame) -> tuple[str, str]:
+    """(bigger, smaller) model of an `evaluate` table, by d_model."""
+    sizes = table.groupby("model").d_model.first().sort_values(ascending=False)
+    if len(sizes) != 2:
+        raise ValueError(f"the proxy-gap tables compare two model sizes; this table has {list(sizes.index)}")
+    return sizes.index[0], sizes.index[1]
+
+
+def size_deltas(table: pd.DataFrame) -> pd.DataFrame:
+    """Bigger minus smaller model per layer and k (budget 1 rows): d_r2, d_ce_rec, d_cosine, d_relative_error,
+    d_alive, and seed_pattern (seed 002's proxy gap: R^2 up while CE_rec goes down)."""
+    bigger, smaller = model_order(table)
+    cols = ["r2", "ce_rec", "cosine", "relative_error", "alive"]
+    wide = table[table.budget == 1].pivot_table(index=["layer", "k"], columns="model", values=cols)
+    delta = pd.DataFrame({f"d_{c}": wide[(c, bigger)] - wide[(c, smaller)] for c in cols}).reset_index()
+    delta["seed_pattern"] = (delta.d_r2 > 0) & (delta.d_ce_rec < 0)
+    return delta
+
+
+def r2_correlations(table: pd.DataFrame) -> pd.DataFrame:
+    """Pearson r of R^2 with CE_rec per layer (budget 1 rows): pooled over k and model, and within fixed k
+    (each k's mean removed first, as seed 002 did: with two models, a sign diagnostic)."""
+    rows = []
+    for layer, g in table[table.budget == 1].groupby("layer"):
+        demeaned = g[["r2", "ce_rec"]] - g.groupby("k")[["r2", "ce_rec"]].transform("mean")
+        rows.append({"layer": layer, "pooled": stats.pearsonr(g.r2, g.ce_rec).statistic,
+                     "within_k": stats.pearsonr(demeaned.r2, demeaned.ce_rec).statistic, "n": len(g)})
+    return pd.DataFrame(rows)
+
+
+def k_star_table(table: pd.DataFrame, targets=(0.85, 0.9)) -> pd.DataFrame:
+    """k* (`metrics.k_star`) per layer, CE_rec target and model (budget 1 rows), and bigger / smaller."""
+    bigger, smaller = model_order(table)
+    main = table[table.budget == 1]
+    rows = [{"layer": layer, "target": t,
+             **{m: metrics.k_star(g[g.model == m].k, g[g.model == m].ce_rec, t) for m in (bigger, smaller)}}
+            for layer, g in main.groupby("layer") for t in targets]
+    out = pd.DataFrame(rows)
+    out["ratio"] = out[bigger] / out[smaller]
+    return out
+
+
+def claims(table: pd.DataFrame, pr: pd.DataFrame, targets=(0.85, 0.9)) -> pd.DataFrame:
+    """Seed 002's claims checked on an `evaluate` table and a `participation_ratios` frame of both models
+    (column `model`): one row per claim with the seed's figure, this table's, and whether it holds here.
+    The middle layer is the median evaluated layer; "low k" is the two smallest k."""
+    bigger, smaller = model_order(table)
+    layers = sorted(table.layer.unique())
+    early, mid = layers[0], layers[len(layers) // 2]
+    delta = size_deltas(table)
+    dm = delta[delta.layer == mid]
+    corr = r2_correlations(table).set_index("layer")
+    kstar = k_star_table(table, targets)
+    ratios = kstar.ratio.dropna()
+    main = table[table.budget == 1]
+    sst = main[main.layer == mid].groupby("model").sst_per_token.first()
+    low_k = sorted(main.k.unique())[:2]
+    alive = delta[delta.layer.isin(layers[:2]) & delta.k.isin(low_k)].d_alive
+    raw = pr.pivot(index="layer", columns="model", values="pr")
+    canyon = {m: raw[m].loc[mid] < raw[m].loc[early] / 2 for m in raw}
+    cos_agree, rel_agree = (dm.d_cosine < 0) == (dm.d_ce_rec < 0), (dm.d_relative_error > 0) == (dm.d_ce_rec < 0)
+    rows = [
+        ("at the middle layer, the bigger model has higher R^2 and lower CE_rec at every k", "6 of 6 k",
+         f"{int(dm.seed_pattern.sum())} of {len(dm)} k", dm.seed_pattern.all()),
+        ("cosine and relative error agree with CE_rec on which model reconstructs worse (middle layer)",
+         "yes (cosine lower, relative error higher for 410M at k = 8)",
+         f"cosine at {int(cos_agree.sum())}, relative error at {int(rel_agree.sum())} of {len(dm)} k",
+         bool(cos_agree.all() and rel_agree.all())),
+        ("within fixed k, R^2 and CE_rec move in opposite directions at the middle layer", "r = -0.94",
+         f"r = {corr.within_k[mid]:+.2f}", corr.within_k[mid] < 0),
+        ("the bigger model's middle layer has a larger variance scale (SST per token)", "18x",
+         f"{sst[bigger] / sst[smaller]:.1f}x", sst[bigger] > sst[smaller]),
+        ("k* tax: the bigger model needs more active latents for a CE_rec target", "ratio 1.36-1.72",
+         f"ratio {ratios.min():.2f}-{ratios.max():.2f}" if len(ratios) else "target not reached",
+         bool(len(ratios)) and bool((ratios > 1).all())),
+        ("a raw participation-ratio canyon: the middle layer's PR far below (< 1/2) the early layer's",
+         "70M: 51.9 at L1, 4.0 at L3", ", ".join(f"{m}: {raw[m].loc[early]:.1f} at L{early}, {raw[m].loc[mid]:.1f} at "
+                                                 f"L{mid}" for m in raw), all(canyon.values())),
+        ("at low k, early and middle, the bigger model's SAEs have fewer alive latents (undertraining)",
+         "alive % lower for 410M at most k", f"lower at {int((alive < 0).sum())} of {len(alive)}",
+         bool((alive < 0).all())),
+    ]
+    budget = table[(table.layer == mid) & table.k.isin(table[table.budget > 1].k)]
+    if len(budget):
+        wide = budget.pivot_table(index=["model", "k"], columns="budget", values=["ce_rec", "alive"])
+        top = wide.columns.get_level_values(1).max()
+        gain = wide[("ce_rec", top)] - wide[("ce_rec", 1)]
+        alive_gain = wide[("alive", top)] - wide[("alive", 1)]
+        rows.append((f"{top}x the training tokens raises CE_rec", "10M -> 50M/100M: +0.17 to +0.33",
+                     f"{gain.min():+.3f} to {gain.max():+.3f}", bool((gain > 0).all())))
+        rows.append((f"{top}x the training tokens raises the alive fraction", "+31 to +44 points",
+                     f"{100 * alive_gain.min():+.1f} to {100 * alive_gain.max():+.1f} points",
+                     bool((alive_gain > 0).all())))
+        at = wide[("ce_rec", top)].unstack("model")
+        before = wide[("ce_rec", 1)].unstack("model")
+        flips = (at[bigger] > at[smaller]) != (before[bigger] > before[smaller])
+        rows.append((f"with {top}x the tokens the model ordering of CE_rec flips at k = 32",
+                     "yes (410M 0.920 > 70M 0.898)",
+                     ", ".join(f"k = {k}: {'flips' if f else 'same order'}" for k, f in flips.items()),
+                     bool(flips.get(32, False))))
+    return pd.DataFrame(rows, columns=["claim", "seed 002", "here", "holds"])

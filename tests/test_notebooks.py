@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from saenb import metrics
 from saenb import reproduce as rep
 from saenb.patching import NOTEBOOK1
 from saenb.report import write_report
@@ -43,14 +44,14 @@ def test_notebook_is_stored_clean_with_literal_parameters(path):
 
 @pytest.fixture(scope="module")
 def run_notebooks(tmp_path_factory):
-    """Notebooks 01-06 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
+    """Notebooks 01-07 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
     tmp = tmp_path_factory.mktemp("nb01")
     env = {"SAENB_FIGURES": str(tmp / "figures"), "SAENB_RESULTS": str(tmp / "results")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the papermill kernel inherits them
     try:
         rep.RUNS = tmp / "runs"
-        outcomes = rep.reproduce("tiny-stdlib", ["01", "02", "03", "04", "05", "06"], quick=True, report=False)
+        outcomes = rep.reproduce("tiny-stdlib", ["01", "02", "03", "04", "05", "06", "07"], quick=True, report=False)
     finally:
         rep.RUNS = REPO / "data" / "runs"
         for k, v in old.items():
@@ -60,7 +61,7 @@ def run_notebooks(tmp_path_factory):
 
 def test_notebook_01_runs_and_saves_every_figure(run_notebooks):
     tmp, outcomes = run_notebooks
-    assert [o.ok for o in outcomes] == [True] * 6, outcomes
+    assert [o.ok for o in outcomes] == [True] * 7, outcomes
     folder = tmp / "figures" / "tiny-stdlib" / "01_replication"
     index = json.loads((folder / "figures.json").read_text())
     assert list(index) == FIGURES_01
@@ -102,8 +103,8 @@ def test_report_headline_equals_the_ratio_recomputed_from_the_measured_frame(run
                for e in json.loads(f.read_text()).values()]
     n_figures = sum("png" in e for e in entries)
     assert page.count("data:image/png;base64,") == n_figures > len(FIGURES_01) and "<table>" in page
-    # tables (notebooks 04, 06) go in as HTML, the highlighted contexts included
-    assert sum("html" in e for e in entries) == 5 and "<mark><b>" in page
+    # tables (5 from notebooks 04 and 06, 6 from 07) go in as HTML, the highlighted contexts and claims included
+    assert sum("html" in e for e in entries) == 11 and "<mark><b>" in page and "k* tax" in page
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -273,3 +274,30 @@ def test_notebook_06_trains_every_variant_and_its_reductions_follow_from_the_fra
         # the SAE's squared error is the frame's eps^2 (its tokens lack only each context's last position)
         eps = frame[(frame.layer == row.layer) & (frame.intervention == "sae")].eps
         assert row.mse_sae == pytest.approx((eps.astype(float) ** 2).mean(), rel=0.03)
+
+
+def test_notebook_07_tables_follow_from_the_sweep(run_notebooks):
+    tmp, _ = run_notebooks
+    folder = tmp / "figures" / "tiny-stdlib" / "07_proxy_gap"
+    index = json.loads((folder / "figures.json").read_text())
+    assert list(index) == ["sweep_table", "delta_table", "r2_ce_rec_correlations", "metrics_by_k", "k_star",
+                           "pr_profile", "rate_distortion", "budget_check", "claims"]
+    delta = pd.read_csv(folder / "delta_table.csv")
+    sweep = pd.read_csv(folder / "metrics_by_k.csv")
+    r2 = sweep[sweep.metric == "r2"].pivot_table(index=["depth", "k"], columns="model", values="value")
+    for row in delta.itertuples():
+        assert row.d_r2 == pytest.approx(r2.loc[(row.depth, row.k), "base"] - r2.loc[(row.depth, row.k), "small"])
+    kstar = pd.read_csv(folder / "k_star.csv")
+    ce = sweep[sweep.metric == "ce_rec"]
+    for row in kstar.itertuples():
+        g = ce[(ce.depth == row.depth) & (ce.model == "base")].sort_values("k")
+        want = metrics.k_star(g.k, g.value, row.target)
+        assert (np.isnan(row.base) and np.isnan(want)) or row.base == pytest.approx(want)
+    # the correlations: scipy's Pearson r on the same points, pooled and with each k's mean removed
+    corrs = pd.read_csv(folder / "r2_ce_rec_correlations.csv").set_index("depth")
+    wide = sweep.pivot_table(index=["depth", "model", "k"], columns="metric", values="value").reset_index()
+    for depth, g in wide.groupby("depth"):
+        assert corrs.pooled[depth] == pytest.approx(stats.pearsonr(g.r2, g.ce_rec).statistic, abs=1e-9)
+        demeaned = g[["r2", "ce_rec"]] - g.groupby("k")[["r2", "ce_rec"]].transform("mean")
+        assert corrs.within_k[depth] == pytest.approx(stats.pearsonr(demeaned.r2, demeaned.ce_rec).statistic,
+                                                      abs=1e-9)
