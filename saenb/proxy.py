@@ -11,7 +11,11 @@ and runs the model on from there (the next block, or the unembedding after the l
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,18 +29,24 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from saenb import bundle_io, metrics
+import saenb
+from saenb import bundle_io, metrics, store
 from saenb.presets import Preset, get_preset
+
+
+RESULTS = Path(os.environ.get("SAENB_RESULTS", Path(__file__).resolve().parents[1] / "data" / "results")) / "proxy"
+"""`evaluate_cached`'s tables, one parquet per configuration (`SAENB_RESULTS` overrides data/results)."""
 
 
 @dataclass
 class Sweep:
-    """The sweep's models ("base", "small"), its SAEs keyed by (model, layer, k, budget factor), and the
-    manifest's record of each (training tokens, seconds)."""
+    """The sweep's models ("base", "small"), its SAEs keyed by (model, layer, k, budget factor), the
+    manifest's record of each (training tokens, seconds), and the manifest's sha256 (the exact weights)."""
 
     models: dict[str, HookedTransformer]
     saes: dict[tuple[str, int, int, int], SAE]
     records: pd.DataFrame
+    bundle_sha256: str = ""
 
 
 def load_sweep(preset: str | Preset = "tiny-stdlib", device: str | torch.device = "cpu") -> Sweep:
@@ -65,7 +75,7 @@ def load_sweep(preset: str | Preset = "tiny-stdlib", device: str | torch.device 
         rows.append({"model": entry["model"], "d_model": models[entry["model"]].cfg.d_model, "layer": entry["layer"],
                      "k": entry["k"], "budget": factor, "training_tokens": entry["training_tokens"],
                      "d_sae": entry["d_sae"], "train_seconds": entry["seconds"]})
-    return Sweep(models, saes, pd.DataFrame(rows))
+    return Sweep(models, saes, pd.DataFrame(rows), bundle_io.sha256_file(root / bundle_io.MANIFEST))
 
 
 def _ce_per_token(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -149,6 +159,23 @@ def evaluate(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: int = 32
             "kl": kl_mean, "kl_low": kl_low, "kl_high": kl_high, "n_tokens": a.n,
         })
     return sweep.records.merge(pd.DataFrame(rows), on=["model", "layer", "k", "budget"])
+
+
+def evaluate_cached(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: int = 32, n_resamples: int = 5000,
+                    seed: int = 0, progress: bool = True, root: Path = RESULTS) -> pd.DataFrame:
+    """`evaluate`, read from `root` when the same bundle, tokens, resamples and seed were evaluated before
+    (the batch size changes nothing but float summation order, so it is not part of the key)."""
+    config = {"bundle_sha256": sweep.bundle_sha256, "tokens": store.tokens_sha256(tokens),
+              "n_resamples": n_resamples, "seed": seed, "saenb_version": saenb.__version__}
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    path = root / key / "result.parquet"
+    if path.exists():
+        return pd.read_parquet(path)
+    table = evaluate(sweep, tokens, batch_size=batch_size, n_resamples=n_resamples, seed=seed, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "config.json").write_text(json.dumps(config, indent=1))
+    store.write_parquet(table, path)
+    return table
 
 
 class _Moments:

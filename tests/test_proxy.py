@@ -110,3 +110,19 @@ def test_claims_read_the_seed_pattern_from_the_table(gap):
     assert holds.iloc[6] and holds.iloc[7] and holds.iloc[8] and not holds.iloc[9]  # alive, budget, no flip
     corr = proxy.r2_correlations(table).set_index("layer")
     assert (holds.iloc[2] == (corr.within_k[3] < 0)) and corr.within_k[3] == pytest.approx(1.0 if not gap else -1.0)
+
+
+def test_evaluate_cached_computes_once_and_reads_back_the_same_table(sweep, small_bundle, tmp_path, monkeypatch):
+    from saenb import bundle_io
+
+    tokens = bundle_io.load_tokens(small_bundle / bundle_io.HELDOUT_TOKENS)[:4]
+    first = proxy.evaluate_cached(sweep, tokens, batch_size=4, n_resamples=100, progress=False, root=tmp_path)
+    pd.testing.assert_frame_equal(first, proxy.evaluate(sweep, tokens, batch_size=4, n_resamples=100, progress=False))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(proxy, "evaluate", fail)
+    pd.testing.assert_frame_equal(first, proxy.evaluate_cached(sweep, tokens, n_resamples=100, root=tmp_path))
+    with pytest.raises(AssertionError, match="evaluated again"):  # other tokens: a new key
+        proxy.evaluate_cached(sweep, tokens[:2], n_resamples=100, root=tmp_path)
