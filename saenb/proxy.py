@@ -11,7 +11,6 @@ and runs the model on from there (the next block, or the unembedding after the l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -167,8 +166,7 @@ def evaluate_cached(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: i
     (the batch size changes nothing but float summation order, so it is not part of the key)."""
     config = {"bundle_sha256": sweep.bundle_sha256, "tokens": store.tokens_sha256(tokens),
               "n_resamples": n_resamples, "seed": seed, "saenb_version": saenb.__version__}
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-    path = root / key / "result.parquet"
+    path = root / store.digest(config)[:16] / "result.parquet"
     if path.exists():
         return pd.read_parquet(path)
     table = evaluate(sweep, tokens, batch_size=batch_size, n_resamples=n_resamples, seed=seed, progress=progress)

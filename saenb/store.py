@@ -50,8 +50,12 @@ def config_key(loaded: Loaded, config: dict[str, Any]) -> tuple[str, dict[str, A
         "saenb_version": saenb.__version__,
         **config,
     }
-    text = json.dumps(full, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest(), full
+    return digest(full), full
+
+
+def digest(config: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a configuration: the name of its cache entry."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 SUBSET_KEYS = ("hooks", "interventions")

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from saenb import metrics, proxy
+from saenb import bundle_io, metrics, proxy
 from saenb.presets import TINY_STDLIB, Preset
 
 
@@ -18,8 +18,6 @@ def sweep(small_bundle):
 
 
 def test_sweep_metrics_equal_the_naive_splice(sweep, small_bundle):
-    from saenb import bundle_io
-
     tokens = bundle_io.load_tokens(small_bundle / bundle_io.HELDOUT_TOKENS)[:6]
     table = proxy.evaluate(sweep, tokens, batch_size=4, n_resamples=200, progress=False)
     assert len(table) == len(sweep.saes) == 10
@@ -53,8 +51,6 @@ def test_sweep_metrics_equal_the_naive_splice(sweep, small_bundle):
 
 
 def test_participation_ratio_profile_equals_eigenvalues(sweep, small_bundle):
-    from saenb import bundle_io
-
     tokens = bundle_io.load_tokens(small_bundle / bundle_io.HELDOUT_TOKENS)[:4]
     model = sweep.models["small"]
     pr = proxy.participation_ratios(model, tokens)
@@ -113,8 +109,6 @@ def test_claims_read_the_seed_pattern_from_the_table(gap):
 
 
 def test_evaluate_cached_computes_once_and_reads_back_the_same_table(sweep, small_bundle, tmp_path, monkeypatch):
-    from saenb import bundle_io
-
     tokens = bundle_io.load_tokens(small_bundle / bundle_io.HELDOUT_TOKENS)[:4]
     first = proxy.evaluate_cached(sweep, tokens, batch_size=4, n_resamples=100, progress=False, root=tmp_path)
     pd.testing.assert_frame_equal(first, proxy.evaluate(sweep, tokens, batch_size=4, n_resamples=100, progress=False))
