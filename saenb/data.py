@@ -2,7 +2,8 @@
 
 Bundle presets store their held-out contexts in the bundle (see `bundle_io.HELDOUT_TOKENS`); hub presets
 stream a Hugging Face dataset here, in its own fixed order, so the same `n` gives the same contexts. The
-contexts are cached under data/results/tokens/ so a second call reads them from disk.
+contexts are cached under data/results/tokens/ so a second call reads them from disk. `non_special` marks
+the positions every measurement uses (special tokens, BOS included, are never spliced or counted).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
+from sae_lens.util import get_special_token_ids
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -19,6 +21,13 @@ from saenb import hub
 from saenb.files import atomic_path
 
 TOKENS_CACHE = Path(__file__).resolve().parents[1] / "data" / "results" / "tokens"
+
+
+def non_special(tokens: Int[Tensor, "n pos"], tokenizer) -> Bool[Tensor, "n pos"]:
+    """True where the token is not one of the tokenizer's special tokens (sae_lens's `get_special_token_ids`,
+    the set its evals leave out)."""
+    special = torch.tensor(get_special_token_ids(tokenizer), device=tokens.device, dtype=tokens.dtype)
+    return ~torch.isin(tokens, special)
 
 
 def chunk_contexts(token_ids: list[list[int]], bos_id: int, n_ctx: int, n: int | None = None) -> Int[Tensor, "n pos"]:

@@ -29,11 +29,11 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
-from sae_lens.util import get_special_token_ids
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saenb import interventions as iv
+from saenb.data import non_special
 from saenb.files import atomic_path, write_text
 from saenb.patching import flat
 from saenb.presets import Loaded, sae_layer
@@ -130,14 +130,13 @@ def activations(loaded: Loaded, hook: str, tokens: Tensor, batch_size: int = 32
     """x, the SAE's latents z and reconstruction x_sae at `hook` for every non-special token, and each
     token's context index."""
     sae = loaded.saes[hook]
-    special = torch.tensor(get_special_token_ids(loaded.model.tokenizer))
     xs, seqs = [], []
     with torch.inference_mode():
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start:start + batch_size]
             _, cache = loaded.model.run_with_cache(batch.to(loaded.device), names_filter=[hook],
                                                    stop_at_layer=sae_layer(hook) + 1)
-            keep = ~torch.isin(batch, special)
+            keep = non_special(batch, loaded.model.tokenizer)
             xs.append(flat(cache[hook], hook)[keep.to(loaded.device)].float().cpu())
             seqs.append((torch.arange(start, start + len(batch))[:, None].expand_as(batch))[keep])
         x = torch.cat(xs)

@@ -49,6 +49,7 @@ from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities.activation_functions import apply_softcap, gelu_new, gelu_pytorch_tanh
 
 from saenb import interventions as iv
+from saenb.data import non_special
 from saenb.metrics import CleanDistribution, ce_per_token, geometry, kl_per_token
 from saenb.presets import Loaded, hook_family, sae_layer
 
@@ -165,8 +166,7 @@ def resid_input_name(hook: str) -> str:
 def hook_means(loaded: Loaded, hooks, tokens: Tensor) -> dict[str, Float[Tensor, "d"]]:
     """Mean clean activation at each hook over the first MEAN_REFERENCE_SEQS sequences, special tokens excluded."""
     ref = tokens[:MEAN_REFERENCE_SEQS].to(loaded.device)
-    special = torch.tensor(get_special_token_ids(loaded.model.tokenizer), device=ref.device, dtype=ref.dtype)
-    keep = ~torch.isin(ref, special)
+    keep = non_special(ref, loaded.model.tokenizer)
     with torch.inference_mode():  # blocks after the last hooked one are not needed
         _, cache = loaded.model.run_with_cache(ref, names_filter=list(hooks),
                                                stop_at_layer=max(sae_layer(h) for h in hooks) + 1)

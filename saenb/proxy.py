@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from scipy import stats
 from sae_lens import SAE
-from sae_lens.util import get_special_token_ids
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 import saenb
 from saenb import bundle_io, metrics, store
+from saenb.data import non_special
 from saenb.presets import Preset, get_preset
 
 
@@ -82,13 +82,6 @@ def _ce_per_token(logits: Tensor, tokens: Tensor) -> Tensor:
     return metrics.ce_per_token(logits[:, :-1], tokens[:, 1:])
 
 
-def _run_from(model: HookedTransformer, resid_post: Tensor, layer: int) -> Tensor:
-    """Logits of the model continued from blocks.{layer}.hook_resid_post."""
-    if layer + 1 < model.cfg.n_layers:
-        return model(resid_post, start_at_layer=layer + 1)
-    return model.unembed(model.ln_final(resid_post))
-
-
 @torch.inference_mode()
 def evaluate(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: int = 32, n_resamples: int = 5000,
              seed: int = 0, progress: bool = True) -> pd.DataFrame:
@@ -113,25 +106,25 @@ def evaluate(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: int = 32
         keys = [key for key in sweep.saes if key[0] == model_key]
         layers = sorted({key[1] for key in keys})
         hooks = {layer: f"blocks.{layer}.hook_resid_post" for layer in layers}
-        special = torch.tensor(get_special_token_ids(model.tokenizer))
         batches = range(0, len(tokens), batch_size)
         for start in tqdm(batches, desc=f"sweep ({model_key})", unit="batch", disable=not progress):
             batch = tokens[start:start + batch_size]
             logits, cache = model.run_with_cache(batch, names_filter=list(hooks.values()))
             clean_logp = logits.log_softmax(-1)
-            keep = ~torch.isin(batch, special)
+            keep = non_special(batch, model.tokenizer)
             ce["clean"].setdefault(model_key, []).append(_ce_per_token(logits, batch).sum(-1))
             for layer, hook in hooks.items():
                 x = cache[hook]
                 layer_stats.setdefault((model_key, layer), _Moments()).add(x[keep])
                 zero = torch.where(keep[..., None], torch.zeros_like(x), x)
                 ce["zero"].setdefault((model_key, layer), []).append(
-                    _ce_per_token(_run_from(model, zero, layer), batch).sum(-1))
+                    _ce_per_token(model(zero, start_at_layer=layer + 1), batch).sum(-1))
                 for key in (k for k in keys if k[1] == layer):
                     sae = sweep.saes[key]
                     latents = sae.encode(x)
                     x_hat = torch.where(keep[..., None], sae.decode(latents), x)
-                    recon_logits = _run_from(model, x_hat, layer)
+                    # from the next block on (after the last one, start_at_layer = n_layers: ln_final + unembed)
+                    recon_logits = model(x_hat, start_at_layer=layer + 1)
                     kl = metrics.kl_per_token(clean_logp, recon_logits.log_softmax(-1))[:, :-1]
                     acc[key].add(x[keep], x_hat[keep], latents[keep], _ce_per_token(recon_logits, batch).sum(-1),
                                  kl.sum(-1))
@@ -144,7 +137,8 @@ def evaluate(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: int = 32
         ce_clean, ce_recon = clean.mean() / n_pred, recon.mean() / n_pred
         ce_zero = torch.cat(ce["zero"][(model_key, layer)]).double().mean().item() / n_pred
         ce_rec, low, high = metrics.ce_rec_ci(recon, clean, n_resamples=n_resamples, seed=seed)
-        kl_mean, kl_low, kl_high = _mean_ci(kl, n_pred, n_resamples, seed)
+        # token mean of KL = ratio of per-sequence sums to per-sequence token counts
+        kl_mean, kl_low, kl_high = metrics.ratio_ci(kl, np.full(len(kl), n_pred), n_resamples=n_resamples, seed=seed)
         sst = layer_stats[(model_key, layer)].sst()
         rows.append({
             "model": model_key, "layer": layer, "k": k, "budget": factor,
@@ -213,25 +207,17 @@ class _Accumulator:
         self.kl.append(kl_per_seq)
 
 
-def _mean_ci(per_seq_sums: np.ndarray, tokens_per_seq: int, n_resamples: int, seed: int) -> tuple[float, float, float]:
-    values = per_seq_sums / tokens_per_seq
-    res = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=n_resamples,
-                          random_state=np.random.default_rng(seed))
-    return float(values.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 @torch.inference_mode()
 def participation_ratios(model: HookedTransformer, tokens: Int[Tensor, "n pos"], *, batch_size: int = 32
                          ) -> pd.DataFrame:
     """PR of blocks.L.hook_resid_post at every layer over `tokens` (special tokens left out), raw and with
     the top eigen-direction removed. Columns: layer, pr, pr_deflated, pr_over_d_model."""
     hooks = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
-    special = torch.tensor(get_special_token_ids(model.tokenizer))
     acts = {h: [] for h in hooks}
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size]
         _, cache = model.run_with_cache(batch, names_filter=hooks)
-        keep = ~torch.isin(batch, special)
+        keep = non_special(batch, model.tokenizer)
         for h in hooks:
             acts[h].append(cache[h][keep])
     rows = []
