@@ -556,50 +556,49 @@ class Build:
         return self.manifest(argv)
 
 
+def train_contexts(root: Path, work: Path, corpus_root: Path | None = None) -> np.ndarray:
+    """The training contexts [n, n_ctx] (int64) of the bundle at `root`, made again from its corpus with its
+    committed tokenizer (the corpus and tokens stages; the model is not touched), checked against the corpus
+    sha256 and context count in its manifest, and kept in `work`."""
+    path = work / "train_contexts.npy"
+    if not path.exists():
+        manifest = bundle_io.read_manifest(root)
+        cfg = BuildConfig(**manifest["config"])
+        recorded = Path(manifest["corpus"]["root"])
+        build = Build(cfg, root, work, corpus_root or (recorded if recorded.is_dir() else None))
+        corpus = build.stage("corpus", build.corpus)
+        if corpus["sha256"] != manifest["corpus"]["sha256"]:
+            raise bundle_io.BundleError(
+                f"the corpus at {build.corpus_root} (sha256 {corpus['sha256'][:12]}...) is not the one bundle {root} "
+                f"was built from ({manifest['corpus']['sha256'][:12]}..., {manifest['corpus']['root']}): its "
+                "training contexts cannot be made here. Use the Python the bundle was built with "
+                f"({manifest['built_on']['python']}), or pass its corpus folder.")
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(root / bundle_io.TOKENIZER))
+        contexts = data.chunk_contexts([e.ids for e in tok.encode_batch(list(build._texts(heldout=False)))], 0,
+                                       cfg.n_ctx)
+        if len(contexts) != manifest["tokens"]["train"]["contexts"]:
+            raise bundle_io.BundleError(f"made {len(contexts)} training contexts, the manifest of {root} records "
+                                        f"{manifest['tokens']['train']['contexts']}")
+        with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, contexts.numpy().astype(np.int16 if cfg.vocab_size < 2**15 else np.int32))
+    return np.load(path).astype(np.int64)
+
+
 def evaluate_sae(root: Path, hook_name: str, sae_dir: Path, cfg: BuildConfig, *, n_recon_batches: int,
                  n_sparsity_batches: int, first_context: int = 0) -> dict[str, float]:
     """Quality figures of one SAE on the held-out contexts (from `first_context` on, in order, batches of
-    `cfg.eval_batch_prompts`), computed by sae_lens's own `run_evals`.
+    `cfg.eval_batch_prompts`), computed by sae_lens's own `run_evals` (`saenb.saes.quality.run_evals_figures`).
+    `hook_name` is the SAE's hook (its config records it too)."""
+    from sae_lens import SAE
 
-    Special tokens (BOS) are excluded, as sae_lens does by default. `alive_fraction` is the share of
-    latents that fire at least once on the `n_sparsity_batches` batches (feature density > 0).
-    """
-    from datasets import Dataset
-    from sae_lens import SAE, ActivationsStore, run_evals
-    from sae_lens.evals import EvalConfig
-    from sae_lens.training.activation_scaler import ActivationScaler
+    from saenb.saes.quality import run_evals_figures
 
-    model = bundle_io.load_model(root)
-    sae = SAE.load_from_disk(sae_dir, device="cpu").eval()
     tokens = bundle_io.load_tokens(root / bundle_io.HELDOUT_TOKENS)[first_context:]
-    store = ActivationsStore.from_sae(
-        model, sae, dataset=Dataset.from_dict({"tokens": tokens.numpy()}), context_size=cfg.n_ctx,
-        streaming=False, store_batch_size_prompts=cfg.eval_batch_prompts, n_batches_in_buffer=4,
-        train_batch_size_tokens=cfg.eval_batch_prompts * cfg.n_ctx, device="cpu",
-    )
-    eval_cfg = EvalConfig(
-        batch_size_prompts=cfg.eval_batch_prompts, n_eval_reconstruction_batches=n_recon_batches,
-        compute_kl=True, compute_ce_loss=True, n_eval_sparsity_variance_batches=n_sparsity_batches,
-        compute_sparsity_metrics=True, compute_variance_metrics=True,
-        compute_featurewise_density_statistics=True,
-    )
-    with torch.no_grad():
-        metrics, features = run_evals(sae, store, model, ActivationScaler(), eval_cfg, exclude_special_tokens=True)
-    density = torch.tensor(features["feature_density"])
-    return {
-        "ce_loss_score": round(float(metrics["model_performance_preservation"]["ce_loss_score"]), 4),
-        "ce_loss_without_sae": round(float(metrics["model_performance_preservation"]["ce_loss_without_sae"]), 4),
-        "ce_loss_with_sae": round(float(metrics["model_performance_preservation"]["ce_loss_with_sae"]), 4),
-        "ce_loss_with_ablation": round(float(metrics["model_performance_preservation"]["ce_loss_with_ablation"]), 4),
-        "kl_div_with_sae": round(float(metrics["model_behavior_preservation"]["kl_div_with_sae"]), 5),
-        "kl_div_score": round(float(metrics["model_behavior_preservation"]["kl_div_score"]), 4),
-        "explained_variance": round(float(metrics["reconstruction_quality"]["explained_variance"]), 4),
-        "cossim": round(float(metrics["reconstruction_quality"]["cossim"]), 4),
-        "l0": round(float(metrics["sparsity"]["l0"]), 2),
-        "alive_fraction": round(float((density > 0).float().mean()), 4),
-        "tokens_reconstruction": metrics["token_stats"]["total_tokens_eval_reconstruction"],
-        "tokens_sparsity": metrics["token_stats"]["total_tokens_eval_sparsity_variance"],
-    }
+    sae = SAE.load_from_disk(sae_dir, device="cpu").eval()
+    return run_evals_figures(bundle_io.load_model(root), sae, tokens, batch_prompts=cfg.eval_batch_prompts,
+                             n_recon_batches=n_recon_batches, n_sparsity_batches=n_sparsity_batches)
 
 
 def quality_met(quality: dict[str, Any]) -> dict[str, bool]:

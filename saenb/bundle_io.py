@@ -9,6 +9,9 @@ A bundle is a folder:
     model_small/...                  the same for the second, half-width model (notebook 07), when built
     saes/<hook_name>/cfg.json ...    one sae_lens disk-format SAE per hook (`SAE.load_from_disk`)
     topk/<model>/<hook_name>/k<k>[-x<f>]/   TopK SAEs of the sweep (notebook 07), sae_lens disk format
+    specs/<label>-<key>/             SAEs declared as specs (`saenb.saes`), each with its own record.json and
+                                     sha256 (not listed in the manifest: adding one leaves the manifest, and every
+                                     cache keyed on it, as it was)
     heldout_tokens.safetensors       "tokens": [n_contexts, n_ctx] held-out contexts, BOS first
     train_token_counts.safetensors   "counts": [d_vocab] occurrences of each token in the training contexts
 
@@ -74,7 +77,7 @@ def file_table(root: Path) -> dict[str, dict[str, Any]]:
     table = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel == MANIFEST or rel.endswith(".tmp"):
+        if rel == MANIFEST or rel.endswith(".tmp") or rel.startswith("specs/"):
             continue
         table[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return table

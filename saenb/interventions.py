@@ -172,6 +172,29 @@ def theta_random_true_norm(site: Site, *, generator: torch.Generator) -> Act:
     return _theta_random(site, generator) * site.x.norm(dim=-1, keepdim=True)
 
 
+def orthogonal_error(site: Site) -> Float[Tensor, "... d"]:
+    """The SAE error's part orthogonal to x: e - (e . x^) x^, e = x_sae - x."""
+    x_hat = _unit(site.x)
+    e = site.x_sae - site.x
+    return e - (e * x_hat).sum(-1, keepdim=True) * x_hat
+
+
+@register("sae_orthogonal", deterministic=True)
+def sae_orthogonal(site: Site, *, generator: torch.Generator) -> Act:
+    """x + the SAE error's part orthogonal to x: the splice without its shrinkage along x, which a following
+    LayerNorm largely undoes and which flatters heavily shrunk SAEs (e.g. end-to-end ones)."""
+    return site.x + orthogonal_error(site)
+
+
+@register("eps_random_orthogonal")
+def eps_random_orthogonal(site: Site, *, generator: torch.Generator) -> Act:
+    """x + ||e_perp|| * u, u a random unit direction orthogonal to x: `sae_orthogonal`'s random baseline."""
+    x_hat = _unit(site.x)
+    g = _gaussian(site.x, generator)
+    u = _unit(g - (g * x_hat).sum(-1, keepdim=True) * x_hat)
+    return site.x + orthogonal_error(site).norm(dim=-1, keepdim=True) * u
+
+
 @register("zero", deterministic=True)
 def zero(site: Site, *, generator: torch.Generator) -> Act:
     """Zero ablation (zero_ablation)."""

@@ -51,6 +51,17 @@ COLORS = {
     # the two model sizes of notebook 07
     "base": "#1f4e79",
     "small": "#e59866",
+    # SAE families of notebook 08 (architectures, objectives, sweeps, fixes)
+    "l1": "#c0392b",
+    "topk": "#2471a3",
+    "batchtopk": "#5dade2",
+    "jumprelu": "#27ae60",
+    "gated": "#8e44ad",
+    "e2e": "#e67e22",
+    "e2e_ds": "#a04000",
+    "width": "#2471a3",
+    "tokens": "#17a589",
+    "fix": "#212121",
     # references
     "zero": "#212121",
     "mean": "#7f8c8d",
@@ -75,6 +86,13 @@ NAMES = {
     "sae_nfm_interaction": "SAE + NFM interaction part",
     "linear_control": "SAE + linear control",
     "nfm_eps_random": "eps-random at the SAE + NFM's error",
+    "l1": "ReLU + L1",
+    "topk": "TopK",
+    "batchtopk": "BatchTopK",
+    "jumprelu": "JumpReLU",
+    "gated": "gated",
+    "e2e": "end-to-end",
+    "e2e_ds": "end-to-end + downstream",
     "zero": "zero ablation",
     "mean": "mean ablation",
     "identity": "identity",
@@ -449,3 +467,57 @@ def _axes(ax, figsize):
         return ax.figure, ax
     fig, ax = plt.subplots(figsize=figsize, layout="constrained")
     return fig, ax
+
+
+def points_ci(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, hue: str, col: str | None = None,
+              logx: bool = False, logy: bool = False, hline: float | None = None, xlabel: str | None = None,
+              ylabel: str | None = None, notes: dict | None = None, col_wrap: int = 3) -> Figure:
+    """Points of `y` against `x` with CI bars, joined per `hue` in order of `x`; a panel per `col`; an optional
+    horizontal reference line and a note (text) per panel."""
+    panels = list(pd.unique(df[col])) if col else [None]
+    fig, axes = _panels(len(panels), col_wrap, (4.2, 3.2), sharex=False, sharey=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        sub_panel = df if panel is None else df[df[col] == panel]
+        for h in pd.unique(sub_panel[hue]):
+            sub = sub_panel[sub_panel[hue] == h].sort_values(x)
+            err = np.vstack([(sub[y] - sub[low]).clip(lower=0), (sub[high] - sub[y]).clip(lower=0)])
+            ax.errorbar(sub[x], sub[y], yerr=err, color=color(str(h)), label=name(str(h)), marker="o", ms=3.5,
+                        lw=1.1, capsize=2)
+        if hline is not None:
+            ax.axhline(hline, color="#7f8c8d", lw=0.8, ls="--")
+        if logx:
+            ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        if panel is not None:
+            ax.set_title(str(panel))
+        if notes and panel in notes:
+            ax.text(0.02, 0.98, notes[panel], transform=ax.transAxes, fontsize=7, va="top", color="#555555")
+    _label(axes, len(panels), xlabel or x, ylabel or y)
+    axes.flat[0].legend(fontsize=7)
+    return fig
+
+
+def arrows(df: pd.DataFrame, *, x: str, y: str, label: str, base_x: str, base_y: str, ax=None,
+           xlabel: str | None = None, ylabel: str | None = None, logx: bool = False, logy: bool = False,
+           hline: float | None = None, note: str = "") -> Figure:
+    """One arrow per row from (`base_x`, `base_y`) to (`x`, `y`), its end labelled by `label`."""
+    fig, ax = _axes(ax, (5.6, 4.0))
+    for _, row in df.iterrows():
+        ax.annotate("", xy=(row[x], row[y]), xytext=(row[base_x], row[base_y]),
+                    arrowprops=dict(arrowstyle="->", color="#555555", lw=1.0))
+        ax.plot(row[x], row[y], "o", color="#c0392b", ms=4)
+        ax.annotate(str(row[label]), (row[x], row[y]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.plot(df[base_x], df[base_y], "s", color="#212121", ms=6, label="base SAE")
+    if hline is not None:
+        ax.axhline(hline, color="#7f8c8d", lw=0.8, ls="--")
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    if note:
+        ax.text(0.02, 0.98, note, transform=ax.transAxes, fontsize=7, va="top", color="#555555")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig

@@ -177,6 +177,18 @@ class Loaded:
     device: torch.device
     bundle_sha256: str | None = None
     """sha256 of the bundle's manifest: identifies the exact weights (None for hub presets)."""
+    sae_ids: dict[str, str] | None = None
+    """hook -> an identifier of the SAE there when it is not the preset's own (an `SAESpec` key, see
+    `with_saes`); part of every cache key."""
+
+    def with_saes(self, saes: dict[str, SAE], sae_ids: dict[str, str]) -> Loaded:
+        """The same model and tokens with other SAEs (e.g. `saenb.saes.load(spec)`), named by `sae_ids`."""
+        if set(sae_ids) != set(saes):
+            raise PresetError(f"sae_ids must name the SAE at every hook of saes: got {sorted(sae_ids)} for "
+                              f"{sorted(saes)}")
+        validated = dataclasses.replace(self, saes=heads_concatenated(dict(saes)), sae_ids=dict(sae_ids))
+        validate(validated)
+        return validated
 
     @cached_property
     def _heldout(self) -> Int[Tensor, "n pos"]:

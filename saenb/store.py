@@ -48,6 +48,7 @@ def config_key(loaded: Loaded, config: dict[str, Any]) -> tuple[str, dict[str, A
         "model": loaded.model.cfg.model_name,
         "sae_sources": [dataclasses.asdict(source) for source in loaded.preset.sae_sources],
         "saenb_version": saenb.__version__,
+        **({"sae_ids": loaded.sae_ids} if loaded.sae_ids is not None else {}),
         **config,
     }
     return digest(full), full

@@ -122,3 +122,21 @@ def test_spec_parameters_and_label(site):
     assert s.label == "latent_perturb(scale=0.3)"
     torch.testing.assert_close(s(site, gen(1)), iv.get("latent_perturb")(site, generator=gen(1), scale=0.3))
     assert iv.Spec.of("sae").label == "sae"
+
+
+def test_orthogonal_splices_remove_the_error_along_x(site):
+    """sae_orthogonal = x + (e minus its projection on x); eps_random_orthogonal lands orthogonal to x at that
+    part's norm. Checked against a float64 projection computed independently (numpy)."""
+    import numpy as np
+
+    x, e = site.x.double().numpy(), (site.x_sae - site.x).double().numpy()
+    x_unit = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    e_perp = e - (e * x_unit).sum(-1, keepdims=True) * x_unit
+    out = iv.get("sae_orthogonal")(site, generator=gen())
+    np.testing.assert_allclose((out - site.x).double().numpy(), e_perp, atol=1e-4)
+    rnd = iv.get("eps_random_orthogonal")(site, generator=gen()) - site.x
+    torch.testing.assert_close(rnd.norm(dim=-1).double(), torch.from_numpy(np.linalg.norm(e_perp, axis=-1)),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.cosine_similarity(rnd, site.x, dim=-1).abs().max() < 1e-5
+    # the random part is a fresh direction, not e_perp itself
+    assert torch.cosine_similarity(rnd, out - site.x, dim=-1).abs().mean() < 0.5

@@ -44,14 +44,14 @@ def test_notebook_is_stored_clean_with_literal_parameters(path):
 
 @pytest.fixture(scope="module")
 def run_notebooks(tmp_path_factory):
-    """Notebooks 01-07 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
+    """Notebooks 01-08 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
     tmp = tmp_path_factory.mktemp("nb01")
     env = {"SAENB_FIGURES": str(tmp / "figures"), "SAENB_RESULTS": str(tmp / "results")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the papermill kernel inherits them
     try:
         rep.RUNS = tmp / "runs"
-        outcomes = rep.reproduce("tiny-stdlib", ["01", "02", "03", "04", "05", "06", "07"], quick=True, report=False)
+        outcomes = rep.reproduce("tiny-stdlib", ["01", "02", "03", "04", "05", "06", "07", "08"], quick=True, report=False)
     finally:
         rep.RUNS = REPO / "data" / "runs"
         for k, v in old.items():
@@ -301,3 +301,35 @@ def test_notebook_07_tables_follow_from_the_sweep(run_notebooks):
         demeaned = g[["r2", "ce_rec"]] - g.groupby("k")[["r2", "ce_rec"]].transform("mean")
         assert corrs.within_k[depth] == pytest.approx(stats.pearsonr(demeaned.r2, demeaned.ce_rec).statistic,
                                                       abs=1e-9)
+
+
+def test_notebook_08_scores_follow_from_the_measured_frames(run_notebooks):
+    """Each SAE's ratio in the score table is the ratio of token means in its own cached measurement (independent
+    of fixes.evaluate's bookkeeping: recomputed from the parquet with plain pandas), and the fixes' arrows start at
+    the base SAE's point."""
+    tmp, outcomes = run_notebooks
+    assert all(o.ok for o in outcomes), [(o.notebook, o.error) for o in outcomes if not o.ok]
+    folder = tmp / "figures" / "tiny-stdlib" / "08_fixes"
+    assert list(json.loads((folder / "figures.json").read_text())) == [
+        "score_table", "ratio_vs_l0", "ratio_vs_size", "kl_vs_l0", "fixes_arrows", "fix_effects"]
+    table = pd.read_csv(folder / "score_table.csv", keep_default_na=False, na_values=[""])
+    from saenb.saes import sets
+
+    keys = {n.name: n.spec.key for n in sets.get("fixes")}
+    checked = 0
+    for p in (tmp / "results" / "measure").iterdir():
+        config = json.loads((p / "config.json").read_text())
+        if "sae_ids" not in config or "sae_orthogonal" not in config["interventions"]:
+            continue
+        frame = pd.read_parquet(p / "result.parquet")
+        kl = frame.groupby(frame.intervention.astype(str)).kl.mean()
+        (name,) = [n for n, k in keys.items() if k == config["sae_ids"]["blocks.3.hook_resid_pre"]]
+        row = table[table.name == name].iloc[0]
+        assert row.ratio == pytest.approx(kl["sae"] / kl["eps_random"], rel=1e-9)
+        assert row.ratio_orthogonal == pytest.approx(kl["sae_orthogonal"] / kl["eps_random_orthogonal"], rel=1e-9)
+        assert row.ratio_low <= row.ratio <= row.ratio_high
+        checked += 1
+    assert checked == len(table) - 2, "every SAE (all but the two NFM fixes) measured and cached"
+    arrows = pd.read_csv(folder / "fixes_arrows.csv")
+    base = table[table.name == "base"].iloc[0]
+    assert np.allclose(arrows.base_ratio, base.ratio) and set(arrows.name) >= {"NFM", "scale fine-tune"}

@@ -14,9 +14,10 @@ from saenb import interventions as iv
 from saenb.patching import NOTEBOOK1, measure, measure_naive
 
 HOOKS = ["blocks.1.hook_resid_pre", "blocks.4.hook_resid_pre", "blocks.2.attn.hook_z"]
-EVERY = [*NOTEBOOK1, "identity", "latent_perturb", "sae_plus_random", iv.spec("feature_aligned", which="inactive")]
+EVERY = [*NOTEBOOK1, "identity", "latent_perturb", "sae_plus_random", iv.spec("feature_aligned", which="inactive"),
+         "sae_orthogonal", "eps_random_orthogonal"]
 RANDOM = {"eps_random", "theta_random_sae_norm", "theta_random_true_norm", "feature_aligned", "latent_perturb",
-          "sae_plus_random", "feature_aligned(which=inactive)"}
+          "sae_plus_random", "feature_aligned(which=inactive)", "eps_random_orthogonal"}
 KEY = ["hook", "intervention", "sample", "seq", "pos"]
 
 

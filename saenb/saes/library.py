@@ -1,0 +1,158 @@
+"""Where a spec's SAE lives, and `load(spec)`: the committed bundle, else the local cache, else training.
+
+    committed   data/bundles/<preset>/specs/<label>-<key>/   sae_lens disk format + spec.json + record.json
+                (and the bundle's original SAEs, saes/<hook>/ and topk/..., declared in `sets.LEGACY`)
+    local       data/results/saes/<preset>/<label>-<key>/    the same layout, git-ignored
+
+An SAE trained here is stored in half precision (its cfg keeps dtype float32, so it loads as float32): the
+local copy and the committed one are the same bytes. `record.json` holds the spec, the training record
+(trainer, steps, seconds, where it ran), the quality figures and the weights' sha256, which `load` checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from saenb import bundle_io
+from saenb.files import atomic_path, write_text
+from saenb.saes import models
+from saenb.saes.spec import SAESpec
+
+SPECS_DIR = "specs"
+LOCAL = Path(os.environ.get("SAENB_RESULTS", Path(__file__).resolve().parents[2] / "data" / "results")) / "saes"
+WEIGHTS = "sae_weights.safetensors"
+
+
+class SpecError(RuntimeError):
+    """A spec's stored SAE is missing or does not match its record."""
+
+
+def folder_name(spec: SAESpec) -> str:
+    return f"{spec.label}-{spec.key}"
+
+
+def committed_dir(spec: SAESpec) -> Path | None:
+    """The committed folder of `spec` (a bundle spec folder, or one of the bundle's original SAEs), if any."""
+    from saenb.saes.sets import LEGACY
+
+    root = models.bundle_root(spec.preset)
+    if spec.key in LEGACY:
+        return root / LEGACY[spec.key]
+    path = root / SPECS_DIR / folder_name(spec)
+    return path if (path / "record.json").exists() else None
+
+
+def local_dir(spec: SAESpec, root: Path = LOCAL) -> Path:
+    return root / spec.preset / folder_name(spec)
+
+
+def find(spec: SAESpec) -> Path | None:
+    """Where `spec`'s SAE is stored (committed first), or None."""
+    path = committed_dir(spec)
+    if path is not None:
+        return path
+    path = local_dir(spec)
+    return path if (path / "record.json").exists() else None
+
+
+def record(spec: SAESpec) -> dict[str, Any]:
+    path = find(spec)
+    if path is None:
+        raise SpecError(f"no stored SAE for spec {spec.label} ({spec.key}); train it with saenb.saes.load(spec)")
+    rec = path / "record.json"
+    return json.loads(rec.read_text()) if rec.exists() else {"spec": spec.to_dict(), "legacy": str(path)}
+
+
+def load(spec: SAESpec, device: str | torch.device = "cpu", *, train: bool = True, progress: bool = True):
+    """The SAE of `spec` (sae_lens `SAE`, eval mode), trained first when it is stored nowhere (unless
+    `train=False`, which raises instead)."""
+    from sae_lens import SAE
+
+    path = find(spec)
+    if path is None:
+        if not train:
+            raise SpecError(f"SAE {spec.label} ({spec.key}) is neither committed nor cached locally; "
+                            "call saenb.saes.load(spec) to train it")
+        path = build(spec, progress=progress)
+    _verify(spec, path)
+    return SAE.load_from_disk(path, device=str(device)).eval()
+
+
+def _verify(spec: SAESpec, path: Path) -> None:
+    rec_path = path / "record.json"
+    if not rec_path.exists():
+        return  # an original bundle SAE: the bundle's manifest covers it (presets.load_preset verifies it)
+    rec = json.loads(rec_path.read_text())
+    if rec["key"] != spec.key:
+        raise SpecError(f"{path} holds spec {rec['key']}, not {spec.key}: remove the folder to retrain it")
+    if bundle_io.sha256_file(path / WEIGHTS) != rec["weights_sha256"]:
+        fix = "restore it with `git checkout -- " + str(path) + "`" if SPECS_DIR in path.parts else \
+            f"remove it (`rm -r {path}`) to train it again"
+        raise SpecError(f"the weights in {path} do not match the sha256 in its record.json: {fix}")
+
+
+def build(spec: SAESpec, *, progress: bool = True) -> Path:
+    """Train `spec` into the local cache (a time estimate is printed first); returns its folder."""
+    from saenb.saes.train import estimate_seconds, train
+
+    final = local_dir(spec)
+    print(f"training SAE {spec.label} ({spec.key}) at {spec.hook} of {spec.preset}/{spec.model}: "
+          f"about {estimate_seconds(spec) / 60:.1f} min on 2 CPU cores", flush=True)
+    work = final.parent / (final.name + ".partial")
+    info = train(spec, work, progress=progress)
+    # a frozen-encoder fine-tune keeps its base's encoder exactly (rounding it to half precision would flip
+    # latents near zero, and the point of the fix is that no token's active set moves)
+    frozen = ("W_enc", "b_enc", "b_dec") if spec.finetune is not None and spec.finetune.kind != "kl_mse" else ()
+    to_half(work / WEIGHTS, keep=frozen)
+    rec = {"key": spec.key, "label": spec.label, "spec": spec.to_dict(), "training": info,
+           "built_on": built_on(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "weights_sha256": bundle_io.sha256_file(work / WEIGHTS)}
+    write_text(work / "record.json", json.dumps(rec, indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    work.rename(final)
+    return final
+
+
+def to_half(path: Path, keep: tuple[str, ...] = ()) -> None:
+    """Store floating-point weights as float16 but those named in `keep` (the config's dtype stays float32: they
+    load as float32)."""
+    tensors = load_file(str(path))
+    with atomic_path(path) as tmp:
+        save_file({k: v.half().contiguous() if v.is_floating_point() and k not in keep else v
+                   for k, v in tensors.items()}, str(tmp))
+
+
+def built_on() -> dict[str, Any]:
+    return {"device": "cuda" if torch.cuda.is_available() else "cpu", "machine": platform.machine(),
+            "threads": torch.get_num_threads()}
+
+
+def add_quality(spec: SAESpec, quality: dict[str, Any]) -> None:
+    """Record quality figures (from sae_lens's run_evals) in the stored SAE's record.json."""
+    path = find(spec)
+    if path is None or not (path / "record.json").exists():
+        raise SpecError(f"no trained record for {spec.label} ({spec.key})")
+    rec = json.loads((path / "record.json").read_text())
+    rec["quality"] = quality
+    write_text(path / "record.json", json.dumps(rec, indent=2) + "\n")
+
+
+def commit(spec: SAESpec) -> Path:
+    """Copy a locally trained spec into the bundle (data/bundles/<preset>/specs/), for `git add`."""
+    src = local_dir(spec)
+    if not (src / "record.json").exists():
+        raise SpecError(f"{spec.label} ({spec.key}) is not trained locally; load(spec) trains it")
+    dst = models.bundle_root(spec.preset) / SPECS_DIR / folder_name(spec)
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("runner_cfg.json"))
+    return dst

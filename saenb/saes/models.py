@@ -1,0 +1,62 @@
+"""The models SAE specs are trained on, and their training contexts: a preset's model keys.
+
+tiny-stdlib has two models: "base" (`model/`) and "small" (`model_small/`, half the width, notebook 07).
+Training contexts are not committed (8.7M tokens); they are re-made from the preset's corpus with its
+committed tokenizer (`bundle.train_contexts`, about half a minute) and kept under data/runs/.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from saenb import bundle_io
+from saenb.presets import PresetError, get_preset, hook_width, sae_layer  # noqa: F401  (hook_width re-exported)
+
+MODEL_FOLDERS = {"base": bundle_io.MODEL_DIR, "small": bundle_io.SMALL_MODEL_DIR}
+RUNS = Path(__file__).resolve().parents[2] / "data" / "runs"
+
+
+def work_dir(preset: str) -> Path:
+    """Generated, git-ignored files of a preset's SAE training (activation caches, training contexts, runs)."""
+    return RUNS / f"saes-{preset}"
+
+
+def bundle_root(preset: str) -> Path:
+    p = get_preset(preset)
+    if not p.is_bundle:
+        raise PresetError(f"preset {preset!r} loads its SAEs from the hub; SAE specs are trained on a bundle preset "
+                          "(e.g. 'tiny-stdlib')")
+    return p.bundle_path
+
+
+@cache
+def load_model(preset: str, key: str = "base", device: str = "cpu"):
+    """The preset's model `key`, eval mode, weights frozen (loaded once per process)."""
+    if key not in MODEL_FOLDERS:
+        raise PresetError(f"model key {key!r} unknown; {preset} has {sorted(MODEL_FOLDERS)}")
+    model = bundle_io.load_model(bundle_root(preset), device, folder=MODEL_FOLDERS[key])
+    return model.requires_grad_(False)
+
+
+@cache
+def train_contexts(preset: str) -> np.ndarray:
+    """The preset's training contexts [n, n_ctx] (int64), in corpus order."""
+    from saenb.bundle import train_contexts as make
+
+    return make(bundle_root(preset), work_dir(preset) / "contexts")
+
+
+def activations(model, hook: str, tokens: Int[Tensor, "b pos"]) -> Float[Tensor, "b pos d"]:
+    """Clean activations at `hook` (hook_z: heads concatenated), float32, on the CPU."""
+    from saenb.patching import flat
+
+    with torch.inference_mode():
+        _, cache_ = model.run_with_cache(tokens.to(model.cfg.device), names_filter=[hook],
+                                         stop_at_layer=sae_layer(hook) + 1)
+    return flat(cache_[hook], hook).float().cpu()

@@ -1,0 +1,61 @@
+"""Quality figures of an SAE by sae_lens's own `run_evals` (an independent computation from saenb's engine)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from saenb import bundle_io
+from saenb.saes import models
+from saenb.saes.spec import SAESpec
+
+
+def run_evals_figures(model, sae, tokens: torch.Tensor, *, batch_prompts: int = 32, n_recon_batches: int = 8,
+                      n_sparsity_batches: int = 32) -> dict[str, Any]:
+    """sae_lens's `run_evals` on `tokens` (in order, batches of `batch_prompts` contexts), special tokens
+    excluded as sae_lens does by default: CE and KL of the splice, explained variance, cosine, L0, and the
+    alive fraction (share of latents firing at least once on the sparsity batches)."""
+    from datasets import Dataset
+    from sae_lens import ActivationsStore, run_evals
+    from sae_lens.evals import EvalConfig
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    n_ctx = tokens.shape[1]
+    store = ActivationsStore.from_sae(
+        model, sae, dataset=Dataset.from_dict({"tokens": tokens.numpy()}), context_size=n_ctx,
+        streaming=False, store_batch_size_prompts=batch_prompts, n_batches_in_buffer=4,
+        train_batch_size_tokens=batch_prompts * n_ctx, device=str(model.cfg.device),
+    )
+    eval_cfg = EvalConfig(
+        batch_size_prompts=batch_prompts, n_eval_reconstruction_batches=n_recon_batches,
+        compute_kl=True, compute_ce_loss=True, n_eval_sparsity_variance_batches=n_sparsity_batches,
+        compute_sparsity_metrics=True, compute_variance_metrics=True, compute_featurewise_density_statistics=True,
+    )
+    with torch.no_grad():
+        metrics, features = run_evals(sae, store, model, ActivationScaler(), eval_cfg, exclude_special_tokens=True)
+    density = torch.tensor(features["feature_density"])
+    perf, behaviour = metrics["model_performance_preservation"], metrics["model_behavior_preservation"]
+    return {
+        "ce_loss_score": round(float(perf["ce_loss_score"]), 4),
+        "ce_loss_without_sae": round(float(perf["ce_loss_without_sae"]), 4),
+        "ce_loss_with_sae": round(float(perf["ce_loss_with_sae"]), 4),
+        "ce_loss_with_ablation": round(float(perf["ce_loss_with_ablation"]), 4),
+        "kl_div_with_sae": round(float(behaviour["kl_div_with_sae"]), 5),
+        "kl_div_score": round(float(behaviour["kl_div_score"]), 4),
+        "explained_variance": round(float(metrics["reconstruction_quality"]["explained_variance"]), 4),
+        "cossim": round(float(metrics["reconstruction_quality"]["cossim"]), 4),
+        "l0": round(float(metrics["sparsity"]["l0"]), 2),
+        "alive_fraction": round(float((density > 0).float().mean()), 4),
+        "tokens_reconstruction": metrics["token_stats"]["total_tokens_eval_reconstruction"],
+        "tokens_sparsity": metrics["token_stats"]["total_tokens_eval_sparsity_variance"],
+    }
+
+
+def evaluate(spec: SAESpec, **kwargs) -> dict[str, Any]:
+    """`run_evals_figures` of a stored spec on its preset's held-out contexts (the first ones, in order)."""
+    from saenb.saes.library import load
+
+    root = models.bundle_root(spec.preset)
+    tokens = bundle_io.load_tokens(root / bundle_io.HELDOUT_TOKENS)
+    return run_evals_figures(models.load_model(spec.preset, spec.model), load(spec, train=False), tokens, **kwargs)

@@ -1,0 +1,292 @@
+"""Training an `SAESpec`: sae_lens's runner on the shared activation cache, and the objectives it lacks.
+
+- objective "mse" (every architecture): sae_lens's `LanguageModelSAETrainingRunner` reading the hook's
+  activation cache (`saenb.saes.activations`), with the recipe of the bundle's original SAEs (Adam at
+  `spec.lr`, 5% warm-up, the sparsity penalty warmed up over 10%, activations scaled to an expected norm of
+  sqrt(d_in) during training and the scale folded into the weights on saving).
+- objective "e2e" / "e2e_ds" (Braun et al. 2024): a standard SAE trained from scratch on
+  KL(clean || spliced) + sparsity (+ the relative MSE of the residual streams after the splice, "ds").
+- fine-tuning steps (`FineTune`): "scale" / "decoder" (Wright & Sharkey: encoder frozen, so every token keeps
+  its active latents; a per-latent scale, or the decoder, on MSE), "kl_mse" (Karvonen 2025: the whole SAE
+  on 0.5 (MSE + a KL), a = MSE / KL detached, on fresh tokens).
+sae_lens trains on reconstruction only, so the KL objectives and the frozen-encoder steps are plain Adam
+loops here (over sae_lens's own SAE classes, saved in its disk format).
+
+Fresh tokens: every spec at a hook reads its training contexts from the front of the `data_seed` order;
+fine-tuning steps read theirs from the back, so they never see the base SAE's first contexts.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saenb.saes import activations, models
+from saenb.saes.spec import SAESpec
+
+N_CTX_BATCH = 8
+"""Contexts per step of the loops that run the model (8 x 128 = 1024 tokens, as the runner's batches)."""
+
+
+def estimate_seconds(spec: SAESpec) -> float:
+    """A rough time on 2 CPU cores, from the bundle's measured stage times (printed before training)."""
+    width = spec.expansion / 4
+    if spec.finetune is not None:
+        per_m = 120.0 if spec.finetune.kind == "kl_mse" else 60.0
+        return per_m * spec.finetune.tokens / 1e6
+    if spec.objective != "mse":
+        return 200.0 * spec.training_tokens / 1e6 * max(1.0, width)
+    return 15.0 * spec.training_tokens / 1e6 * max(1.0, width)
+
+
+def train(spec: SAESpec, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train `spec` into `out_dir` (sae_lens disk format, float32); returns the training record."""
+    t0 = time.time()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if spec.finetune is not None:
+        from saenb.saes.library import load
+
+        info = finetune(spec, load(spec.base, progress=progress), out_dir, progress=progress)
+    elif spec.objective == "mse":
+        info = _train_runner(spec, out_dir)
+    else:
+        info = _train_e2e(spec, out_dir, progress=progress)
+    return {**info, "seconds": round(time.time() - t0, 1)}
+
+
+# ------------------------------------------------------------------------------------------- sae_lens
+def training_config(spec: SAESpec, d_in: int):
+    """sae_lens's training config for the spec's architecture."""
+    import sae_lens
+
+    steps = spec.training_tokens // spec.batch_tokens
+    common = dict(d_in=d_in, d_sae=d_in * spec.expansion, normalize_activations="expected_average_only_in")
+    if spec.architecture == "standard":
+        return sae_lens.StandardTrainingSAEConfig(**common, l1_coefficient=spec.sparsity, l1_warm_up_steps=steps // 10)
+    if spec.architecture == "gated":
+        return sae_lens.GatedTrainingSAEConfig(**common, l1_coefficient=spec.sparsity, l1_warm_up_steps=steps // 10)
+    if spec.architecture == "topk":
+        return sae_lens.TopKTrainingSAEConfig(**common, k=int(spec.sparsity))
+    if spec.architecture == "batchtopk":
+        return sae_lens.BatchTopKTrainingSAEConfig(**common, k=int(spec.sparsity))
+    if spec.architecture == "jumprelu":
+        return sae_lens.JumpReLUTrainingSAEConfig(**common, l0_coefficient=spec.sparsity,
+                                                  l0_warm_up_steps=steps // 10)
+    raise ValueError(f"no training config for architecture {spec.architecture!r}")
+
+
+def _train_runner(spec: SAESpec, out_dir: Path) -> dict[str, Any]:
+    from datasets import Dataset
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+
+    cache = activations.activation_cache(spec)
+    model = models.load_model(spec.preset, spec.model)
+    n_ctx = model.cfg.n_ctx
+    steps = spec.training_tokens // spec.batch_tokens
+    # the runner reads the cache; the token dataset it also requires is the same contexts (never read), sized so that
+    # it does not warn of extra epochs
+    contexts = models.train_contexts(spec.preset)[activations.order(spec)[:math.ceil(spec.training_tokens / (n_ctx - 1))]]
+    runner_cfg = LanguageModelSAERunnerConfig(
+        sae=training_config(spec, models.hook_width(model, spec.hook)), model_name=model.cfg.model_name,
+        hook_name=spec.hook, dataset_path=f"saenb/{spec.preset}-train", is_dataset_tokenized=True, streaming=False,
+        use_cached_activations=True, cached_activations_path=str(cache), context_size=n_ctx, prepend_bos=True,
+        training_tokens=spec.training_tokens, train_batch_size_tokens=spec.batch_tokens,
+        store_batch_size_prompts=32, n_batches_in_buffer=16, n_batches_for_norm_estimate=20,
+        lr=spec.lr, lr_warm_up_steps=steps // 20, lr_scheduler_name="constant", lr_decay_steps=steps // 5,
+        exclude_special_tokens=True, device="cpu", seed=spec.seed, dtype="float32",
+        logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, checkpoint_path=None,
+        output_path=str(out_dir), verbose=False,
+    )
+    torch.manual_seed(spec.seed)
+    LanguageModelSAETrainingRunner(runner_cfg, override_model=model,
+                                   override_dataset=Dataset.from_dict({"tokens": contexts})).run()
+    return {"trainer": "sae_lens LanguageModelSAETrainingRunner (cached activations)", "steps": steps}
+
+
+# ------------------------------------------------------------------------------ loops over the model
+def context_batches(spec: SAESpec, n_tokens: int, *, from_back: bool) -> list[Int[Tensor, "b pos"]]:
+    """Batches of N_CTX_BATCH training contexts, `n_tokens` in all, from the front or back of spec's order."""
+    contexts = models.train_contexts(spec.preset)
+    idx = activations.order(spec)
+    n = math.ceil(n_tokens / contexts.shape[1])
+    idx = idx[-n:][::-1] if from_back else idx[:n]
+    rows = torch.from_numpy(contexts[idx.copy()])
+    return list(rows.split(N_CTX_BATCH))
+
+
+class Splicer:
+    """Runs the frozen model from the hook's layer with the hook's activation replaced, keeping gradients to
+    the replacement: clean activations and log-probs first (no grad), then the spliced log-probs."""
+
+    def __init__(self, model, hook: str, downstream: bool = False):
+        from saenb.patching import resid_input_name
+
+        self.model, self.hook, self.layer = model, hook, models.sae_layer(hook)
+        self.start = resid_input_name(hook)
+        self.downstream = [f"blocks.{layer}.hook_resid_post" for layer in range(self.layer, model.cfg.n_layers)] \
+            if downstream else []
+
+    def clean(self, tokens: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            logits, cache = self.model.run_with_cache(tokens, names_filter=[self.start, self.hook, *self.downstream])
+        return {"logp": logits.log_softmax(-1), **{k: v for k, v in cache.items()}}
+
+    def spliced(self, clean: dict[str, Tensor], x_hat: Float[Tensor, "b pos d"]) -> tuple[Tensor, dict[str, Tensor]]:
+        acts: dict[str, Tensor] = {}
+        shape = clean[self.hook].shape
+
+        def put(act, hook):
+            return x_hat.reshape(shape)
+
+        def keep(act, hook):
+            acts[hook.name] = act
+            return act
+
+        hooks = [(self.hook, put), *((name, keep) for name in self.downstream)]
+        with self.model.hooks(fwd_hooks=hooks):
+            logits = self.model(clean[self.start], start_at_layer=self.layer)
+        return logits.log_softmax(-1), acts
+
+
+def _masked_mean(values: Float[Tensor, "b pos"], keep: Tensor) -> Tensor:
+    return (values * keep).sum() / keep.sum()
+
+
+def _kl(clean_logp: Tensor, logp: Tensor) -> Float[Tensor, "b pos"]:
+    from saenb.metrics import kl_per_token
+
+    return kl_per_token(clean_logp, logp)
+
+
+def _flat(x: Tensor, hook: str) -> Tensor:
+    from saenb.patching import flat
+
+    return flat(x, hook)
+
+
+def _train_e2e(spec: SAESpec, out_dir: Path, *, progress: bool) -> dict[str, Any]:
+    """A standard SAE from scratch on KL(clean || spliced) + sparsity (+ downstream MSE for "e2e_ds").
+
+    Sparsity is sae_lens's standard penalty, sum_i |z_i| ||W_dec,i||, on activations scaled to an expected
+    norm of sqrt(d_in) (the scale is folded into the weights on saving, as sae_lens does), weighted by
+    `spec.sparsity` and warmed up over the first 10% of steps. "e2e_ds" adds, per layer after the splice, the
+    squared error of the residual stream relative to its clean mean squared norm, averaged over those layers
+    and weighted by the option `downstream_coefficient` (default 1)."""
+    import sae_lens
+    from saenb.data import non_special
+
+    model = models.load_model(spec.preset, spec.model)
+    d_in = models.hook_width(model, spec.hook)
+    torch.manual_seed(spec.seed)
+    sae = sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(d_in=d_in, d_sae=d_in * spec.expansion,
+                                                                          l1_coefficient=spec.sparsity))
+    splicer = Splicer(model, spec.hook, downstream=spec.objective == "e2e_ds")
+    batches = context_batches(spec, spec.training_tokens, from_back=False)
+    with torch.no_grad():  # the activation scale: expected norm sqrt(d_in), from the first 20 batches
+        norms = torch.cat([models.activations(model, spec.hook, b)[:, 1:].norm(dim=-1).flatten() for b in batches[:20]])
+        scale = math.sqrt(d_in) / float(norms.mean())
+    opt = torch.optim.Adam(sae.parameters(), lr=spec.lr)
+    warm, ds_coef = max(1, len(batches) // 10), spec.option("downstream_coefficient", 1.0)
+    history = []
+    bar = tqdm(batches, desc=f"e2e {spec.label}", disable=not progress)
+    for step, tokens in enumerate(bar):
+        for group in opt.param_groups:
+            group["lr"] = spec.lr * min(1.0, (step + 1) / max(1, len(batches) // 20))
+        clean = splicer.clean(tokens)
+        keep = non_special(tokens, model.tokenizer).float()
+        x = _flat(clean[splicer.hook], spec.hook)
+        z = sae.encode(x * scale)
+        x_hat = torch.where(keep.bool()[..., None], sae.decode(z) / scale, x)
+        logp, acts = splicer.spliced(clean, x_hat)
+        kl = _masked_mean(_kl(clean["logp"], logp), keep)
+        l1 = _masked_mean((z * sae.W_dec.norm(dim=-1)).sum(-1), keep)
+        loss = kl + spec.sparsity * min(1.0, (step + 1) / warm) * l1
+        ds = torch.zeros(())
+        if acts:
+            ds = sum(_masked_mean((acts[h] - clean[h]).square().sum(-1), keep)
+                     / _masked_mean(clean[h].square().sum(-1), keep) for h in acts) / len(acts)
+            loss = loss + ds_coef * ds
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            l0 = _masked_mean((z > 0).sum(-1).float(), keep)
+            history.append([step, round(float(kl), 5), round(float(l0), 2), round(float(ds), 5)])
+            bar.set_postfix(kl=f"{float(kl):.4f}", l0=f"{float(l0):.1f}")
+    inference = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=d_in, d_sae=d_in * spec.expansion))
+    inference.load_state_dict({k: v.detach() for k, v in sae.state_dict().items()}, strict=True)
+    inference.fold_activation_norm_scaling_factor(scale)
+    _save(inference, out_dir, spec)
+    return {"trainer": f"saenb e2e loop ({spec.objective})", "steps": len(batches), "activation_scale": scale,
+            "history": history}
+
+
+# ---------------------------------------------------------------------------------------- fine-tuning
+def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, Any]:
+    """Apply spec.finetune to (a copy of) the base SAE `sae` and save the result."""
+    import copy
+
+    ft = spec.finetune
+    sae = copy.deepcopy(sae).float().requires_grad_(False)
+    model = models.load_model(spec.preset, spec.model)
+    splicer = Splicer(model, spec.hook)
+    torch.manual_seed(ft.seed)
+    from saenb.data import non_special
+
+    if ft.kind == "scale":
+        scale = torch.ones(sae.cfg.d_sae, requires_grad=True)
+        params = [scale]
+    elif ft.kind == "decoder":
+        sae.W_dec.requires_grad_(True)  # b_dec stays: the encoder reads x - b_dec, and must not move
+        params = [sae.W_dec]
+    else:
+        sae.requires_grad_(True)
+        params = list(sae.parameters())
+    opt = torch.optim.Adam(params, lr=ft.lr)
+    batches = context_batches(spec, ft.tokens, from_back=True)
+    history = []
+    bar = tqdm(batches, desc=f"fine-tune {spec.label}", disable=not progress)
+    for step, tokens in enumerate(bar):
+        clean = splicer.clean(tokens)
+        keep = non_special(tokens, model.tokenizer).float()
+        x = _flat(clean[splicer.hook], spec.hook)
+        if ft.kind == "kl_mse":
+            x_hat = sae.decode(sae.encode(x))
+        else:
+            with torch.no_grad():
+                z = sae.encode(x)
+            x_hat = (z * scale) @ sae.W_dec + sae.b_dec if ft.kind == "scale" else z @ sae.W_dec + sae.b_dec
+        mse = _masked_mean((x_hat - x).square().sum(-1), keep)
+        if ft.kind == "kl_mse":
+            logp, _ = splicer.spliced(clean, torch.where(keep.bool()[..., None], x_hat, x))
+            kl = _masked_mean(_kl(clean["logp"], logp), keep)
+            a = (mse / kl.clamp_min(1e-9)).detach()
+            loss = 0.5 * (mse + a * kl)
+        else:
+            kl, loss = torch.zeros(()), mse
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            history.append([step, round(float(mse), 5), round(float(kl), 5)])
+            bar.set_postfix(mse=f"{float(mse):.4f}")
+    with torch.no_grad():
+        if ft.kind == "scale":
+            sae.W_dec.mul_(scale.detach()[:, None])
+    _save(sae.requires_grad_(False), out_dir, spec)
+    return {"trainer": f"saenb fine-tune ({ft.kind})", "steps": len(batches), "history": history}
+
+
+def _save(sae, out_dir: Path, spec: SAESpec) -> None:
+    """sae_lens disk format, with the spec's hook and model recorded in the config's metadata."""
+    sae.cfg.metadata.hook_name = spec.hook
+    sae.cfg.metadata.model_name = models.load_model(spec.preset, spec.model).cfg.model_name
+    sae.save_model(out_dir)

@@ -1,0 +1,196 @@
+"""SAE specs: stable content hashes, committed weights loaded bit for bit, the activation cache and sae_lens's
+runner on a small bundle, and the fixes' objectives (frozen-encoder fine-tunes keep every active set; each
+fine-tune lowers its own objective on held-out tokens; end-to-end training lowers KL)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saenb import bundle_io, saes
+from saenb.data import non_special
+from saenb.presets import TINY_STDLIB, Preset, register_preset
+from saenb.saes import activations, library, models, sets, train
+from saenb.saes.spec import FineTune, SAESpec
+
+BASE = sets.FIXES_BASE
+
+
+def test_spec_hash_is_stable_and_changes_with_every_field():
+    # the key of the notebooks' base SAE is part of every cache key and bundle folder name: it must not drift
+    assert BASE.key == "ee7e4e9508d613db"
+    assert SAESpec.from_dict(json.loads(json.dumps(BASE.to_dict()))).key == BASE.key
+    changed = {"preset": "other", "model": "small", "hook": "blocks.2.hook_resid_pre", "architecture": "gated",
+               "expansion": 8, "sparsity": 2.0, "training_tokens": 2_000_000, "lr": 3e-4, "seed": 1, "data_seed": 4,
+               "batch_tokens": 2048, "objective": "e2e", "options": (("downstream_coefficient", 2.0),),
+               "finetune": FineTune("scale")}
+    assert set(changed) == {f.name for f in dataclasses.fields(SAESpec)}, "a field has no change in this test"
+    keys = {BASE.key}
+    for name, value in changed.items():
+        keys.add(dataclasses.replace(BASE, **{name: value}).key)
+    tuned = dataclasses.replace(BASE, finetune=FineTune("scale"))
+    for name, value in {"kind": "decoder", "tokens": 1000, "lr": 1.0, "seed": 3}.items():
+        keys.add(dataclasses.replace(tuned, finetune=dataclasses.replace(tuned.finetune, **{name: value})).key)
+    assert len(keys) == 1 + len(changed) + 4
+
+
+def test_specs_reject_bad_values_naming_the_allowed_ones():
+    with pytest.raises(ValueError, match="architecture='relu' must be one of"):
+        SAESpec(architecture="relu")
+    with pytest.raises(ValueError, match="whole k"):
+        SAESpec(architecture="topk", sparsity=2.5)
+    with pytest.raises(ValueError, match="kind='shrink' must be one of"):
+        FineTune("shrink")
+    with pytest.raises(ValueError, match="unknown SAE set 'fix'"):
+        sets.get("fix")
+
+
+def test_committed_specs_load_the_committed_files_bit_for_bit():
+    root = TINY_STDLIB.bundle_path
+    for spec, rel in [(sets.BASE["blocks.3.hook_resid_pre"], "saes/blocks.3.hook_resid_pre"),
+                      (sets.BASE["blocks.5.attn.hook_z"], "saes/blocks.5.attn.hook_z"),
+                      (sets.TOPK_SWEEP[("small", 3, 32, 5)], "topk/small/blocks.3.hook_resid_post/k32-x5")]:
+        sae = saes.load(spec, train=False)
+        stored = load_file(str(root / rel / "sae_weights.safetensors"))
+        for name, tensor in stored.items():
+            assert torch.equal(sae.state_dict()[name], tensor), (rel, name)
+    # every spec of notebook 08 is committed, in half precision, and loads as float32 with those exact values
+    for named in sets.get("fixes"):
+        path = library.committed_dir(named.spec)
+        assert path is not None, f"{named.name} is not committed"
+        if named.name == "base":
+            continue
+        stored = load_file(str(path / library.WEIGHTS))
+        frozen = ("W_enc", "b_enc", "b_dec") if named.spec.finetune and named.spec.finetune.kind != "kl_mse" else ()
+        assert all(t.dtype == (torch.float32 if k in frozen else torch.float16)
+                   for k, t in stored.items() if t.is_floating_point())
+        record = json.loads((path / "record.json").read_text())
+        assert record["key"] == named.spec.key and record["spec"] == named.spec.to_dict()
+    sae = saes.load(sets.get("fixes")[1].spec, train=False)
+    stored = load_file(str(library.committed_dir(sets.get("fixes")[1].spec) / library.WEIGHTS))
+    assert torch.equal(sae.W_dec, stored["W_dec"].float())
+
+
+def test_a_corrupted_committed_spec_names_the_fix(tmp_path, monkeypatch):
+    named = sets.get("fixes")[1]
+    src = library.committed_dir(named.spec)
+    copy = tmp_path / src.name
+    import shutil
+
+    shutil.copytree(src, copy)
+    (copy / library.WEIGHTS).write_bytes((copy / library.WEIGHTS).read_bytes()[:-8] + b"\0" * 8)
+    monkeypatch.setattr(library, "committed_dir", lambda spec: copy)
+    with pytest.raises(library.SpecError, match="do not match the sha256"):
+        saes.load(named.spec)
+
+
+# ------------------------------------------------------------------- training on the small test bundle
+@pytest.fixture(scope="module")
+def small_preset(small_bundle, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("saes")
+    name = f"small-specs-{tmp.name}"
+    register_preset(Preset(name=name, bundle=str(small_bundle), sae_sources=TINY_STDLIB.sae_sources, layers=(0, 1)))
+    mp = pytest.MonkeyPatch()
+    mp.setattr(models, "RUNS", tmp / "runs")
+    mp.setattr(library, "LOCAL", tmp / "local")
+    yield name
+    mp.undo()
+
+
+def test_runner_trains_specs_from_one_activation_cache(small_preset):
+    topk = SAESpec(preset=small_preset, hook="blocks.1.hook_resid_pre", architecture="topk", sparsity=4,
+                   training_tokens=8192, batch_tokens=512, data_seed=7)
+    relu = dataclasses.replace(topk, architecture="standard", sparsity=1.0)
+    sae = saes.load(topk, progress=False)
+    cache = activations.cache_dir(topk)
+    made = (cache / "state.json").stat().st_mtime_ns
+    assert sae.cfg.d_in == 64 and sae.cfg.d_sae == 256
+    # the cache holds the model's own activations for the contexts in data_seed's order (float16)
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(cache)).with_format("torch")
+    first = torch.from_numpy(models.train_contexts(small_preset)[activations.order(topk)[:3]])
+    expect = models.activations(models.load_model(small_preset), topk.hook, first)
+    torch.testing.assert_close(ds[:3][topk.hook].float(), expect, atol=2e-2, rtol=2e-3)
+    assert torch.equal(ds[:3]["token_ids"].long(), first)
+    # TopK keeps k latents per token; the second spec at the hook reads the same cache (not made again)
+    x = expect[:, 1:].reshape(-1, 64)
+    assert ((sae.encode(x) > 0).sum(-1) <= 4).all()
+    saes.load(relu, progress=False)
+    assert (cache / "state.json").stat().st_mtime_ns == made
+    # stored in half precision with a record; loading again reads the same bytes
+    path = library.find(topk)
+    rec = json.loads((path / "record.json").read_text())
+    assert rec["weights_sha256"] == bundle_io.sha256_file(path / library.WEIGHTS) and rec["training"]["steps"] == 16
+    again = saes.load(topk, train=False)
+    assert torch.equal(again.W_enc, sae.W_enc)
+
+
+# ----------------------------------------------------------------------------- the fixes' objectives
+@pytest.fixture(scope="module")
+def heldout(tiny):
+    tokens = tiny.tokens(16)
+    x = models.activations(tiny.model, BASE.hook, tokens)
+    return tokens, x, non_special(tokens, tiny.model.tokenizer)
+
+
+def _objectives(tiny, sae, tokens, x, keep):
+    """Held-out MSE (per token, summed over d) and KL(clean || spliced), special tokens left out."""
+    splicer = train.Splicer(tiny.model, BASE.hook)
+    with torch.no_grad():
+        clean = splicer.clean(tokens)
+        x_hat = torch.where(keep[..., None], sae.decode(sae.encode(x)), x)
+        logp, _ = splicer.spliced(clean, x_hat)
+        mse = (x_hat - x).square().sum(-1)[keep].mean()
+        kl = train._kl(clean["logp"], logp)[keep].mean()
+    return float(mse), float(kl)
+
+
+@pytest.mark.parametrize("kind", ["scale", "decoder"])
+def test_frozen_encoder_fine_tunes_keep_every_active_set_and_lower_mse(tiny, heldout, kind, tmp_path):
+    tokens, x, keep = heldout
+    base = saes.load(BASE, train=False)
+    named = {"scale": "scale fine-tune", "decoder": "decoder fine-tune"}[kind]
+    tuned = saes.load(next(n.spec for n in sets.get("fixes") if n.name == named), train=False)
+    assert torch.equal(tuned.encode(x) > 0, base.encode(x) > 0)
+    mse_base, _ = _objectives(tiny, base, tokens, x, keep)
+    mse_tuned, _ = _objectives(tiny, tuned, tokens, x, keep)
+    assert mse_tuned < mse_base, (mse_tuned, mse_base)
+    # the code path itself, freshly: a few steps keep the active set too
+    fresh = train.finetune(dataclasses.replace(BASE, finetune=FineTune(kind, tokens=2048, lr=1e-2)), base,
+                           tmp_path / kind, progress=False)
+    assert fresh["steps"] == 2
+    from sae_lens import SAE
+
+    again = SAE.load_from_disk(tmp_path / kind)
+    assert torch.equal(again.encode(x) > 0, base.encode(x) > 0)
+
+
+def test_kl_mse_fine_tune_lowers_its_objective(tiny, heldout):
+    tokens, x, keep = heldout
+    base = saes.load(BASE, train=False)
+    tuned = saes.load(next(n.spec for n in sets.get("fixes") if n.name == "KL+MSE fine-tune"), train=False)
+    mse_b, kl_b = _objectives(tiny, base, tokens, x, keep)
+    mse_t, kl_t = _objectives(tiny, tuned, tokens, x, keep)
+    a = mse_b / kl_b  # Karvonen's weight, held at the base SAE's value so both are scored by one objective
+    assert 0.5 * (mse_t + a * kl_t) < 0.5 * (mse_b + a * kl_b)
+    assert kl_t < kl_b
+
+
+def test_end_to_end_training_lowers_kl(tiny, heldout, tmp_path):
+    import sae_lens
+
+    tokens, x, keep = heldout
+    spec = dataclasses.replace(BASE, objective="e2e", sparsity=0.3, training_tokens=16 * 1024)
+    info = train.train(spec, tmp_path / "e2e", progress=False)
+    trained = sae_lens.SAE.load_from_disk(tmp_path / "e2e")
+    torch.manual_seed(spec.seed)  # the same initial weights the loop started from
+    init = sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(d_in=128, d_sae=512, l1_coefficient=0.3))
+    init.fold_activation_norm_scaling_factor(info["activation_scale"])
+    _, kl_init = _objectives(tiny, init, tokens, x, keep)
+    _, kl_trained = _objectives(tiny, trained, tokens, x, keep)
+    assert kl_trained < 0.7 * kl_init, (kl_trained, kl_init)
