@@ -151,8 +151,13 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
 
 def fix_effects(table: pd.DataFrame) -> pd.DataFrame:
     """Each fix against its base SAE: relative change of KL, of the ratio, of the CE-delta gap to eps-random
-    (ce_delta - ce_delta_eps_random), of the MSE (1 - explained variance) and of L0."""
+    (ce_delta - ce_delta_eps_random), of the MSE (1 - explained variance) and of L0; and its ratio against the
+    ReLU + L1 sweep's at the same L0 (`l1_curve_ratio`: interpolated linearly in log L0), since a fix that moves
+    L0 moves along that curve too."""
+    import numpy as np
+
     by_name = table.set_index("name")
+    curve = table[table.group == "l1"].sort_values("l0")
     rows = []
     for _, fix in table[table.base != ""].iterrows():
         b = by_name.loc[fix.base]
@@ -161,8 +166,13 @@ def fix_effects(table: pd.DataFrame) -> pd.DataFrame:
                      "ratio_change": fix.ratio / b.ratio - 1, "ce_delta_change": fix.ce_delta / b.ce_delta - 1,
                      "ce_gap_change": gap / base_gap - 1 if base_gap != 0 else float("nan"),
                      "mse_change": (1 - fix.explained_variance) / (1 - b.explained_variance) - 1,
-                     "l0_change": fix.l0 / b.l0 - 1})
-    return pd.DataFrame(rows)
+                     "l0_change": fix.l0 / b.l0 - 1,
+                     "l1_curve_ratio": float(np.interp(np.log(fix.l0), np.log(curve.l0), curve.ratio))
+                     if len(curve) > 1 else float("nan")})
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["ratio_vs_curve"] = out.fix.map(by_name.ratio) / out.l1_curve_ratio - 1
+    return out
 
 
 def dose_response(table: pd.DataFrame, groups=("l1", "topk", "batchtopk", "jumprelu", "gated", "e2e", "e2e_ds")

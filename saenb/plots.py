@@ -492,9 +492,11 @@ def points_ci(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, hue: str
         if panel is not None:
             ax.set_title(str(panel))
         if notes and panel in notes:
-            ax.text(0.02, 0.98, notes[panel], transform=ax.transAxes, fontsize=7, va="top", color="#555555")
+            ax.text(0.98, 0.98, notes[panel], transform=ax.transAxes, fontsize=7, va="top", ha="right",
+                    color="#555555")
     _label(axes, len(panels), xlabel or x, ylabel or y)
-    axes.flat[0].legend(fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     return fig
 
 

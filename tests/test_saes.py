@@ -92,7 +92,7 @@ def test_a_corrupted_committed_spec_names_the_fix(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def small_preset(small_bundle, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("saes")
-    name = f"small-specs-{tmp.name}"
+    name = f"small-specs-{tmp.parent.name}-{tmp.name}"
     register_preset(Preset(name=name, bundle=str(small_bundle), sae_sources=TINY_STDLIB.sae_sources, layers=(0, 1)))
     mp = pytest.MonkeyPatch()
     mp.setattr(models, "RUNS", tmp / "runs")
@@ -185,12 +185,12 @@ def test_end_to_end_training_lowers_kl(tiny, heldout, tmp_path):
     import sae_lens
 
     tokens, x, keep = heldout
-    spec = dataclasses.replace(BASE, objective="e2e", sparsity=0.3, training_tokens=16 * 1024)
+    spec = dataclasses.replace(BASE, objective="e2e", sparsity=0.1, lr=3e-3, training_tokens=32 * 1024)
     info = train.train(spec, tmp_path / "e2e", progress=False)
     trained = sae_lens.SAE.load_from_disk(tmp_path / "e2e")
     torch.manual_seed(spec.seed)  # the same initial weights the loop started from
-    init = sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(d_in=128, d_sae=512, l1_coefficient=0.3))
+    init = sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(d_in=128, d_sae=512, l1_coefficient=0.1))
     init.fold_activation_norm_scaling_factor(info["activation_scale"])
     _, kl_init = _objectives(tiny, init, tokens, x, keep)
     _, kl_trained = _objectives(tiny, trained, tokens, x, keep)
-    assert kl_trained < 0.7 * kl_init, (kl_trained, kl_init)
+    assert kl_trained < 0.6 * kl_init, (kl_trained, kl_init)

@@ -51,8 +51,8 @@ def committed_dir(spec: SAESpec) -> Path | None:
     return path if (path / "record.json").exists() else None
 
 
-def local_dir(spec: SAESpec, root: Path = LOCAL) -> Path:
-    return root / spec.preset / folder_name(spec)
+def local_dir(spec: SAESpec, root: Path | None = None) -> Path:
+    return (root or LOCAL) / spec.preset / folder_name(spec)
 
 
 def find(spec: SAESpec) -> Path | None:
