@@ -227,7 +227,8 @@ def histogram_table(df: pd.DataFrame, value: str = "kl", by=("layer", "intervent
     edges = np.linspace(low, high, bins + 1)
     frames = []
     for key, sub in df.groupby(list(by), observed=True, sort=True):
-        counts, _ = np.histogram(sub[value].dropna().clip(low, high), bins=edges)
+        # clipped in float64: a float32 column clipped at a float64 `high` can round above the last edge and be lost
+        counts, _ = np.histogram(sub[value].dropna().astype(np.float64).clip(low, high), bins=edges)
         frame = pd.DataFrame({"bin_left": edges[:-1], "bin_right": edges[1:], "count": counts})
         for col, v in zip(by, key if isinstance(key, tuple) else (key,), strict=True):
             frame[col] = v
