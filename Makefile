@@ -29,8 +29,11 @@ score: venv
 bench: venv
 	$(BIN)/python bench/engine.py
 
+# The model stages, then the bundle's own SAE sets (already committed for tiny-stdlib: nothing is retrained).
 bundle: venv
 	$(BIN)/python -m saenb.bundle build --out data/bundles/tiny-stdlib
+	$(BIN)/python -m saenb.saes build --set base --commit
+	$(BIN)/python -m saenb.saes build --set topk_sweep --commit
 
 clean-results:
 	rm -rf data/results figures data/runs/tiny-stdlib

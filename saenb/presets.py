@@ -287,23 +287,25 @@ def load_preset(
 
 
 def _load_bundle(preset: Preset, device: torch.device, families: tuple[str, ...]) -> Loaded:
+    """The bundle's model, and its SAE per hook: the specs of its recipe (`saenb.saes.sets.base`), read from the
+    bundle (never trained here: a missing one raises, naming the command that trains it)."""
+    from saenb import saes
+
     root = preset.bundle_path
     manifest = bundle_io.read_manifest(root)
     bundle_io.verify(root, manifest)
     model = bundle_io.load_model(root, device)
-    saes = {}
+    specs = saes.sets.base(preset)
+    found = {}
     for source in preset.sae_sources:
         if source.family not in families:
             continue
         for layer in preset.layers:
-            sae_dir = bundle_io.sae_path(root, source.sae_id(layer))
-            if not sae_dir.exists():
-                raise PresetError(
-                    f"bundle {root} has no SAE {source.sae_id(layer)!r}. It has: "
-                    f"{sorted(p.name for p in (root / bundle_io.SAE_DIR).iterdir())}"
-                )
-            saes[source.hook_name(layer)] = bundle_io.load_sae(root, source.sae_id(layer), device)
-    return Loaded(preset, model, heads_concatenated(saes), device, bundle_io.sha256_file(root / bundle_io.MANIFEST))
+            hook = source.hook_name(layer)
+            if hook not in specs:
+                raise PresetError(f"bundle {root} declares no SAE at {hook!r}; its SAEs sit at {sorted(specs)}")
+            found[hook] = saes.load(specs[hook], device, train=False, root=root)
+    return Loaded(preset, model, heads_concatenated(found), device, bundle_io.sha256_file(root / bundle_io.MANIFEST))
 
 
 # ------------------------------------------------------------------------------------------------- hub

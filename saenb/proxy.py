@@ -49,32 +49,32 @@ class Sweep:
 
 
 def load_sweep(preset: str | Preset = "tiny-stdlib", device: str | torch.device = "cpu") -> Sweep:
-    """Both models and every TopK SAE of a bundle's sweep (`python -m saenb.bundle build` stages 7-8)."""
+    """Both models and every TopK SAE of a bundle's sweep (`saenb.saes.sets.topk_sweep`, read from the bundle)."""
+    from saenb import saes
+
     preset = get_preset(preset)
     if preset.bundle is None:
         raise ValueError(f"preset {preset.name!r} loads from the hub and has no TopK sweep: notebook 07's SAEs are "
-                         "trained by `python -m saenb.bundle build`. Use preset='tiny-stdlib', or a Preset whose "
-                         "bundle= names a bundle built with the sweep stages.")
+                         "a bundle's `topk_sweep` set. Use preset='tiny-stdlib', or a Preset whose bundle= names a "
+                         "bundle with that set trained (`python -m saenb.saes build --set topk_sweep`).")
     root = preset.bundle_path
     manifest = bundle_io.read_manifest(root)
     bundle_io.verify(root, manifest)
-    if not manifest.get("topk_sweep"):
-        raise bundle_io.BundleError(f"the bundle at {root} has no TopK sweep (built before notebook 07 existed). "
-                                    f"Resume its build to add it: `{manifest['build_command']}` (only the new "
-                                    "stages run).")
-    base = min(e["training_tokens"] for e in manifest["topk_sweep"])
+    # seconds of SAEs trained by the bundle build before specs existed are in its manifest
+    legacy = {(e["model"], e["layer"], e["k"], e["training_tokens"]): e["seconds"]
+              for e in manifest.get("topk_sweep", [])}
     models = {"base": bundle_io.load_model(root, device),
               "small": bundle_io.load_model(root, device, folder=bundle_io.SMALL_MODEL_DIR)}
-    saes, rows = {}, []
-    for entry in manifest["topk_sweep"]:
-        factor = entry["training_tokens"] // base
-        key = (entry["model"], entry["layer"], entry["k"], factor)
-        path = bundle_io.topk_path(root, entry["model"], entry["hook"], entry["k"], factor)
-        saes[key] = SAE.load_from_disk(path, device=str(device)).eval()
-        rows.append({"model": entry["model"], "d_model": models[entry["model"]].cfg.d_model, "layer": entry["layer"],
-                     "k": entry["k"], "budget": factor, "training_tokens": entry["training_tokens"],
-                     "d_sae": entry["d_sae"], "train_seconds": entry["seconds"]})
-    return Sweep(models, saes, pd.DataFrame(rows), bundle_io.sha256_file(root / bundle_io.MANIFEST))
+    sweep, rows = {}, []
+    for key, spec in saes.sets.topk_sweep(preset).items():
+        model, layer, k, factor = key
+        sweep[key] = saes.load(spec, device, train=False, root=root)
+        record = saes.record(spec, root)
+        seconds = record["training"]["seconds"] if "training" in record else \
+            legacy[(model, layer, k, spec.training_tokens)]
+        rows.append({"model": model, "d_model": models[model].cfg.d_model, "layer": layer, "k": k, "budget": factor,
+                     "training_tokens": spec.training_tokens, "d_sae": sweep[key].cfg.d_sae, "train_seconds": seconds})
+    return Sweep(models, sweep, pd.DataFrame(rows), bundle_io.sha256_file(root / bundle_io.MANIFEST))
 
 
 def _ce_per_token(logits: Tensor, tokens: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ SMALL_BUILD_ARGS = [
     "--heldout-percent", "30", "--n-heldout-contexts", "48", "--vocab-size", "512", "--n-layers", "2",
     "--d-model", "64", "--n-heads", "2", "--d-mlp", "128", "--train-steps", "40", "--warmup-steps", "5",
     "--checkpoint-every", "10", "--compile-model", "false", "--sae-training-tokens", "16384",
-    "--sae-batch-tokens", "512", "--sae-max-attempts", "1", "--eval-reconstruction-batches", "1",
+    "--sae-batch-tokens", "512", "--eval-reconstruction-batches", "1",
     "--alive-tokens", "4096", "--eval-batch-prompts", "8",
     "--small-d-model", "32", "--small-n-heads", "2", "--small-d-mlp", "64", "--topk-ks", "4,8", "--topk-layers", "0,1",
     "--topk-training-tokens", "8192", "--topk-budget-ks", "4", "--topk-budget-factor", "2",
@@ -38,11 +38,21 @@ def build_command(out: Path, work: Path, *extra: str) -> list[str]:
             "--corpus", str(small_corpus()), *SMALL_BUILD_ARGS, *extra]
 
 
+SMALL_PRESET = "small-bundle"
+"""The name the small bundle's SAE specs are trained under (tests load it as a Preset of this name)."""
+
+
 @pytest.fixture(scope="session")
 def small_bundle(tmp_path_factory) -> Path:
+    """The bundle builder's stages, then its own SAE sets (`saenb.saes.sets.base` and `topk_sweep`, from the
+    recipe in its manifest) trained by sae_lens's runner and committed into it."""
     root = tmp_path_factory.mktemp("small")
     out = root / "bundle"
     subprocess.run(build_command(out, root / "work"), check=True, cwd=REPO, capture_output=True)
+    env = {**os.environ, "SAENB_RUNS": str(root / "runs"), "SAENB_RESULTS": str(root / "results")}
+    for name in ("base", "topk_sweep"):
+        subprocess.run([sys.executable, "-m", "saenb.saes", "build", "--set", name, "--preset", SMALL_PRESET,
+                        "--bundle", str(out), "--commit"], check=True, cwd=REPO, capture_output=True, env=env)
     return out
 
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saenb import bundle_io
-from saenb.bundle import BuildConfig, evaluate_sae
-from saenb.presets import TINY_STDLIB
+from saenb import bundle_io, saes
+from saenb.bundle import BuildConfig
+from saenb.presets import TINY_STDLIB, Preset
+from saenb.saes.quality import run_evals_figures
 
-from .conftest import REPO, build_command
+from .conftest import REPO, SMALL_PRESET, build_command
 
 
 def test_build_resumes_after_kill_to_identical_weights(tmp_path, small_bundle):
@@ -78,11 +79,13 @@ def test_sae_figures_recomputed_with_run_evals_match_manifest(hook):
     batches that happen to agree closely.
     """
     root = TINY_STDLIB.bundle_path
-    cfg = BuildConfig(**MANIFEST["config"])
+    cfg = BuildConfig.from_manifest(MANIFEST["config"])
     recorded = MANIFEST["quality"]["saes"][hook]
+    model, sae = bundle_io.load_model(root), saes.load(saes.sets.base()[hook], train=False)
+    tokens = bundle_io.load_tokens(root / bundle_io.HELDOUT_TOKENS)
     per_batch = [
-        evaluate_sae(root, hook, bundle_io.sae_path(root, hook), cfg, n_recon_batches=1, n_sparsity_batches=1,
-                     first_context=i * cfg.eval_batch_prompts)
+        run_evals_figures(model, sae, tokens[i * cfg.eval_batch_prompts:], batch_prompts=cfg.eval_batch_prompts,
+                          n_recon_batches=1, n_sparsity_batches=1)
         for i in range(N_BATCHES)
     ]
     for metric in ("kl_div_with_sae", "ce_loss_score"):
@@ -99,24 +102,25 @@ def test_sae_figures_recomputed_with_run_evals_match_manifest(hook):
 
 
 def test_second_model_and_topk_sweep(small_bundle):
-    """The build's second model (another width, same tokenizer and depth) and its TopK SAE sweep load, and
-    each TopK SAE keeps exactly k latents per token."""
+    """The build's second model (another width, same tokenizer and depth) and its TopK SAE sweep (specs of the
+    recipe in the manifest, trained by the fixture and committed in the bundle) load, and each TopK SAE keeps
+    exactly k latents per token."""
     manifest = json.loads((small_bundle / bundle_io.MANIFEST).read_text())
     base = bundle_io.load_model(small_bundle)
     small = bundle_io.load_model(small_bundle, folder=bundle_io.SMALL_MODEL_DIR)
     assert small.cfg.d_model == manifest["small_model"]["config"]["d_model"] == 32 != base.cfg.d_model
     assert small.cfg.n_layers == base.cfg.n_layers and small.cfg.d_vocab == base.cfg.d_vocab
     assert manifest["small_model"]["quality"]["heldout_ce_nats"] > 0
-    sweep = manifest["topk_sweep"]
+    preset = Preset(name=SMALL_PRESET, bundle=str(small_bundle), sae_sources=TINY_STDLIB.sae_sources, layers=(0, 1))
+    sweep = saes.sets.topk_sweep(preset)
     assert len(sweep) == 2 * 2 * 2 + 2  # models x layers x k, plus the budget check (k = 4 again, 2x tokens)
+    assert {s.training_tokens for s in sweep.values()} == {8192, 16384}
     tokens = bundle_io.load_tokens(small_bundle / bundle_io.HELDOUT_TOKENS)[:2]
-    from sae_lens import SAE
-
-    for entry in sweep:
-        factor = entry["training_tokens"] // 8192
-        sae = SAE.load_from_disk(bundle_io.topk_path(small_bundle, entry["model"], entry["hook"], entry["k"], factor))
-        model = small if entry["model"] == "small" else base
-        _, cache = model.run_with_cache(tokens, names_filter=[entry["hook"]])
-        latents = sae.encode(cache[entry["hook"]])
-        assert sae.cfg.d_in == model.cfg.d_model and sae.cfg.k == entry["k"]
-        assert ((latents != 0).sum(-1) <= entry["k"]).all() and (latents != 0).sum(-1).float().mean() > 0.5 * entry["k"]
+    for (model_key, layer, k, factor), spec in sweep.items():
+        sae = saes.load(spec, train=False, root=small_bundle)
+        assert saes.record(spec, small_bundle)["training"]["steps"] == 8192 * factor // 512
+        model = small if model_key == "small" else base
+        _, cache = model.run_with_cache(tokens, names_filter=[spec.hook])
+        latents = sae.encode(cache[spec.hook])
+        assert sae.cfg.d_in == model.cfg.d_model and sae.cfg.k == k
+        assert ((latents != 0).sum(-1) <= k).all() and (latents != 0).sum(-1).float().mean() > 0.5 * k

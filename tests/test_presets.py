@@ -15,6 +15,8 @@ import torch
 from saenb import Preset, PresetError, SAESource, bundle_io, load_preset
 from saenb.presets import TINY_STDLIB, Loaded, get_preset, hook_width, register_preset, validate
 
+from .conftest import SMALL_PRESET
+
 N_LAYERS = 6
 
 
@@ -199,7 +201,7 @@ def test_presets_are_frozen_and_registry_rejects_duplicates():
 
 def test_small_bundle_from_the_pipeline_loads(small_bundle):
     """A bundle built by `python -m saenb.bundle build` loads through the same preset code."""
-    preset = Preset(name="small", bundle=str(small_bundle), sae_sources=TINY_STDLIB.sae_sources, layers=(0, 1),
+    preset = Preset(name=SMALL_PRESET, bundle=str(small_bundle), sae_sources=TINY_STDLIB.sae_sources, layers=(0, 1),
                     default_n_contexts=16)
     loaded = load_preset(preset, device="cpu")
     assert sorted(loaded.saes) == sorted(preset.hook_names())

@@ -10,10 +10,12 @@ import torch
 from saenb import bundle_io, metrics, proxy
 from saenb.presets import TINY_STDLIB, Preset
 
+from .conftest import SMALL_PRESET
+
 
 @pytest.fixture(scope="module")
 def sweep(small_bundle):
-    preset = Preset(name="small-sweep", bundle=str(small_bundle), sae_sources=TINY_STDLIB.sae_sources, layers=(0, 1))
+    preset = Preset(name=SMALL_PRESET, bundle=str(small_bundle), sae_sources=TINY_STDLIB.sae_sources, layers=(0, 1))
     return proxy.load_sweep(preset)
 
 

@@ -51,9 +51,13 @@ def test_specs_reject_bad_values_naming_the_allowed_ones():
 
 def test_committed_specs_load_the_committed_files_bit_for_bit():
     root = TINY_STDLIB.bundle_path
-    for spec, rel in [(sets.BASE["blocks.3.hook_resid_pre"], "saes/blocks.3.hook_resid_pre"),
-                      (sets.BASE["blocks.5.attn.hook_z"], "saes/blocks.5.attn.hook_z"),
-                      (sets.TOPK_SWEEP[("small", 3, 32, 5)], "topk/small/blocks.3.hook_resid_post/k32-x5")]:
+    base, sweep = sets.base(), sets.topk_sweep()
+    assert base["blocks.3.hook_resid_pre"] == sets.FIXES_BASE and len(base) == 12 and len(sweep) == 34
+    assert base["blocks.5.attn.hook_z"].sparsity == 2.0  # the old build raised it; its manifest records so
+    assert all(library.find(s) is not None for s in [*base.values(), *sweep.values()])
+    for spec, rel in [(base["blocks.3.hook_resid_pre"], "saes/blocks.3.hook_resid_pre"),
+                      (base["blocks.5.attn.hook_z"], "saes/blocks.5.attn.hook_z"),
+                      (sweep[("small", 3, 32, 5)], "topk/small/blocks.3.hook_resid_post/k32-x5")]:
         sae = saes.load(spec, train=False)
         stored = load_file(str(root / rel / "sae_weights.safetensors"))
         for name, tensor in stored.items():
@@ -83,7 +87,7 @@ def test_a_corrupted_committed_spec_names_the_fix(tmp_path, monkeypatch):
 
     shutil.copytree(src, copy)
     (copy / library.WEIGHTS).write_bytes((copy / library.WEIGHTS).read_bytes()[:-8] + b"\0" * 8)
-    monkeypatch.setattr(library, "committed_dir", lambda spec: copy)
+    monkeypatch.setattr(library, "committed_dir", lambda spec, root=None: copy)
     with pytest.raises(library.SpecError, match="do not match the sha256"):
         saes.load(named.spec)
 

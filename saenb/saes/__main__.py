@@ -4,6 +4,8 @@
     python -m saenb.saes build --set fixes              # train what is stored nowhere (resumable)
     python -m saenb.saes build --set fixes --evaluate   # and record sae_lens run_evals quality figures
     python -m saenb.saes commit --set fixes             # copy the set's locally trained SAEs into the bundle
+    python -m saenb.saes build --set base --preset mine --bundle path/to/bundle --commit
+                                                        # a new bundle's own SAEs (its manifest's recipe)
 """
 
 from __future__ import annotations
@@ -20,12 +22,21 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("list", "build", "commit"))
     parser.add_argument("--set", dest="name", default="fixes", help=f"one of {sorted(sets.SETS)}")
+    parser.add_argument("--preset", default="tiny-stdlib", help="a registered bundle preset, or a name for --bundle")
+    parser.add_argument("--bundle", default=None,
+                        help="a bundle folder (not registered): registered as --preset for this command")
     parser.add_argument("--groups", default=None, help="comma-separated groups of the set (default: all)")
     parser.add_argument("--evaluate", action="store_true", help="record run_evals quality in each record.json")
+    parser.add_argument("--commit", action="store_true", help="with build: copy what it trained into the bundle")
     args = parser.parse_args(argv)
+    from saenb.presets import PresetError, Preset, TINY_STDLIB, register_preset
+
     try:
-        chosen = sets.get(args.name)
-    except ValueError as exc:
+        if args.bundle:
+            register_preset(Preset(name=args.preset, bundle=args.bundle, sae_sources=TINY_STDLIB.sae_sources,
+                                   layers=(0,), description=f"the bundle at {args.bundle}"))
+        chosen = sets.get(args.name, args.preset)
+    except (ValueError, PresetError) as exc:
         parser.error(str(exc))
     if args.groups:
         groups = set(args.groups.split(","))
@@ -42,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                 from saenb.saes.quality import evaluate
 
                 library.add_quality(named.spec, evaluate(named.spec))
+            if args.commit and library.committed_dir(named.spec) is None:
+                where = library.commit(named.spec)
             print(f"{named.name}: {where} ({time.time() - t0:.0f} s)", flush=True)
         elif args.command == "commit" and where is not None and library.committed_dir(named.spec) is None:
             print(library.commit(named.spec))

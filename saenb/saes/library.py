@@ -1,7 +1,7 @@
 """Where a spec's SAE lives, and `load(spec)`: the committed bundle, else the local cache, else training.
 
     committed   data/bundles/<preset>/specs/<label>-<key>/   sae_lens disk format + spec.json + record.json
-                (and the bundle's original SAEs, saes/<hook>/ and topk/..., declared in `sets.LEGACY`)
+                (or, for a bundle built before specs, its old saes/<hook>/ and topk/... folders: `sets.legacy_folder`)
     local       data/results/saes/<preset>/<label>-<key>/    the same layout, git-ignored
 
 An SAE trained here is stored in half precision (its cfg keeps dtype float32, so it loads as float32): the
@@ -40,48 +40,49 @@ def folder_name(spec: SAESpec) -> str:
     return f"{spec.label}-{spec.key}"
 
 
-def committed_dir(spec: SAESpec) -> Path | None:
-    """The committed folder of `spec` (a bundle spec folder, or one of the bundle's original SAEs), if any."""
-    from saenb.saes.sets import LEGACY
+def committed_dir(spec: SAESpec, root: Path | None = None) -> Path | None:
+    """The committed folder of `spec` in its bundle (`root`, default: its preset's), if any."""
+    from saenb.saes.sets import legacy_folder
 
-    root = models.bundle_root(spec.preset)
-    if spec.key in LEGACY:
-        return root / LEGACY[spec.key]
+    root = models.bundle_root(spec.preset) if root is None else Path(root)
     path = root / SPECS_DIR / folder_name(spec)
-    return path if (path / "record.json").exists() else None
+    return path if (path / "record.json").exists() else legacy_folder(spec, root)
 
 
 def local_dir(spec: SAESpec, root: Path | None = None) -> Path:
     return (root or LOCAL) / spec.preset / folder_name(spec)
 
 
-def find(spec: SAESpec) -> Path | None:
-    """Where `spec`'s SAE is stored (committed first), or None."""
-    path = committed_dir(spec)
+def find(spec: SAESpec, root: Path | None = None) -> Path | None:
+    """Where `spec`'s SAE is stored (committed in the bundle at `root`, default its preset's, first), or None."""
+    path = committed_dir(spec, root)
     if path is not None:
         return path
     path = local_dir(spec)
     return path if (path / "record.json").exists() else None
 
 
-def record(spec: SAESpec) -> dict[str, Any]:
-    path = find(spec)
+def record(spec: SAESpec, root: Path | None = None) -> dict[str, Any]:
+    """The stored record.json of `spec` (for an SAE in an old bundle folder: only its spec and folder)."""
+    path = find(spec, root)
     if path is None:
         raise SpecError(f"no stored SAE for spec {spec.label} ({spec.key}); train it with saenb.saes.load(spec)")
     rec = path / "record.json"
     return json.loads(rec.read_text()) if rec.exists() else {"spec": spec.to_dict(), "legacy": str(path)}
 
 
-def load(spec: SAESpec, device: str | torch.device = "cpu", *, train: bool = True, progress: bool = True):
+def load(spec: SAESpec, device: str | torch.device = "cpu", *, train: bool = True, progress: bool = True,
+         root: Path | None = None):
     """The SAE of `spec` (sae_lens `SAE`, eval mode), trained first when it is stored nowhere (unless
-    `train=False`, which raises instead)."""
+    `train=False`, which raises instead). `root`: the bundle to look in (default: the spec's preset's)."""
     from sae_lens import SAE
 
-    path = find(spec)
+    path = find(spec, root)
     if path is None:
         if not train:
-            raise SpecError(f"SAE {spec.label} ({spec.key}) is neither committed nor cached locally; "
-                            "call saenb.saes.load(spec) to train it")
+            raise SpecError(f"SAE {spec.label} ({spec.key}) of {spec.preset} is neither committed nor cached locally; "
+                            "train it with `saenb.saes.load(spec)` or `python -m saenb.saes build --set <its set> "
+                            f"--preset {spec.preset}`, then `python -m saenb.saes commit ...` to add it to the bundle")
         path = build(spec, progress=progress)
     _verify(spec, path)
     return SAE.load_from_disk(path, device=str(device)).eval()

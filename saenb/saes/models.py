@@ -7,6 +7,7 @@ committed tokenizer (`bundle.train_contexts`, about half a minute) and kept unde
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from saenb import bundle_io
 from saenb.presets import PresetError, get_preset, hook_width, sae_layer  # noqa: F401  (hook_width re-exported)
 
 MODEL_FOLDERS = {"base": bundle_io.MODEL_DIR, "small": bundle_io.SMALL_MODEL_DIR}
-RUNS = Path(__file__).resolve().parents[2] / "data" / "runs"
+RUNS = Path(os.environ.get("SAENB_RUNS", Path(__file__).resolve().parents[2] / "data" / "runs"))
+"""Generated work files (`SAENB_RUNS` moves them, e.g. for a test's own bundle)."""
 
 
 def work_dir(preset: str) -> Path:
@@ -27,7 +29,8 @@ def work_dir(preset: str) -> Path:
     return RUNS / f"saes-{preset}"
 
 
-def bundle_root(preset: str) -> Path:
+def bundle_root(preset) -> Path:
+    """The bundle folder of a preset (a registered name or a `Preset`)."""
     p = get_preset(preset)
     if not p.is_bundle:
         raise PresetError(f"preset {preset!r} loads its SAEs from the hub; SAE specs are trained on a bundle preset "

@@ -52,10 +52,30 @@ def run_evals_figures(model, sae, tokens: torch.Tensor, *, batch_prompts: int = 
     }
 
 
+TARGETS = {
+    "resid": {"ce_loss_score": 0.85, "explained_variance": 0.75, "l0": (4, 100), "alive_fraction": 0.60},
+    "z": {"ce_loss_score": 0.75, "l0": (2, 100)},
+}
+"""Quality a bundle's own SAEs aim for (tiny-stdlib's were built to meet these: its manifest's quality_met)."""
+
+
+def meets(hook: str, q: dict[str, Any]) -> bool:
+    """`q` (run_evals figures) against TARGETS of the hook's family."""
+    t = TARGETS["z" if hook.endswith("hook_z") else "resid"]
+    ok = q["ce_loss_score"] >= t["ce_loss_score"] and t["l0"][0] <= q["l0"] <= t["l0"][1]
+    if "explained_variance" in t:
+        ok = ok and q["explained_variance"] >= t["explained_variance"]
+    if "alive_fraction" in t:
+        ok = ok and q["alive_fraction"] >= t["alive_fraction"]
+    return bool(ok)
+
+
 def evaluate(spec: SAESpec, **kwargs) -> dict[str, Any]:
-    """`run_evals_figures` of a stored spec on its preset's held-out contexts (the first ones, in order)."""
+    """`run_evals_figures` of a stored spec on its preset's held-out contexts (the first ones, in order), with
+    `meets_targets` (TARGETS)."""
     from saenb.saes.library import load
 
     root = models.bundle_root(spec.preset)
     tokens = bundle_io.load_tokens(root / bundle_io.HELDOUT_TOKENS)
-    return run_evals_figures(models.load_model(spec.preset, spec.model), load(spec, train=False), tokens, **kwargs)
+    q = run_evals_figures(models.load_model(spec.preset, spec.model), load(spec, train=False), tokens, **kwargs)
+    return {**q, "meets_targets": meets(spec.hook, q)}

@@ -1,20 +1,24 @@
 """Named sets of SAE specs: what each notebook uses, declared as data.
 
-    sets.get("fixes")        # notebook 08's sweep and fixes, [NamedSpec(name, group, spec), ...]
-    sets.BASE                # the bundle's twelve original SAEs, {hook: spec}
-    sets.TOPK_SWEEP          # notebook 07's TopK sweep (34 SAEs)
+    sets.get("fixes")              # notebook 08's sweep and fixes, [NamedSpec(name, group, spec), ...]
+    sets.base("tiny-stdlib")       # the bundle's SAE per hook (notebooks 01-06), {hook: spec}
+    sets.topk_sweep("tiny-stdlib") # notebook 07's TopK sweep, {(model, layer, k, budget factor): spec}
 
-The original SAEs were trained by the bundle build before specs existed (sae_lens's runner streaming the
-model's activations over the training contexts that `data_seed` shuffles); `LEGACY` maps their specs to the
-committed folders, so loading them reads the same files (no retraining). A spec trained now reads the shared
-activation cache instead: the same recipe, not the same bits.
+A bundle's own sets follow the SAE recipe in its manifest (`bundle.BuildConfig`'s sae_* and topk_* options).
+tiny-stdlib's were trained by the bundle build before specs existed (sae_lens's runner streaming the model's
+activations over the contexts that `data_seed` shuffles) and stay in their old folders (`legacy_folder`):
+loading them reads the same files. A spec trained now reads the shared activation cache instead: the same
+recipe, not the same bits.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import functools
+from pathlib import Path
+from typing import Any, NamedTuple
 
+from saenb.saes import models
 from saenb.saes.spec import FineTune, SAESpec
 
 
@@ -26,43 +30,79 @@ class NamedSpec(NamedTuple):
     spec: SAESpec
 
 
-# --------------------------------------------------------------------------------- the bundle's originals
-_N_LAYERS = 6
-_HOOKS = [f"blocks.{layer}.hook_resid_pre" for layer in range(_N_LAYERS)] + [
-    f"blocks.{layer}.attn.hook_z" for layer in range(_N_LAYERS)]
-_L1 = {"blocks.0.attn.hook_z": 2.0, "blocks.5.attn.hook_z": 2.0}  # raised by the build's quality check
-
-BASE = {hook: SAESpec(hook=hook, sparsity=_L1.get(hook, 1.0), data_seed=i) for i, hook in enumerate(_HOOKS)}
-"""tiny-stdlib's original SAEs: standard (ReLU + L1), x4, 1M tokens, lr 1e-3, seed 0, contexts shuffled by
-data_seed = hook index (the bundle's manifest records each one's training)."""
-
-TOPK_SWEEP = {
-    (model, layer, k, factor): SAESpec(model=model, hook=f"blocks.{layer}.hook_resid_post", architecture="topk",
-                                       sparsity=k, training_tokens=400_000 * factor, data_seed=1000 + layer)
-    for model in ("base", "small") for layer, k, factor in
-    [(layer, k, 1) for layer in (1, 3, 5) for k in (8, 16, 32, 64, 128)] + [(3, 8, 5), (3, 32, 5)]
-}
-"""Notebook 07's TopK SAEs at hook_resid_post: (model, layer, k, budget factor) -> spec."""
-
-
-def _legacy() -> dict[str, str]:
+# ------------------------------------------------------------------------- a bundle's own SAEs (its recipe)
+@functools.cache
+def _recipe(root: Path) -> tuple[Any, dict[str, Any]]:
+    """The BuildConfig of the bundle at `root`, and the L1 coefficient each original SAE ended with (the old
+    build raised some by its quality check; bundles built since have none)."""
     from saenb import bundle_io
+    from saenb.bundle import BuildConfig
 
-    out = {spec.key: f"{bundle_io.SAE_DIR}/{hook}" for hook, spec in BASE.items()}
-    for (model, layer, k, factor), spec in TOPK_SWEEP.items():
-        out[spec.key] = f"{bundle_io.TOPK_DIR}/{model}/blocks.{layer}.hook_resid_post/" + (
-            f"k{k}" if factor == 1 else f"k{k}-x{factor}")
+    manifest = bundle_io.read_manifest(root)
+    trained = {h: t["l1_coefficient"] for h, t in manifest.get("sae_training", {}).items()}
+    return BuildConfig.from_manifest(manifest["config"]), trained
+
+
+def _name(preset) -> str:
+    return preset if isinstance(preset, str) else preset.name
+
+
+def base(preset="tiny-stdlib") -> dict[str, SAESpec]:
+    """The bundle's SAE per hook (`hook_resid_pre` and `attn.hook_z` of every layer), from the recipe in its
+    manifest: standard (ReLU + L1), `sae_expansion`, `sae_training_tokens`, `sae_lr`, the family's L1
+    coefficient, seed, and contexts shuffled by data_seed = seed + hook index."""
+    return _base(_name(preset), models.bundle_root(preset))
+
+
+def _base(name: str, root: Path) -> dict[str, SAESpec]:
+    cfg, trained = _recipe(root)
+    out = {}
+    for i, hook in enumerate(cfg.hooks):
+        l1 = trained.get(hook, cfg.sae_l1_z if hook.endswith("hook_z") else cfg.sae_l1_resid)
+        out[hook] = SAESpec(preset=name, hook=hook, expansion=cfg.sae_expansion, sparsity=l1,
+                            training_tokens=cfg.sae_training_tokens, lr=cfg.sae_lr, seed=cfg.seed,
+                            data_seed=cfg.seed + i, batch_tokens=cfg.sae_batch_tokens)
     return out
 
 
-LEGACY = _legacy()
-"""spec key -> folder of an original SAE, relative to the tiny-stdlib bundle."""
+def topk_sweep(preset="tiny-stdlib") -> dict[tuple[str, int, int, int], SAESpec]:
+    """Notebook 07's TopK SAEs at hook_resid_post of both models, from the bundle's recipe:
+    (model, layer, k, budget factor) -> spec (contexts shuffled by data_seed = seed + 1000 + layer)."""
+    return _topk(_name(preset), models.bundle_root(preset))
+
+
+def _topk(name: str, root: Path) -> dict[tuple[str, int, int, int], SAESpec]:
+    cfg, _ = _recipe(root)
+    return {(model, layer, k, factor): SAESpec(
+        preset=name, model=model, hook=f"blocks.{layer}.hook_resid_post", architecture="topk",
+        expansion=cfg.topk_expansion, sparsity=k, training_tokens=cfg.topk_training_tokens * factor, lr=cfg.sae_lr,
+        seed=cfg.seed, data_seed=cfg.seed + 1000 + layer, batch_tokens=cfg.sae_batch_tokens)
+        for model, layer, k, factor in cfg.topk_jobs()}
+
+
+def legacy_folder(spec: SAESpec, root: Path) -> Path | None:
+    """The folder where a bundle built before specs existed keeps `spec` (saes/<hook>/ for its base SAEs,
+    topk/<model>/<hook>/k<k>[-x<f>]/ for its TopK sweep), when it has it; such SAEs load from there unchanged."""
+    from saenb import bundle_io
+
+    if spec.finetune is not None or spec.objective != "mse":
+        return None
+    if spec.architecture == "standard" and (root / bundle_io.SAE_DIR / spec.hook).is_dir():
+        if _base(spec.preset, root).get(spec.hook) == spec:
+            return root / bundle_io.SAE_DIR / spec.hook
+    if spec.architecture == "topk" and (root / bundle_io.TOPK_DIR).is_dir():
+        for (model, layer, k, factor), candidate in _topk(spec.preset, root).items():
+            if candidate == spec:
+                path = bundle_io.topk_path(root, model, spec.hook, k, factor)
+                return path if path.is_dir() else None
+    return None
 
 
 # ---------------------------------------------------------------------------------- notebook 08: fixes
 FIXES_HOOK = "blocks.3.hook_resid_pre"
-FIXES_BASE = BASE[FIXES_HOOK]
-"""The base ReLU + L1 SAE every fix is applied to (data_seed 3: the sweep shares its contexts)."""
+FIXES_BASE = SAESpec(hook=FIXES_HOOK, sparsity=1.0, data_seed=3)
+"""The base ReLU + L1 SAE every fix is applied to: tiny-stdlib's original SAE at this hook (`base()`'s entry;
+data_seed 3: the sweep shares its contexts)."""
 _TOPK32 = dataclasses.replace(FIXES_BASE, architecture="topk", sparsity=32)
 
 
@@ -97,12 +137,20 @@ E2E_L1 = (0.05, 0.1)
 normalised activations, so its coefficients are too). They train at lr 3e-3 for 2M tokens: at the base recipe's
 1e-3 and 1M tokens the spliced KL was still above 1.5 nats when training ended (a pilot run)."""
 
-SETS = {"fixes": _fixes, "base": lambda: [NamedSpec(h, "base", s) for h, s in BASE.items()],
-        "topk_sweep": lambda: [NamedSpec(f"{m} L{layer} k{k}" + ("" if f == 1 else f" x{f}"), "topk", s)
-                               for (m, layer, k, f), s in TOPK_SWEEP.items()]}
+def _fixes_of(preset) -> list[NamedSpec]:
+    if _name(preset) != "tiny-stdlib":
+        raise ValueError(f"the 'fixes' set is declared on tiny-stdlib, not {_name(preset)!r}")
+    return _fixes()
 
 
-def get(name: str) -> list[NamedSpec]:
+SETS = {"fixes": _fixes_of,
+        "base": lambda preset: [NamedSpec(h, "base", s) for h, s in base(preset).items()],
+        "topk_sweep": lambda preset: [NamedSpec(f"{m} L{layer} k{k}" + ("" if f == 1 else f" x{f}"), "topk", s)
+                                      for (m, layer, k, f), s in topk_sweep(preset).items()]}
+
+
+def get(name: str, preset="tiny-stdlib") -> list[NamedSpec]:
+    """The named set's specs: "fixes" (notebook 08, tiny-stdlib), "base" and "topk_sweep" (a bundle's own)."""
     if name not in SETS:
         raise ValueError(f"unknown SAE set {name!r}; sets: {sorted(SETS)}")
-    return SETS[name]()
+    return SETS[name](preset)
