@@ -469,6 +469,16 @@ def _axes(ax, figsize):
     return fig, ax
 
 
+def _axes_style(ax, *, logx: bool, logy: bool, hline: float | None) -> None:
+    """Log scales and a dashed horizontal reference line (e.g. ratio 1), as asked."""
+    if hline is not None:
+        ax.axhline(hline, color="#7f8c8d", lw=0.8, ls="--")
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+
+
 def points_ci(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, hue: str, col: str | None = None,
               logx: bool = False, logy: bool = False, hline: float | None = None, xlabel: str | None = None,
               ylabel: str | None = None, notes: dict | None = None, col_wrap: int = 3) -> Figure:
@@ -483,12 +493,7 @@ def points_ci(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, hue: str
             err = np.vstack([(sub[y] - sub[low]).clip(lower=0), (sub[high] - sub[y]).clip(lower=0)])
             ax.errorbar(sub[x], sub[y], yerr=err, color=color(str(h)), label=name(str(h)), marker="o", ms=3.5,
                         lw=1.1, capsize=2)
-        if hline is not None:
-            ax.axhline(hline, color="#7f8c8d", lw=0.8, ls="--")
-        if logx:
-            ax.set_xscale("log")
-        if logy:
-            ax.set_yscale("log")
+        _axes_style(ax, logx=logx, logy=logy, hline=hline)
         if panel is not None:
             ax.set_title(str(panel))
         if notes and panel in notes:
@@ -511,12 +516,7 @@ def arrows(df: pd.DataFrame, *, x: str, y: str, label: str, base_x: str, base_y:
         ax.plot(row[x], row[y], "o", color="#c0392b", ms=4)
         ax.annotate(str(row[label]), (row[x], row[y]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.plot(df[base_x], df[base_y], "s", color="#212121", ms=6, label="base SAE")
-    if hline is not None:
-        ax.axhline(hline, color="#7f8c8d", lw=0.8, ls="--")
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
+    _axes_style(ax, logx=logx, logy=logy, hline=hline)
     if note:
         ax.text(0.02, 0.98, note, transform=ax.transAxes, fontsize=7, va="top", color="#555555")
     ax.set_xlabel(xlabel or x)
