@@ -16,12 +16,30 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--quick", action="store_true", help="a few contexts per notebook (smoke run, CI)")
     rp = sub.add_parser("report", help="write figures/<preset>/report.{md,html} from the saved figures")
     rp.add_argument("--preset", default="tiny-stdlib")
-    sc = sub.add_parser("score", help="the pathology score of every SAE of a preset")
-    sc.add_argument("--preset", default="tiny-stdlib")
+    sc = sub.add_parser("score", help="the pathology score of SAEs: a preset's, a sae_lens release's, or folders",
+                        description=__import__("saenb.scoring", fromlist=["x"]).__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = sc.add_argument_group("which SAEs (one of)")
+    src.add_argument("--preset", default="tiny-stdlib", help="every SAE of a preset (the default)")
+    src.add_argument("--release", default=None, help="regex over sae_lens's pretrained releases (with --sae-id)")
+    src.add_argument("--sae-id", default=None, help="regex over the matched releases' SAE ids")
+    src.add_argument("--sae-path", nargs="+", default=None, help="SAE folders (SAE.load_from_disk), with --model")
+    sc.add_argument("--model", default=None, help="for --sae-path: a preset name or a TransformerLens model name")
+    sc.add_argument("--hooks", default=None, help="with --preset: comma-separated hook names (default: every SAE)")
+    tok = sc.add_argument_group("tokens (default: the preset's held-out contexts)")
+    tok.add_argument("--dataset", default=None, help="a Hugging Face dataset (text column), streamed")
+    tok.add_argument("--text", default=None, help="a local text file, or a folder of them")
+    tok.add_argument("--tokens", default=None, help="a saved LongTensor [n_contexts, n_ctx] (torch.save)")
     sc.add_argument("--n-tokens", type=int, default=65_536)
-    sc.add_argument("--hooks", default=None, help="comma-separated hook names (default: every SAE)")
+    sc.add_argument("--context-size", type=int, default=None)
+    sc.add_argument("--batch-size", type=int, default=16)
     sc.add_argument("--device", default="auto")
+    sc.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--interventions", default="sae,eps_random,zero",
+                    help="comma-separated registered interventions (sae, eps_random and zero at least)")
+    sc.add_argument("--include-special", action="store_true", help="patch and measure special tokens too")
+    sc.add_argument("--output-dir", default=None, help="one SAEBench-shaped JSON per SAE, and pathology.csv")
     args = parser.parse_args(argv)
 
     if args.command == "presets":
@@ -31,12 +49,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:14s} {get_preset(name).description}")
         return 0
     if args.command == "score":
-        from saenb.pathology import format_table, score
-        from saenb.presets import load_preset
+        from saenb.bundle_io import BundleError
+        from saenb.hub import HubUnavailableError
+        from saenb.pathology import format_table
+        from saenb.presets import PresetError
+        from saenb.saes.library import SpecError
+        from saenb.scoring import ScoreError, run
 
-        loaded = load_preset(args.preset, device=args.device)
-        table = score(loaded, args.hooks.split(",") if args.hooks else None, n_tokens=args.n_tokens, seed=args.seed)
+        try:
+            table = run(args)
+        except (ScoreError, PresetError, HubUnavailableError, BundleError, SpecError, FileNotFoundError) as exc:
+            # user errors: the message names the fix; argparse's convention, no traceback
+            print(f"python -m saenb score: error: {exc}", file=sys.stderr)
+            return 2
+        except ValueError as exc:  # a bad request caught by the engine's checks (hook, intervention, tokens)
+            print(f"python -m saenb score: error: {exc}", file=sys.stderr)
+            return 2
         print(format_table(table))
+        if args.output_dir:
+            print(f"wrote {len(table)} JSON files and pathology.csv to {args.output_dir}")
         return 0
     if args.command == "report":
         from saenb.report import write_report

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saenb import metrics, nfm, saes
-from saenb.data import non_special
+from saenb.patching import hook_activations
 from saenb.presets import Loaded
 from saenb.saes.sets import NamedSpec
 from saenb.store import measure_cached
@@ -55,13 +55,6 @@ def describe(named: list[NamedSpec]) -> pd.DataFrame:
                      "expansion": s.expansion, "knob": s.knob, "sparsity": s.sparsity,
                      "training_tokens": s.training_tokens})
     return pd.DataFrame(rows)
-
-
-def _activations(loaded: Loaded, hook: str, tokens: torch.Tensor) -> torch.Tensor:
-    from saenb.saes.models import activations
-
-    x = torch.cat([activations(loaded.model, hook, chunk) for chunk in tokens.split(32)])
-    return x[non_special(tokens, loaded.model.tokenizer)]
 
 
 def reconstruction(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
@@ -118,7 +111,7 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
                              "--set fixes` (or pass train=True)")
     zero = measure_cached(loaded, [hook], ["zero"], tokens, seed=seed, progress=False)
     ce_zero = zero["ce_patched"].mean()
-    x = _activations(loaded, hook, tokens)
+    x = hook_activations(loaded, hook, tokens)
     base_names = {n.spec.key: n.name for n in named if n.spec.finetune is None}
     rows = []
     for n in tqdm(named, desc="SAEs", disable=not progress):

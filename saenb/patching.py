@@ -119,6 +119,15 @@ def make_request(
         if isinstance(positions, bool) or not isinstance(positions, int) or not 0 <= positions < n_ctx:
             raise ValueError(f"positions={positions!r} must be 'all' or a position in 0..{n_ctx - 1}")
         patch = (positions,)
+        if not include_special:
+            special_ids = torch.tensor(sorted(get_special_token_ids(loaded.model.tokenizer)), dtype=tokens.dtype)
+            patchable = ~torch.isin(tokens, special_ids)
+            if not patchable[:, positions].any():
+                later = [q for q in range(n_ctx) if patchable[:, q].any()]
+                raise ValueError(
+                    f"positions={positions} holds a special token (e.g. BOS) in every sequence, and special tokens "
+                    f"are never patched: nothing would be measured. The first position that can be patched is "
+                    f"{later[0] if later else 'none'} (or pass include_special=True)")
         if measure_positions is None:
             measured = tuple(range(positions, max(positions, min(positions + SINGLE_TOKEN_SPAN, last)) + 1))
         else:
@@ -158,9 +167,18 @@ def flat(act: Tensor, hook: str) -> Float[Tensor, "... d"]:
     return act.flatten(-2) if hook_family(hook) == "z" else act
 
 
-def resid_input_name(hook: str) -> str:
-    """The residual stream the patched forward starts from: the hook itself, or its block's input."""
-    return get_act_name("resid_pre", sae_layer(hook))
+def splice_point(hook: str) -> tuple[str, int, bool]:
+    """Where a patched forward starts for an SAE at `hook`: (the cached residual stream it starts from, the
+    block it starts at, whether the spliced activation *is* that residual stream).
+
+    `blocks.L.hook_resid_pre` is block L's input and `blocks.L.hook_resid_post` block L+1's (after the last
+    block, the forward only applies the final norm and unembedding): the spliced activation is fed in directly.
+    Any other hook of block L (`hook_resid_mid`, `hook_attn_out`, `hook_mlp_out`, `attn.hook_z`, ...) is spliced
+    by a forward hook while block L runs from its clean input."""
+    layer = sae_layer(hook)
+    if hook == get_act_name("resid_post", layer):
+        return hook, layer + 1, True
+    return get_act_name("resid_pre", layer), layer, hook == get_act_name("resid_pre", layer)
 
 
 def hook_means(loaded: Loaded, hooks, tokens: Tensor) -> dict[str, Float[Tensor, "d"]]:
@@ -171,6 +189,17 @@ def hook_means(loaded: Loaded, hooks, tokens: Tensor) -> dict[str, Float[Tensor,
         _, cache = loaded.model.run_with_cache(ref, names_filter=list(hooks),
                                                stop_at_layer=max(sae_layer(h) for h in hooks) + 1)
     return {h: flat(cache[h], h)[keep].mean(0) for h in hooks}
+
+
+def hook_activations(loaded: Loaded, hook: str, tokens: Tensor, batch_size: int = 32) -> Float[Tensor, "n d"]:
+    """Clean activations at `hook` (heads concatenated) of every non-special token of `tokens`, float32, CPU."""
+    out = []
+    with torch.inference_mode():
+        for chunk in tokens.split(batch_size):
+            chunk = chunk.to(loaded.device)
+            _, cache = loaded.model.run_with_cache(chunk, names_filter=[hook], stop_at_layer=sae_layer(hook) + 1)
+            out.append(flat(cache[hook], hook)[non_special(chunk, loaded.model.tokenizer)].float().cpu())
+    return torch.cat(out)
 
 
 def means_for(loaded: Loaded, req: Request, tokens: Tensor,
@@ -356,7 +385,7 @@ def measure(
     # the clean run covers the window and every candidate position (the random draws are made for all
     # candidates, so that they do not depend on the window)
     clean_end = max(window[1], req.patch[-1] + 1)
-    names = {*req.hooks, *(resid_input_name(h) for h in req.hooks)}
+    names = {*req.hooks, *(splice_point(h)[0] for h in req.hooks)}
     if window[0] > 0:
         names |= {get_act_name(kind, layer) for kind in ("k", "v") for layer in range(model.cfg.n_layers)}
     frames = []
@@ -390,7 +419,7 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
     """Forward every stacked (sequence, intervention, sample) row from the hooked layer over `window`, in
     chunks within `memory_mb`, each reduced at once to KL and CE at the measured positions."""
     model, cfg = loaded.model, loaded.model.cfg
-    layer = sae_layer(hook)
+    start, layer, direct = splice_point(hook)
     w0, w1 = window
     # candidate positions at or after w1 cannot change a measured position (causal attention): dropped
     kept = [i for i, q in enumerate(req.patch) if q < w1]
@@ -399,7 +428,7 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
     rel_patch = torch.tensor([req.patch[i] for i in kept], device=batch.device) - w0
     measured = torch.tensor(req.measured, device=batch.device)
     targets = _targets(batch, measured)
-    resid = cache[resid_input_name(hook)][:, w0:w1]  # [b, w, d_model]
+    resid = cache[start][:, w0:w1]  # [b, w, d_model]
     clean_at_patch = flat(cache[hook], hook)[:, w0 + rel_patch]  # [b, p, d]
     # special tokens keep their clean activation: nothing is spliced there
     rows = torch.where(keep[:, None, None, :, None], patched, clean_at_patch[:, None, None]).reshape(b * k * n, p, d)
@@ -409,7 +438,7 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
     per_row = (w1 - w0) * (8 * cfg.d_model + 6 * (cfg.d_mlp or 0) + 3 * cfg.n_heads * w1) * 4
     chunk = max(1, int(memory_mb * 2**20 // per_row))
     m = len(req.measured)
-    if hook_family(hook) == "resid" and w0 == 0:
+    if direct and w0 == 0:
         # The whole input of the patched forward is the spliced residual stream, so rows whose inputs are
         # equal give equal outputs: each distinct input is forwarded once. Zero and mean ablation at a
         # residual hook give every sequence of a batch the same input (BOS, left clean, is the same token).
@@ -428,10 +457,10 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
             rows_chunk = rows[start:start + chunk]
             inp = resid[idx]
             fwd_hooks = []
-            if hook_family(hook) == "z":
-                fwd_hooks.append((hook, functools.partial(_splice, rows=rows_chunk, rel_patch=rel_patch)))
-            else:
+            if direct:
                 inp = _splice(inp, None, rows=rows_chunk, rel_patch=rel_patch)
+            else:
+                fwd_hooks.append((hook, functools.partial(_splice, rows=rows_chunk, rel_patch=rel_patch)))
             kv = _prefix_cache(cache, idx, w0, cfg) if w0 > 0 else None
             with model.hooks(fwd_hooks=fwd_hooks) if fwd_hooks else contextlib.nullcontext():
                 out = model(inp, start_at_layer=layer, stop_at_layer=cfg.n_layers, past_kv_cache=kv)

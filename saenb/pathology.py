@@ -17,19 +17,21 @@ SCORE_INTERVENTIONS = ("sae", "eps_random", "zero")
 
 
 def score(loaded: Loaded, hooks=None, n_tokens: int = 65_536, *, intervention: str | iv.Spec = "sae", seed: int = 0,
-          confidence: float = 0.95, progress: bool = True, **measure_kwargs) -> pd.DataFrame:
+          confidence: float = 0.95, progress: bool = True, tokens=None, extra=(), **measure_kwargs) -> pd.DataFrame:
     """Per SAE: mean KL of the SAE splice and of eps-random (token means), their ratio with a bootstrap CI
-    over sequences, the mean CE delta of both, sae_lens's ce_loss_score (zero ablation as the reference)
-    and mean L0.
+    over sequences, the mean CE delta of both, sae_lens's ce_loss_score and kl_div_score (zero ablation as the
+    reference), the CE losses behind them, and mean L0.
 
     `intervention` replaces the SAE splice in every column but eps-random's (e.g. an SAE + NFM splice,
-    `saenb.nfm.TrainedNFM.spec`); eps-random stays at the SAE's own error size. All-token mode, BOS
-    excluded; `n_tokens` is rounded up to whole contexts.
+    `saenb.nfm.TrainedNFM.spec`); eps-random stays at the SAE's own error size. `extra` interventions are
+    measured too, as columns kl_<label>. All-token mode, BOS excluded; `tokens` (default: `n_tokens` rounded up
+    to whole contexts of the preset's held-out set) are the contexts scored.
     """
-    n_ctx = loaded.model.cfg.n_ctx
-    tokens = loaded.tokens(max(1, math.ceil(n_tokens / n_ctx)))
+    if tokens is None:
+        tokens = loaded.tokens(max(1, math.ceil(n_tokens / loaded.model.cfg.n_ctx)))
     num = iv.Spec.of(intervention)
-    specs = [num, *SCORE_INTERVENTIONS[1:]]  # the splice scored, eps-random, zero ablation
+    extra = [iv.Spec.of(e) for e in extra if iv.Spec.of(e).label not in (num.label, *SCORE_INTERVENTIONS)]
+    specs = [num, *SCORE_INTERVENTIONS[1:], *extra]  # the splice scored, eps-random, zero ablation, the rest
     df = measure_cached(loaded, hooks, specs, tokens, seed=seed, progress=progress, **measure_kwargs)
     df["intervention"] = df["intervention"].cat.rename_categories({num.label: "sae"}) if num.label != "sae" \
         else df["intervention"]
@@ -41,6 +43,7 @@ def score(loaded: Loaded, hooks=None, n_tokens: int = 65_536, *, intervention: s
         ce_clean = by["ce_clean"].mean()["sae"]
         ce = by["ce_patched"].mean()
         ce_delta = by["ce_delta"].mean()
+        kl = by["kl"].mean()
         sae_rows = sub[sub["intervention"] == "sae"]
         r = ratios.loc[hook]
         rows.append({
@@ -53,6 +56,12 @@ def score(loaded: Loaded, hooks=None, n_tokens: int = 65_536, *, intervention: s
             "ce_delta_sae": ce_delta["sae"],
             "ce_delta_eps_random": ce_delta["eps_random"],
             "ce_loss_score": metrics.ce_loss_score(ce_clean, ce["sae"], ce["zero"]),
+            "kl_div_score": (kl["zero"] - kl["sae"]) / kl["zero"],
+            "kl_zero": kl["zero"],
+            "ce_clean": ce_clean,
+            "ce_sae": ce["sae"],
+            "ce_zero": ce["zero"],
+            **{f"kl_{e.label}": kl[e.label] for e in extra},
             "l0": sae_rows["l0"].mean(),
             "n_tokens": len(sae_rows),
         })
@@ -63,6 +72,6 @@ def format_table(table: pd.DataFrame) -> str:
     shown = table.copy()
     shown["ratio (95% CI)"] = [f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
                                zip(table.kl_ratio, table.ratio_ci_low, table.ratio_ci_high, strict=True)]
-    cols = ["hook", "kl_sae", "kl_eps_random", "ratio (95% CI)", "ce_delta_sae", "ce_delta_eps_random",
+    cols = [*(["name"] if "name" in table else []), "hook", "kl_sae", "kl_eps_random", "ratio (95% CI)", "ce_delta_sae", "ce_delta_eps_random",
             "ce_loss_score", "l0", "n_tokens"]
     return shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")

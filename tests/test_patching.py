@@ -144,3 +144,40 @@ def test_bad_requests_name_the_fix(tiny, tokens):
         measure(tiny, HOOKS[0], "sae", tokens, n_samples=0)
     with pytest.raises(TypeError, match="integer tensor"):
         measure(tiny, HOOKS[0], "sae", tokens.float())
+
+
+HOOK_KINDS = ["blocks.2.hook_resid_mid", "blocks.2.hook_resid_post", "blocks.5.hook_resid_post",
+              "blocks.2.hook_mlp_out", "blocks.2.hook_attn_out"]
+
+
+@pytest.fixture(scope="module")
+def any_hook(tiny):
+    """tiny-stdlib's model with a random standard SAE (sae_lens's own init, seeded) at every kind of hook sae_lens
+    trains on: resid_mid, resid_post (the last block's too), mlp_out and attn_out."""
+    import torch
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(0)
+    saes = {}
+    for hook in HOOK_KINDS:
+        sae = StandardSAE(StandardSAEConfig(d_in=128, d_sae=256))
+        with torch.no_grad():
+            sae.W_enc.normal_(0, 0.3)
+            sae.W_dec.copy_(sae.W_enc.T * 0.5)
+            sae.b_enc.fill_(-0.5)
+        saes[hook] = sae.eval()
+    return tiny.with_saes(saes, {h: f"random-{h}" for h in saes})
+
+
+@pytest.mark.parametrize("mode", ["all", "single"])
+def test_fast_equals_naive_at_every_hook_kind(any_hook, mode):
+    """The fast path feeds resid_post splices straight into the next block (after the last block: straight to
+    the unembedding) and splices the others by a hook inside their block; the naive path hooks every one."""
+    tokens = any_hook.tokens(3)
+    kw = dict(interventions=["sae", "eps_random", "zero"], progress=False)
+    if mode == "single":
+        kw.update(positions=40)
+    fast = measure(any_hook, HOOK_KINDS, tokens=tokens, **kw)
+    naive = measure_naive(any_hook, HOOK_KINDS, tokens=tokens, **kw)
+    assert_fast_equals_naive(fast, naive)
+    assert (fast.groupby("hook", observed=True).kl.mean() > 1e-4).all()

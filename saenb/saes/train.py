@@ -127,12 +127,12 @@ class Splicer:
     the replacement: clean activations and log-probs first (no grad), then the spliced log-probs."""
 
     def __init__(self, model, hook: str, downstream: bool = False):
-        from saenb.patching import resid_input_name
+        from saenb.patching import splice_point
 
-        self.model, self.hook, self.layer = model, hook, models.sae_layer(hook)
-        self.start = resid_input_name(hook)
-        self.downstream = [f"blocks.{layer}.hook_resid_post" for layer in range(self.layer, model.cfg.n_layers)] \
-            if downstream else []
+        self.model, self.hook = model, hook
+        self.start, self.layer, self.direct = splice_point(hook)
+        self.downstream = [f"blocks.{layer}.hook_resid_post" for layer in range(self.layer, model.cfg.n_layers)
+                           if f"blocks.{layer}.hook_resid_post" != hook] if downstream else []
 
     def clean(self, tokens: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
@@ -150,9 +150,9 @@ class Splicer:
             acts[hook.name] = act
             return act
 
-        hooks = [(self.hook, put), *((name, keep) for name in self.downstream)]
+        hooks = [*([] if self.direct else [(self.hook, put)]), *((name, keep) for name in self.downstream)]
         with self.model.hooks(fwd_hooks=hooks):
-            logits = self.model(clean[self.start], start_at_layer=self.layer)
+            logits = self.model(x_hat.reshape(shape) if self.direct else clean[self.start], start_at_layer=self.layer)
         return logits.log_softmax(-1), acts
 
 

@@ -1,0 +1,385 @@
+"""The pathology score as an eval for anyone's SAEs: `python -m saenb score`.
+
+    python -m saenb score --preset tiny-stdlib
+    python -m saenb score --release "gpt2-small-res-jb" --sae-id "blocks\\.[0-5]\\.hook_resid_pre"
+    python -m saenb score --sae-path out/my_sae1 out/my_sae2 --model tiny-stdlib --output-dir results/
+
+SAEs come from a preset, from sae_lens's pretrained directory (release and SAE id regexes, matched from the
+start as `python -m sae_lens.evals` does; the model the release names is loaded by TransformerLens), or from
+folders `SAE.load_from_disk` reads (with `--model`, a preset name or a TransformerLens model name). Tokens come
+from the preset, `--dataset` (a Hugging Face dataset), `--text` (a text file, or a folder of them) or `--tokens`
+(a saved LongTensor [n, n_ctx]). Every SAE of one model shares the clean forward of its round (SAEs at the
+same hook go in separate rounds). With `--output-dir`: one JSON per SAE shaped like SAEBench's output
+(validated against `schemas/pathology.schema.json`), and `pathology.csv` with every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.metadata as md
+import json
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+import saenb
+from saenb import data, hub, patching
+from saenb.pathology import SCORE_INTERVENTIONS, score
+from saenb.presets import Loaded, Preset, PresetError, get_preset, heads_concatenated, list_presets, load_preset
+
+SCHEMA = Path(__file__).parent / "schemas" / "pathology.schema.json"
+EVAL_TYPE = "pathology"
+
+
+class ScoreError(ValueError):
+    """A request the scorer cannot serve; the message names the fix (the CLI prints it without a traceback)."""
+
+
+@dataclass
+class Target:
+    """One SAE to score: where it came from, and where it is spliced."""
+
+    name: str
+    hook: str
+    sae: Any
+    release: str | None = None
+    sae_id: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """What decides the scores (recorded as each JSON's eval_config)."""
+
+    n_tokens: int = 65_536
+    context_size: int | None = None
+    """Tokens per context (default: the preset's, else 128)."""
+    batch_size: int = 16
+    seed: int = 0
+    interventions: tuple[str, ...] = SCORE_INTERVENTIONS
+    include_special: bool = False
+    confidence: float = 0.95
+    tokens_source: str = ""
+
+    def __post_init__(self):
+        missing = [i for i in SCORE_INTERVENTIONS if i not in self.interventions]
+        if missing:
+            raise ScoreError(f"--interventions must include {list(SCORE_INTERVENTIONS)} (the score needs them); "
+                             f"missing {missing}")
+
+
+# --------------------------------------------------------------------------------------------- resolving
+def resolve_release(release_pattern: str, sae_id_pattern: str) -> list[tuple[str, str, str]]:
+    """(release, sae id, model name) of every SAE in sae_lens's pretrained directory (packaged: read offline)
+    whose release and id match the patterns (`re.match`, as sae_lens's own evals CLI)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    try:
+        releases = [r for r in directory if re.match(release_pattern, r)]
+        if not releases:
+            near = difflib.get_close_matches(release_pattern, list(directory), n=5, cutoff=0.4)
+            raise ScoreError(f"no sae_lens release matches {release_pattern!r}"
+                             + (f"; near matches: {near}" if near else "") + ". List them with "
+                             "`sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory()`.")
+        found = [(r, i, directory[r].model) for r in releases for i in directory[r].saes_map
+                 if re.match(sae_id_pattern, i)]
+    except re.error as exc:
+        raise ScoreError(f"bad regular expression: {exc}") from None
+    if not found:
+        ids = sorted({i for r in releases for i in directory[r].saes_map})
+        near = difflib.get_close_matches(sae_id_pattern, ids, n=5, cutoff=0.4)
+        raise ScoreError(f"no SAE id of {releases} matches {sae_id_pattern!r}; "
+                         + (f"near matches: {near}" if near else f"ids are like {ids[:5]}"))
+    models = {m for _, _, m in found}
+    if len(models) > 1:
+        raise ScoreError(f"the matched SAEs belong to several models {sorted(models)}: score one model per run")
+    return found
+
+
+def _model_hook(model, sae_hook: str) -> str:
+    """The model's hook for an SAE's hook name (Kissane & Krzyzanowski name theirs blocks.L.hook_z, spliced at
+    blocks.L.attn.hook_z)."""
+    if sae_hook in model.hook_dict:
+        return sae_hook
+    parts = sae_hook.split(".")
+    if len(parts) == 3 and parts[2] == "hook_z":
+        return f"blocks.{parts[1]}.attn.hook_z"
+    return sae_hook
+
+
+def hub_model(model_name: str, device: torch.device, dataset: str | None, context_size: int) -> Loaded:
+    """A TransformerLens model from the hub (failing fast offline), as a `Loaded` without SAEs."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        repo = get_official_model_name(model_name)
+    except ValueError:
+        raise ScoreError(f"{model_name!r} is neither a preset ({list_presets()}) nor a TransformerLens model name "
+                         "(transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)") from None
+    hub.require(f"model {model_name!r}", [] if hub.cached(repo, "config.json") else [f"model {repo}"])
+    model = HookedTransformer.from_pretrained(model_name, device=str(device)).eval()
+    preset = Preset(name=f"model:{model_name}", model_name=model_name, dataset=dataset or "(local tokens)",
+                    sae_sources=(), layers=(0,), n_ctx=context_size)
+    return Loaded(preset, model, {}, device)
+
+
+def targets_from_release(release_pattern: str, sae_id_pattern: str, device: torch.device, dataset: str | None,
+                         context_size: int) -> tuple[Loaded, list[Target]]:
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    found = resolve_release(release_pattern, sae_id_pattern)
+    directory = get_pretrained_saes_directory()
+    missing = [f"SAE {r}/{i}" for r, i, _ in found
+               if not (hub.cached(directory[r].repo_id, directory[r].saes_map[i])
+                       or hub.cached(directory[r].repo_id, f"{directory[r].saes_map[i]}/cfg.json"))]
+    hub.require(f"{len(found)} SAEs of {sorted({r for r, _, _ in found})}", missing)
+    loaded = hub_model(found[0][2], device, dataset, context_size)
+    targets = []
+    for release, sae_id, _ in found:
+        sae = SAE.from_pretrained(release, sae_id, device=str(device)).eval()
+        hook = _model_hook(loaded.model, sae.cfg.metadata.hook_name)
+        targets.append(Target(f"{release}/{sae_id}", hook, sae, release=release, sae_id=sae_id))
+    return loaded, targets
+
+
+def targets_from_paths(paths: list[str], model: str, device: torch.device, dataset: str | None,
+                       context_size: int) -> tuple[Loaded, list[Target]]:
+    from sae_lens import SAE
+
+    loaded = load_preset(model, device, families=()) if model in list_presets() else \
+        hub_model(model, device, dataset, context_size)
+    targets = []
+    for path in paths:
+        folder = Path(path)
+        if not (folder / "cfg.json").exists():
+            raise ScoreError(f"--sae-path {path}: no cfg.json there; pass folders `SAE.load_from_disk` reads "
+                             "(sae_lens's training output: cfg.json + sae_weights.safetensors)")
+        sae = SAE.load_from_disk(folder, device=str(device)).eval()
+        hook = _model_hook(loaded.model, sae.cfg.metadata.hook_name or "")
+        targets.append(Target(folder.name, hook, sae, path=str(folder.resolve())))
+    return loaded, targets
+
+
+def tokens_for(loaded: Loaded, cfg: ScoreConfig, *, dataset: str | None = None, text: str | None = None,
+               tokens_file: str | None = None) -> torch.Tensor:
+    """The contexts scored: ceil(n_tokens / context_size) of them, at least two."""
+    n_ctx = cfg.context_size or loaded.preset.n_ctx
+    if n_ctx > loaded.model.cfg.n_ctx:
+        raise ScoreError(f"--context-size {n_ctx} exceeds the model's n_ctx={loaded.model.cfg.n_ctx}")
+    n = math.ceil(max(cfg.n_tokens, 0) / n_ctx)
+    if n < 2:
+        raise ScoreError(f"--n-tokens {cfg.n_tokens} gives {n} context(s) of {n_ctx} tokens: the bootstrap CI needs "
+                         f"at least two; pass --n-tokens {2 * n_ctx} or more")
+    if tokens_file:
+        tokens = torch.load(tokens_file)
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
+            raise ScoreError(f"--tokens {tokens_file}: expected a saved integer tensor [n_contexts, n_ctx]")
+        if len(tokens) < 2:
+            raise ScoreError(f"--tokens {tokens_file} holds {len(tokens)} context(s); at least two are needed")
+        return tokens[:n].long()
+    if text:
+        root = Path(text)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        if not files or not all(p.exists() for p in files):
+            raise ScoreError(f"--text {text}: no such file or folder")
+        tok = loaded.model.tokenizer
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        docs = [tok(p.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+                for p in files]
+        contexts = data.chunk_contexts(docs, bos, n_ctx, n)
+        if len(contexts) < 2:
+            raise ScoreError(f"--text {text} gives {len(contexts)} context(s) of {n_ctx} tokens; at least two needed")
+        return contexts
+    if dataset:
+        return data.hub_contexts(dataset, loaded.model.tokenizer, n, n_ctx, cache_name="score")
+    if loaded.preset.is_bundle:
+        if n_ctx != loaded.preset.n_ctx:
+            raise ScoreError(f"preset {loaded.preset.name} stores contexts of {loaded.preset.n_ctx} tokens; "
+                             "leave --context-size unset or pass --text / --tokens")
+        return loaded.tokens(n)
+    raise ScoreError("no tokens: pass --dataset NAME, --text PATH or --tokens FILE (a hub model has no held-out set)")
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+def rounds(targets: list[Target]) -> list[list[Target]]:
+    """Groups with at most one SAE per hook: each group shares one clean forward per batch."""
+    out: list[list[Target]] = []
+    for t in targets:
+        for group in out:
+            if all(g.hook != t.hook for g in group):
+                group.append(t)
+                break
+        else:
+            out.append([t])
+    return out
+
+
+def sae_id_of(target: Target) -> str:
+    """What names the SAE in cache keys: its release and id, or its folder and weights' sha256."""
+    if target.release:
+        return f"{target.release}/{target.sae_id}"
+    if target.path:
+        from saenb.bundle_io import sha256_file
+
+        return f"{target.path}@{sha256_file(Path(target.path) / 'sae_weights.safetensors')[:16]}"
+    return f"own:{target.name}"  # the preset's own SAE (the bundle's sha256 is in every cache key)
+
+
+def score_targets(loaded: Loaded, targets: list[Target], tokens: torch.Tensor, cfg: ScoreConfig, *,
+                  progress: bool = True) -> pd.DataFrame:
+    """One row per target: `pathology.score`'s columns, explained variance, and the target's origin."""
+    frames = []
+    for group in rounds(targets):
+        spliced = loaded.with_saes({t.hook: t.sae for t in group}, {t.hook: sae_id_of(t) for t in group})
+        table = score(spliced, [t.hook for t in group], tokens=tokens, seed=cfg.seed, confidence=cfg.confidence,
+                      extra=[i for i in cfg.interventions if i not in SCORE_INTERVENTIONS], progress=progress,
+                      include_special=cfg.include_special, batch_size=cfg.batch_size)
+        for t in group:
+            x = patching.hook_activations(spliced, t.hook, tokens)
+            with torch.no_grad():
+                x_hat = t.sae.decode(t.sae.encode(x.to(loaded.device))).float().cpu()
+            row = table[table.hook == t.hook].iloc[0].to_dict()
+            from saenb import metrics
+
+            frames.append({"name": t.name, **row, "explained_variance": metrics.explained_variance(x, x_hat),
+                           "release": t.release, "sae_id": t.sae_id, "path": t.path})
+    return pd.DataFrame(frames)
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _clean(value):
+    """JSON-ready: NaN and infinities as null, numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def eval_json(row: dict[str, Any], target: Target, cfg: ScoreConfig) -> dict[str, Any]:
+    """One SAE's result in SAEBench's output shape (eval_type_id "pathology")."""
+    extra = {k: v for k, v in row.items() if k.startswith("kl_") and k not in
+             ("kl_sae", "kl_eps_random", "kl_ratio", "kl_zero", "kl_div_score")}
+    return _clean({
+        "eval_type_id": EVAL_TYPE,
+        "eval_config": {**dataclasses.asdict(cfg), "model_name": row["model_name"]},
+        "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": {
+            "pathology": {"kl_sae": row["kl_sae"], "kl_eps_random": row["kl_eps_random"], "kl_ratio": row["kl_ratio"],
+                          "kl_ratio_ci_low": row["ratio_ci_low"], "kl_ratio_ci_high": row["ratio_ci_high"],
+                          "ce_delta_sae": row["ce_delta_sae"], "ce_delta_eps_random": row["ce_delta_eps_random"],
+                          **extra},
+            "model_behavior_preservation": {"kl_div_score": row["kl_div_score"], "kl_div_with_sae": row["kl_sae"],
+                                            "kl_div_with_ablation": row["kl_zero"]},
+            "model_performance_preservation": {"ce_loss_score": row["ce_loss_score"],
+                                               "ce_loss_with_sae": row["ce_sae"],
+                                               "ce_loss_without_sae": row["ce_clean"],
+                                               "ce_loss_with_ablation": row["ce_zero"]},
+            "reconstruction_quality": {"explained_variance": row["explained_variance"]},
+            "sparsity": {"l0": row["l0"]},
+            "token_stats": {"total_tokens_eval": row["n_tokens"]},
+        },
+        "eval_result_details": [],
+        "eval_result_unstructured": None,
+        "sae_lens_release_id": target.release,
+        "sae_lens_id": target.sae_id,
+        "sae_path": target.path,
+        "preset": row.get("preset"),
+        "hook_name": target.hook,
+        "sae_lens_version": md.version("sae-lens"),
+        "saenb_version": saenb.__version__,
+        "sae_cfg_dict": target.sae.cfg.to_dict(),
+    })
+
+
+def file_name(target: Target) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", target.name).strip("_") + f"_{EVAL_TYPE}.json"
+
+
+def write_outputs(table: pd.DataFrame, targets: list[Target], cfg: ScoreConfig, out: Path) -> list[Path]:
+    """One SAEBench-shaped JSON per SAE (each validated against SCHEMA) and pathology.csv."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for target, (_, row) in zip(targets, table.iterrows(), strict=True):
+        doc = eval_json(row.to_dict(), target, cfg)
+        jsonschema.validate(doc, schema)
+        path = out / file_name(target)
+        path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        written.append(path)
+    table.to_csv(out / f"{EVAL_TYPE}.csv", index=False)
+    return [*written, out / f"{EVAL_TYPE}.csv"]
+
+
+def run(args) -> pd.DataFrame:
+    """The CLI's work: resolve the SAEs and tokens, score, write (argparse namespace from `__main__`)."""
+    from saenb.presets import resolve_device
+
+    device = resolve_device(args.device)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    cfg = ScoreConfig(n_tokens=args.n_tokens, context_size=args.context_size, batch_size=args.batch_size,
+                      seed=args.seed, interventions=tuple(args.interventions.split(",")),
+                      include_special=args.include_special,
+                      tokens_source=args.tokens or args.text or args.dataset or "preset")
+    for name in cfg.interventions:
+        from saenb import interventions as iv
+
+        iv.Spec.of(name)  # an unknown name fails here, listing the known ones
+    context = cfg.context_size or 128
+    if args.release or args.sae_id:
+        if not (args.release and args.sae_id):
+            raise ScoreError("--release and --sae-id go together (regexes over sae_lens's pretrained directory)")
+        loaded, targets = targets_from_release(args.release, args.sae_id, device, args.dataset, context)
+    elif args.sae_path:
+        if not args.model:
+            raise ScoreError(f"--sae-path needs --model: a preset ({list_presets()}) or a TransformerLens model name")
+        loaded, targets = targets_from_paths(args.sae_path, args.model, device, args.dataset, context)
+    else:
+        get_preset(args.preset)  # an unknown preset fails here, listing the known ones
+        loaded = load_preset(args.preset, device)
+        hooks = args.hooks.split(",") if args.hooks else list(loaded.saes)
+        unknown = [h for h in hooks if h not in loaded.saes]
+        if unknown:
+            raise ScoreError(f"--hooks {unknown}: no SAE there; {args.preset} has SAEs at {list(loaded.saes)}")
+        targets = [Target(h, h, loaded.saes[h]) for h in hooks]
+    if dtype != torch.float32:
+        loaded.model.to(dtype)
+        for t in targets:
+            t.sae.to(dtype)
+    check_hooks(loaded, targets)
+    tokens = tokens_for(loaded, cfg, dataset=args.dataset, text=args.text, tokens_file=args.tokens)
+    table = score_targets(loaded, targets, tokens, cfg)
+    table.insert(1, "model_name", loaded.model.cfg.model_name)
+    table.insert(2, "preset", loaded.preset.name)
+    if args.output_dir:
+        write_outputs(table, targets, cfg, Path(args.output_dir))
+    return table
+
+
+def check_hooks(loaded: Loaded, targets: list[Target]) -> None:
+    """Every SAE at a hook of the model, with d_in equal to the hook's width (`presets.validate`'s checks)."""
+    from saenb.presets import validate
+
+    for t in targets:
+        try:
+            validate(dataclasses.replace(loaded, saes=heads_concatenated({t.hook: t.sae})))
+        except PresetError as exc:
+            raise ScoreError(f"{t.name}: {exc}") from None
