@@ -285,8 +285,16 @@ def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, 
     return {"trainer": f"saenb fine-tune ({ft.kind})", "steps": len(batches), "history": history}
 
 
+def metadata(spec: SAESpec) -> dict[str, Any]:
+    """What sae_lens's runner records in an SAE's cfg metadata (and its evals read: hook, context, BOS)."""
+    model = models.load_model(spec.preset, spec.model)
+    return {"hook_name": spec.hook, "model_name": model.cfg.model_name, "model_class_name": "HookedTransformer",
+            "context_size": model.cfg.n_ctx, "prepend_bos": True, "exclude_special_tokens": True,
+            "sequence_separator_token": "bos", "dataset_path": f"saenb/{spec.preset}-train"}
+
+
 def _save(sae, out_dir: Path, spec: SAESpec) -> None:
-    """sae_lens disk format, with the spec's hook and model recorded in the config's metadata."""
-    sae.cfg.metadata.hook_name = spec.hook
-    sae.cfg.metadata.model_name = models.load_model(spec.preset, spec.model).cfg.model_name
+    """sae_lens disk format, with the runner's metadata (`metadata`) recorded in the config."""
+    for key, value in metadata(spec).items():
+        setattr(sae.cfg.metadata, key, value)
     sae.save_model(out_dir)
