@@ -52,17 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         from saenb.bundle_io import BundleError
         from saenb.hub import HubUnavailableError
         from saenb.pathology import format_table
-        from saenb.presets import PresetError
         from saenb.saes.library import SpecError
-        from saenb.scoring import ScoreError, run
+        from saenb.scoring import run
 
         try:
             table = run(args)
-        except (ScoreError, PresetError, HubUnavailableError, BundleError, SpecError, FileNotFoundError) as exc:
-            # user errors: the message names the fix; argparse's convention, no traceback
-            print(f"python -m saenb score: error: {exc}", file=sys.stderr)
-            return 2
-        except ValueError as exc:  # a bad request caught by the engine's checks (hook, intervention, tokens)
+        # user errors (ScoreError, PresetError and the engine's request checks are ValueErrors): the message
+        # names the fix; argparse's convention, no traceback
+        except (ValueError, HubUnavailableError, BundleError, SpecError, FileNotFoundError) as exc:
             print(f"python -m saenb score: error: {exc}", file=sys.stderr)
             return 2
         print(format_table(table))

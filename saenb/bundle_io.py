@@ -15,7 +15,8 @@ A bundle is a folder:
     heldout_tokens.safetensors       "tokens": [n_contexts, n_ctx] held-out contexts, BOS first
     train_token_counts.safetensors   "counts": [d_vocab] occurrences of each token in the training contexts
 
-`saenb.bundle` writes it; `saenb.presets` reads it through `load_model`, `load_sae` and `verify`.
+`saenb.bundle` writes it; `saenb.presets` reads it through `load_model` and `verify`, and its SAEs through
+`saenb.saes` (the folders above are where `saes.sets.legacy_folder` finds the original ones).
 """
 
 from __future__ import annotations
@@ -137,12 +138,6 @@ def sae_path(root: Path, hook_name: str) -> Path:
 def topk_path(root: Path, model: str, hook_name: str, k: int, budget_factor: int = 1) -> Path:
     """Where the sweep's TopK SAE of `model` ("base" or "small") at `hook_name` with this k and budget lives."""
     return root / TOPK_DIR / model / hook_name / (f"k{k}" if budget_factor == 1 else f"k{k}-x{budget_factor}")
-
-
-def load_sae(root: Path, hook_name: str, device: str | torch.device = "cpu"):
-    from sae_lens import SAE
-
-    return SAE.load_from_disk(sae_path(root, hook_name), device=str(device)).eval()
 
 
 def save_tokens(path: Path, tokens: Int[Tensor, "n pos"]) -> None:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from saenb import interventions as iv
 from saenb.data import non_special
 from saenb.files import atomic_path, write_text
-from saenb.patching import flat
+from saenb.patching import hook_activations
 from saenb.presets import Loaded, sae_layer
 
 VARIANTS = ("both", "linear", "interaction", "linear_control")
@@ -130,19 +130,12 @@ def activations(loaded: Loaded, hook: str, tokens: Tensor, batch_size: int = 32
     """x, the SAE's latents z and reconstruction x_sae at `hook` for every non-special token, and each
     token's context index."""
     sae = loaded.saes[hook]
-    xs, seqs = [], []
+    x = hook_activations(loaded, hook, tokens, batch_size)
+    seqs = torch.arange(len(tokens))[:, None].expand_as(tokens)[non_special(tokens, loaded.model.tokenizer)]
     with torch.inference_mode():
-        for start in range(0, len(tokens), batch_size):
-            batch = tokens[start:start + batch_size]
-            _, cache = loaded.model.run_with_cache(batch.to(loaded.device), names_filter=[hook],
-                                                   stop_at_layer=sae_layer(hook) + 1)
-            keep = non_special(batch, loaded.model.tokenizer)
-            xs.append(flat(cache[hook], hook)[keep.to(loaded.device)].float().cpu())
-            seqs.append((torch.arange(start, start + len(batch))[:, None].expand_as(batch))[keep])
-        x = torch.cat(xs)
         z = sae.encode(x.to(loaded.device))
         x_sae = sae.decode(z)
-    return x, z.cpu(), x_sae.cpu(), torch.cat(seqs)
+    return x, z.cpu(), x_sae.cpu(), seqs
 
 
 def train(loaded: Loaded, hook: str, tokens: Tensor, cfg: NFMConfig, *, progress: bool = True

@@ -120,8 +120,7 @@ def make_request(
             raise ValueError(f"positions={positions!r} must be 'all' or a position in 0..{n_ctx - 1}")
         patch = (positions,)
         if not include_special:
-            special_ids = torch.tensor(sorted(get_special_token_ids(loaded.model.tokenizer)), dtype=tokens.dtype)
-            patchable = ~torch.isin(tokens, special_ids)
+            patchable = non_special(tokens, loaded.model.tokenizer)
             if not patchable[:, positions].any():
                 later = [q for q in range(n_ctx) if patchable[:, q].any()]
                 raise ValueError(
@@ -191,15 +190,19 @@ def hook_means(loaded: Loaded, hooks, tokens: Tensor) -> dict[str, Float[Tensor,
     return {h: flat(cache[h], h)[keep].mean(0) for h in hooks}
 
 
-def hook_activations(loaded: Loaded, hook: str, tokens: Tensor, batch_size: int = 32) -> Float[Tensor, "n d"]:
-    """Clean activations at `hook` (heads concatenated) of every non-special token of `tokens`, float32, CPU."""
-    out = []
+def clean_activations(model, hook: str, tokens: Int[Tensor, "b pos"]) -> Float[Tensor, "b pos d"]:
+    """Clean activations at `hook` (heads concatenated) for every position, float32, on the CPU; the forward
+    stops after the hook's block."""
     with torch.inference_mode():
-        for chunk in tokens.split(batch_size):
-            chunk = chunk.to(loaded.device)
-            _, cache = loaded.model.run_with_cache(chunk, names_filter=[hook], stop_at_layer=sae_layer(hook) + 1)
-            out.append(flat(cache[hook], hook)[non_special(chunk, loaded.model.tokenizer)].float().cpu())
-    return torch.cat(out)
+        _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=[hook],
+                                        stop_at_layer=sae_layer(hook) + 1)
+    return flat(cache[hook], hook).float().cpu()
+
+
+def hook_activations(loaded: Loaded, hook: str, tokens: Tensor, batch_size: int = 32) -> Float[Tensor, "n d"]:
+    """`clean_activations` of every non-special token of `tokens`, batch by batch: [n_tokens, d]."""
+    return torch.cat([clean_activations(loaded.model, hook, chunk)[non_special(chunk, loaded.model.tokenizer)]
+                      for chunk in tokens.split(batch_size)])
 
 
 def means_for(loaded: Loaded, req: Request, tokens: Tensor,

@@ -72,6 +72,6 @@ def format_table(table: pd.DataFrame) -> str:
     shown = table.copy()
     shown["ratio (95% CI)"] = [f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
                                zip(table.kl_ratio, table.ratio_ci_low, table.ratio_ci_high, strict=True)]
-    cols = [*(["name"] if "name" in table else []), "hook", "kl_sae", "kl_eps_random", "ratio (95% CI)", "ce_delta_sae", "ce_delta_eps_random",
-            "ce_loss_score", "l0", "n_tokens"]
+    cols = [*(["name"] if "name" in table else []), "hook", "kl_sae", "kl_eps_random", "ratio (95% CI)",
+            "ce_delta_sae", "ce_delta_eps_random", "ce_loss_score", "l0", "n_tokens"]
     return shown[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -31,9 +31,10 @@ import pandas as pd
 import torch
 
 import saenb
-from saenb import data, hub, patching
+from saenb import data, hub, metrics, patching
+from saenb import interventions as iv
 from saenb.pathology import SCORE_INTERVENTIONS, score
-from saenb.presets import Loaded, Preset, PresetError, get_preset, heads_concatenated, list_presets, load_preset
+from saenb.presets import Loaded, Preset, PresetError, get_preset, list_presets, load_preset
 
 SCHEMA = Path(__file__).parent / "schemas" / "pathology.schema.json"
 EVAL_TYPE = "pathology"
@@ -250,8 +251,6 @@ def score_targets(loaded: Loaded, targets: list[Target], tokens: torch.Tensor, c
             with torch.no_grad():
                 x_hat = t.sae.decode(t.sae.encode(x.to(loaded.device))).float().cpu()
             row = table[table.hook == t.hook].iloc[0].to_dict()
-            from saenb import metrics
-
             frames.append({"name": t.name, **row, "explained_variance": metrics.explained_variance(x, x_hat),
                            "release": t.release, "sae_id": t.sae_id, "path": t.path})
     return pd.DataFrame(frames)
@@ -340,8 +339,6 @@ def run(args) -> pd.DataFrame:
                       include_special=args.include_special,
                       tokens_source=args.tokens or args.text or args.dataset or "preset")
     for name in cfg.interventions:
-        from saenb import interventions as iv
-
         iv.Spec.of(name)  # an unknown name fails here, listing the known ones
     context = cfg.context_size or 128
     if args.release or args.sae_id:
@@ -375,11 +372,10 @@ def run(args) -> pd.DataFrame:
 
 
 def check_hooks(loaded: Loaded, targets: list[Target]) -> None:
-    """Every SAE at a hook of the model, with d_in equal to the hook's width (`presets.validate`'s checks)."""
-    from saenb.presets import validate
-
+    """Every SAE at a hook of the model, with d_in equal to the hook's width (`Loaded.with_saes`'s checks), each
+    failure named by its SAE, before any tokens are made."""
     for t in targets:
         try:
-            validate(dataclasses.replace(loaded, saes=heads_concatenated({t.hook: t.sae})))
+            loaded.with_saes({t.hook: t.sae}, {t.hook: t.name})
         except PresetError as exc:
             raise ScoreError(f"{t.name}: {exc}") from None

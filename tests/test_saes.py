@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from saenb import bundle_io, saes
 from saenb.data import non_special
+from saenb.metrics import kl_per_token
+from saenb.patching import clean_activations
 from saenb.presets import TINY_STDLIB, Preset, register_preset
 from saenb.saes import activations, library, models, sets, train
 from saenb.saes.spec import FineTune, SAESpec
@@ -118,7 +120,7 @@ def test_runner_trains_specs_from_one_activation_cache(small_preset):
 
     ds = load_from_disk(str(cache)).with_format("torch")
     first = torch.from_numpy(models.train_contexts(small_preset)[activations.order(topk)[:3]])
-    expect = models.activations(models.load_model(small_preset), topk.hook, first)
+    expect = clean_activations(models.load_model(small_preset), topk.hook, first)
     torch.testing.assert_close(ds[:3][topk.hook].float(), expect, atol=2e-2, rtol=2e-3)
     assert torch.equal(ds[:3]["token_ids"].long(), first)
     # TopK keeps k latents per token; the second spec at the hook reads the same cache (not made again)
@@ -138,7 +140,7 @@ def test_runner_trains_specs_from_one_activation_cache(small_preset):
 @pytest.fixture(scope="module")
 def heldout(tiny):
     tokens = tiny.tokens(16)
-    x = models.activations(tiny.model, BASE.hook, tokens)
+    x = clean_activations(tiny.model, BASE.hook, tokens)
     return tokens, x, non_special(tokens, tiny.model.tokenizer)
 
 
@@ -150,7 +152,7 @@ def _objectives(tiny, sae, tokens, x, keep):
         x_hat = torch.where(keep[..., None], sae.decode(sae.encode(x)), x)
         logp, _ = splicer.spliced(clean, x_hat)
         mse = (x_hat - x).square().sum(-1)[keep].mean()
-        kl = train._kl(clean["logp"], logp)[keep].mean()
+        kl = kl_per_token(clean["logp"], logp)[keep].mean()
     return float(mse), float(kl)
 
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saenb.patching import clean_activations
+from saenb.presets import hook_width
 from saenb.saes import models
 from saenb.saes.spec import SAESpec
 
@@ -49,7 +51,7 @@ def activation_cache(spec: SAESpec, *, batch_size: int = 64, progress: bool = Tr
     shards.mkdir(parents=True, exist_ok=True)
     model = models.load_model(spec.preset, spec.model)
     contexts = models.train_contexts(spec.preset)[order(spec)]
-    n_ctx, d_in = contexts.shape[1], models.hook_width(model, spec.hook)
+    n_ctx, d_in = contexts.shape[1], hook_width(model, spec.hook)
     features = Features({spec.hook: Array2D(shape=(n_ctx, d_in), dtype="float16"),
                          "token_ids": Sequence(Value("int32"), length=n_ctx)})
     starts = range(0, len(contexts), SHARD_CONTEXTS)
@@ -58,7 +60,7 @@ def activation_cache(spec: SAESpec, *, batch_size: int = 64, progress: bool = Tr
         if shard.exists():
             continue
         rows = torch.from_numpy(contexts[i:i + SHARD_CONTEXTS])
-        acts = torch.cat([models.activations(model, spec.hook, rows[j:j + batch_size])
+        acts = torch.cat([clean_activations(model, spec.hook, rows[j:j + batch_size])
                           for j in range(0, len(rows), batch_size)])
         tmp = shards / f".tmp-{shard.name}"
         shutil.rmtree(tmp, ignore_errors=True)

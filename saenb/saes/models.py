@@ -12,12 +12,9 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-import torch
-from jaxtyping import Float, Int
-from torch import Tensor
 
 from saenb import bundle_io
-from saenb.presets import PresetError, get_preset, hook_width, sae_layer  # noqa: F401  (hook_width re-exported)
+from saenb.presets import PresetError, get_preset
 
 MODEL_FOLDERS = {"base": bundle_io.MODEL_DIR, "small": bundle_io.SMALL_MODEL_DIR}
 RUNS = Path(os.environ.get("SAENB_RUNS", Path(__file__).resolve().parents[2] / "data" / "runs"))
@@ -54,12 +51,3 @@ def train_contexts(preset: str) -> np.ndarray:
 
     return make(bundle_root(preset), work_dir(preset) / "contexts")
 
-
-def activations(model, hook: str, tokens: Int[Tensor, "b pos"]) -> Float[Tensor, "b pos d"]:
-    """Clean activations at `hook` (hook_z: heads concatenated), float32, on the CPU."""
-    from saenb.patching import flat
-
-    with torch.inference_mode():
-        _, cache_ = model.run_with_cache(tokens.to(model.cfg.device), names_filter=[hook],
-                                         stop_at_layer=sae_layer(hook) + 1)
-    return flat(cache_[hook], hook).float().cpu()

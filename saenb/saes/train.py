@@ -29,6 +29,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saenb.data import non_special
+from saenb.metrics import kl_per_token
+from saenb.patching import clean_activations, flat, splice_point
+from saenb.presets import hook_width
 from saenb.saes import activations, models
 from saenb.saes.spec import SAESpec
 
@@ -95,7 +99,7 @@ def _train_runner(spec: SAESpec, out_dir: Path) -> dict[str, Any]:
     # it does not warn of extra epochs
     contexts = models.train_contexts(spec.preset)[activations.order(spec)[:math.ceil(spec.training_tokens / (n_ctx - 1))]]
     runner_cfg = LanguageModelSAERunnerConfig(
-        sae=training_config(spec, models.hook_width(model, spec.hook)), model_name=model.cfg.model_name,
+        sae=training_config(spec, hook_width(model, spec.hook)), model_name=model.cfg.model_name,
         hook_name=spec.hook, dataset_path=f"saenb/{spec.preset}-train", is_dataset_tokenized=True, streaming=False,
         use_cached_activations=True, cached_activations_path=str(cache), context_size=n_ctx, prepend_bos=True,
         training_tokens=spec.training_tokens, train_batch_size_tokens=spec.batch_tokens,
@@ -127,8 +131,6 @@ class Splicer:
     the replacement: clean activations and log-probs first (no grad), then the spliced log-probs."""
 
     def __init__(self, model, hook: str, downstream: bool = False):
-        from saenb.patching import splice_point
-
         self.model, self.hook = model, hook
         self.start, self.layer, self.direct = splice_point(hook)
         self.downstream = [f"blocks.{layer}.hook_resid_post" for layer in range(self.layer, model.cfg.n_layers)
@@ -137,7 +139,7 @@ class Splicer:
     def clean(self, tokens: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
             logits, cache = self.model.run_with_cache(tokens, names_filter=[self.start, self.hook, *self.downstream])
-        return {"logp": logits.log_softmax(-1), **{k: v for k, v in cache.items()}}
+        return {"logp": logits.log_softmax(-1), **dict(cache.items())}
 
     def spliced(self, clean: dict[str, Tensor], x_hat: Float[Tensor, "b pos d"]) -> tuple[Tensor, dict[str, Tensor]]:
         acts: dict[str, Tensor] = {}
@@ -160,18 +162,6 @@ def _masked_mean(values: Float[Tensor, "b pos"], keep: Tensor) -> Tensor:
     return (values * keep).sum() / keep.sum()
 
 
-def _kl(clean_logp: Tensor, logp: Tensor) -> Float[Tensor, "b pos"]:
-    from saenb.metrics import kl_per_token
-
-    return kl_per_token(clean_logp, logp)
-
-
-def _flat(x: Tensor, hook: str) -> Tensor:
-    from saenb.patching import flat
-
-    return flat(x, hook)
-
-
 def _train_e2e(spec: SAESpec, out_dir: Path, *, progress: bool) -> dict[str, Any]:
     """A standard SAE from scratch on KL(clean || spliced) + sparsity (+ downstream MSE for "e2e_ds").
 
@@ -181,17 +171,16 @@ def _train_e2e(spec: SAESpec, out_dir: Path, *, progress: bool) -> dict[str, Any
     squared error of the residual stream relative to its clean mean squared norm, averaged over those layers
     and weighted by the option `downstream_coefficient` (default 1)."""
     import sae_lens
-    from saenb.data import non_special
 
     model = models.load_model(spec.preset, spec.model)
-    d_in = models.hook_width(model, spec.hook)
+    d_in = hook_width(model, spec.hook)
     torch.manual_seed(spec.seed)
     sae = sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(d_in=d_in, d_sae=d_in * spec.expansion,
                                                                           l1_coefficient=spec.sparsity))
     splicer = Splicer(model, spec.hook, downstream=spec.objective == "e2e_ds")
     batches = context_batches(spec, spec.training_tokens, from_back=False)
     with torch.no_grad():  # the activation scale: expected norm sqrt(d_in), from the first 20 batches
-        norms = torch.cat([models.activations(model, spec.hook, b)[:, 1:].norm(dim=-1).flatten() for b in batches[:20]])
+        norms = torch.cat([clean_activations(model, spec.hook, b)[:, 1:].norm(dim=-1).flatten() for b in batches[:20]])
         scale = math.sqrt(d_in) / float(norms.mean())
     opt = torch.optim.Adam(sae.parameters(), lr=spec.lr)
     warm, ds_coef = max(1, len(batches) // 10), spec.option("downstream_coefficient", 1.0)
@@ -202,11 +191,11 @@ def _train_e2e(spec: SAESpec, out_dir: Path, *, progress: bool) -> dict[str, Any
             group["lr"] = spec.lr * min(1.0, (step + 1) / max(1, len(batches) // 20))
         clean = splicer.clean(tokens)
         keep = non_special(tokens, model.tokenizer).float()
-        x = _flat(clean[splicer.hook], spec.hook)
+        x = flat(clean[splicer.hook], spec.hook)
         z = sae.encode(x * scale)
         x_hat = torch.where(keep.bool()[..., None], sae.decode(z) / scale, x)
         logp, acts = splicer.spliced(clean, x_hat)
-        kl = _masked_mean(_kl(clean["logp"], logp), keep)
+        kl = _masked_mean(kl_per_token(clean["logp"], logp), keep)
         l1 = _masked_mean((z * sae.W_dec.norm(dim=-1)).sum(-1), keep)
         loss = kl + spec.sparsity * min(1.0, (step + 1) / warm) * l1
         ds = torch.zeros(())
@@ -239,8 +228,6 @@ def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, 
     model = models.load_model(spec.preset, spec.model)
     splicer = Splicer(model, spec.hook)
     torch.manual_seed(ft.seed)
-    from saenb.data import non_special
-
     if ft.kind == "scale":
         scale = torch.ones(sae.cfg.d_sae, requires_grad=True)
         params = [scale]
@@ -257,7 +244,7 @@ def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, 
     for step, tokens in enumerate(bar):
         clean = splicer.clean(tokens)
         keep = non_special(tokens, model.tokenizer).float()
-        x = _flat(clean[splicer.hook], spec.hook)
+        x = flat(clean[splicer.hook], spec.hook)
         if ft.kind == "kl_mse":
             x_hat = sae.decode(sae.encode(x))
         else:
@@ -267,7 +254,7 @@ def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, 
         mse = _masked_mean((x_hat - x).square().sum(-1), keep)
         if ft.kind == "kl_mse":
             logp, _ = splicer.spliced(clean, torch.where(keep.bool()[..., None], x_hat, x))
-            kl = _masked_mean(_kl(clean["logp"], logp), keep)
+            kl = _masked_mean(kl_per_token(clean["logp"], logp), keep)
             a = (mse / kl.clamp_min(1e-9)).detach()
             loss = 0.5 * (mse + a * kl)
         else:
