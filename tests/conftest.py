@@ -62,3 +62,33 @@ def tiny():
     from saenb import load_preset
 
     return load_preset("tiny-stdlib", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def llama(tiny):
+    """A small random Llama-architecture model (RMSNorm, rotary positions with SmolLM2's base, grouped key/value
+    heads, gated SiLU MLP) on tiny-stdlib's tokenizer and tokens, with random sae_lens SAEs (seeded) at two
+    residual hooks and an attention hook: the engine's second architecture, in seconds."""
+    import dataclasses
+
+    import torch
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        model_name="tiny-llama", n_layers=4, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128,
+        n_ctx=128, d_vocab=tiny.model.cfg.d_vocab, act_fn="silu", normalization_type="RMS", final_rms=True,
+        positional_embedding_type="rotary", rotary_base=100000, rotary_dim=16, rotary_adjacent_pairs=False,
+        gated_mlp=True, original_architecture="LlamaForCausalLM", default_prepend_bos=True, seed=0,
+    )
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg, tokenizer=tiny.model.tokenizer).eval().requires_grad_(False)
+    saes = {}
+    for hook, d_in in (("blocks.1.hook_resid_pre", 64), ("blocks.3.hook_resid_pre", 64), ("blocks.2.attn.hook_z", 64)):
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=128))
+        with torch.no_grad():
+            sae.W_enc.normal_(0, 0.5)
+            sae.W_dec.copy_(sae.W_enc.T * 0.5)
+            sae.b_enc.fill_(-0.3)
+        saes[hook] = sae.eval()
+    return dataclasses.replace(tiny, model=model, saes={}).with_saes(saes, {h: f"random-{h}" for h in saes})

@@ -181,3 +181,51 @@ def test_fast_equals_naive_at_every_hook_kind(any_hook, mode):
     naive = measure_naive(any_hook, HOOK_KINDS, tokens=tokens, **kw)
     assert_fast_equals_naive(fast, naive)
     assert (fast.groupby("hook", observed=True).kl.mean() > 1e-4).all()
+
+
+# ------------------------------------------------------------------- the second architecture (Llama)
+LLAMA_HOOKS = ["blocks.1.hook_resid_pre", "blocks.3.hook_resid_pre", "blocks.2.attn.hook_z"]
+
+
+@pytest.mark.parametrize("mode", ["all", "single", "many"])
+def test_llama_fast_equals_naive(llama, mode):
+    """RMSNorm, rotary positions, grouped key/value heads and a gated MLP: the fast path (start_at_layer, the
+    frozen key/value prefix in single-token mode, whose rotary positions must keep their true offsets, kernel
+    swaps only where equal) gives the naive path's KL in every mode."""
+    tokens = llama.tokens(3)
+    kw = dict(interventions=["sae", "eps_random", "zero", "identity"], tokens=tokens, seed=5, progress=False)
+    if mode == "single":
+        kw.update(positions=40)
+    if mode == "many":
+        kw.update(positions=40, n_samples=4, measure_positions=[40, 41, 90], interventions=["eps_random", "sae"])
+    fast = measure(llama, LLAMA_HOOKS, memory_mb=8, **kw)
+    naive = measure_naive(llama, LLAMA_HOOKS, **kw)
+    assert_fast_equals_naive(fast, naive)
+    assert (fast.groupby("hook", observed=True).kl.mean() > 1e-4).all()
+    if "identity" in kw["interventions"]:
+        assert fast[fast.intervention == "identity"].kl.abs().max() < 1e-6
+
+
+def test_llama_single_token_prefix_keeps_rotary_offsets(llama):
+    """With the patch at position p, rows measured at p..p+16 run on a frozen cache of the p clean keys/values:
+    an `identity` splice must give the clean distribution (KL 0) at every measured position; a cache whose
+    queries restarted at position 0 would not."""
+    tokens = llama.tokens(2)
+    out = measure(llama, LLAMA_HOOKS[:1], "identity", tokens, positions=60, progress=False)
+    assert sorted(out.pos.unique()) == list(range(60, 77))
+    assert out.kl.abs().max() < 1e-6 and out.ce_delta.abs().max() < 1e-4
+
+
+def test_fused_kernels_swap_only_known_equals(tiny, llama):
+    """GPT-2's LayerNorms and gelu_new are swapped inside the block and restored after it; the Llama model's
+    RMSNorms and SiLU have no swap declared, so nothing of it changes."""
+    from saenb.patching import fused_kernels
+
+    def state(model):
+        return [(type(m).__name__, getattr(m, "act_fn", None), "forward" in vars(m)) for m in model.modules()]
+
+    for loaded, swaps in ((tiny, True), (llama, False)):
+        before = state(loaded.model)
+        with fused_kernels(loaded.model):
+            assert (state(loaded.model) != before) is swaps
+        assert state(loaded.model) == before

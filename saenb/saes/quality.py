@@ -57,11 +57,20 @@ TARGETS = {
     "z": {"ce_loss_score": 0.75, "l0": (2, 100)},
 }
 """Quality a bundle's own SAEs aim for (tiny-stdlib's were built to meet these: its manifest's quality_met)."""
+PRESET_TARGETS = {
+    "smollm2-135m": {"resid": {"ce_loss_score": 0.8, "explained_variance": 0.7, "l0": (1, 100)},
+                     "z": {"ce_loss_score": 0.75, "l0": (1, 100)}},
+}
+"""Presets with targets of their own: a real model's SAEs, trained on 1M tokens, aim lower than a toy's."""
 
 
-def meets(hook: str, q: dict[str, Any]) -> bool:
-    """`q` (run_evals figures) against TARGETS of the hook's family."""
-    t = TARGETS["z" if hook.endswith("hook_z") else "resid"]
+def targets(preset: str) -> dict[str, dict[str, Any]]:
+    return PRESET_TARGETS.get(preset, TARGETS)
+
+
+def meets(hook: str, q: dict[str, Any], preset: str = "tiny-stdlib") -> bool:
+    """`q` (run_evals figures) against the preset's `targets` for the hook's family."""
+    t = targets(preset)["z" if hook.endswith("hook_z") else "resid"]
     ok = q["ce_loss_score"] >= t["ce_loss_score"] and t["l0"][0] <= q["l0"] <= t["l0"][1]
     if "explained_variance" in t:
         ok = ok and q["explained_variance"] >= t["explained_variance"]
@@ -71,11 +80,15 @@ def meets(hook: str, q: dict[str, Any]) -> bool:
 
 
 def evaluate(spec: SAESpec, **kwargs) -> dict[str, Any]:
-    """`run_evals_figures` of a stored spec on its preset's held-out contexts (the first ones, in order), with
-    `meets_targets` (TARGETS)."""
+    """`run_evals_figures` of a stored spec on its preset's held-out contexts (the first ones, in order; batch
+    sizes from the bundle's recipe unless given), with `meets_targets` (`targets`)."""
     from saenb.saes.library import load
+    from saenb.saes.sets import recipe
 
     root = models.bundle_root(spec.preset)
     tokens = bundle_io.load_tokens(root / bundle_io.HELDOUT_TOKENS)
+    cfg = recipe(spec.preset)
+    kwargs = {"batch_prompts": cfg.eval_batch_prompts, "n_recon_batches": cfg.eval_reconstruction_batches,
+              "n_sparsity_batches": cfg.eval_sparsity_batches, **kwargs}
     q = run_evals_figures(models.load_model(spec.preset, spec.model), load(spec, train=False), tokens, **kwargs)
-    return {**q, "meets_targets": meets(spec.hook, q)}
+    return {**q, "meets_targets": meets(spec.hook, q, spec.preset)}

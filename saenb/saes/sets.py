@@ -48,9 +48,10 @@ def _name(preset) -> str:
 
 
 def base(preset="tiny-stdlib") -> dict[str, SAESpec]:
-    """The bundle's SAE per hook (`hook_resid_pre` and `attn.hook_z` of every layer), from the recipe in its
+    """The bundle's SAE per hook (`hook_resid_pre` and `attn.hook_z` of the recipe's layers), from the recipe in its
     manifest: standard (ReLU + L1), `sae_expansion`, `sae_training_tokens`, `sae_lr`, the family's L1
-    coefficient, seed, and contexts shuffled by data_seed = seed + hook index."""
+    coefficient, seed, and contexts shuffled by data_seed = seed + hook index (or seed for every hook, with
+    `sae_shared_data_seed`: one model pass fills every hook's activation cache)."""
     return _base(_name(preset), models.bundle_root(preset))
 
 
@@ -61,23 +62,31 @@ def _base(name: str, root: Path) -> dict[str, SAESpec]:
         l1 = trained.get(hook, cfg.sae_l1_z if hook.endswith("hook_z") else cfg.sae_l1_resid)
         out[hook] = SAESpec(preset=name, hook=hook, expansion=cfg.sae_expansion, sparsity=l1,
                             training_tokens=cfg.sae_training_tokens, lr=cfg.sae_lr, seed=cfg.seed,
-                            data_seed=cfg.seed + i, batch_tokens=cfg.sae_batch_tokens)
+                            data_seed=cfg.seed + (0 if cfg.sae_shared_data_seed else i),
+                            batch_tokens=cfg.sae_batch_tokens)
     return out
 
 
 def topk_sweep(preset="tiny-stdlib") -> dict[tuple[str, int, int, int], SAESpec]:
-    """Notebook 07's TopK SAEs at hook_resid_post of both models, from the bundle's recipe:
-    (model, layer, k, budget factor) -> spec (contexts shuffled by data_seed = seed + 1000 + layer)."""
+    """Notebook 07's TopK SAEs (at the recipe's `topk_hook`, hook_resid_post of both models for tiny-stdlib),
+    from the bundle's recipe: (model, layer, k, budget factor) -> spec (contexts shuffled by data_seed =
+    seed + 1000 + layer, or seed with `sae_shared_data_seed`)."""
     return _topk(_name(preset), models.bundle_root(preset))
 
 
 def _topk(name: str, root: Path) -> dict[tuple[str, int, int, int], SAESpec]:
     cfg, _ = _recipe(root)
     return {(model, layer, k, factor): SAESpec(
-        preset=name, model=model, hook=f"blocks.{layer}.hook_resid_post", architecture="topk",
+        preset=name, model=model, hook=f"blocks.{layer}.{cfg.topk_hook}", architecture="topk",
         expansion=cfg.topk_expansion, sparsity=k, training_tokens=cfg.topk_training_tokens * factor, lr=cfg.sae_lr,
-        seed=cfg.seed, data_seed=cfg.seed + 1000 + layer, batch_tokens=cfg.sae_batch_tokens)
+        seed=cfg.seed, data_seed=cfg.seed + (0 if cfg.sae_shared_data_seed else 1000 + layer),
+        batch_tokens=cfg.sae_batch_tokens)
         for model, layer, k, factor in cfg.topk_jobs()}
+
+
+def recipe(preset) -> Any:
+    """The bundle's `BuildConfig` (its SAE recipe)."""
+    return _recipe(models.bundle_root(preset))[0]
 
 
 def legacy_folder(spec: SAESpec, root: Path) -> Path | None:

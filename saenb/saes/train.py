@@ -93,7 +93,7 @@ def _train_runner(spec: SAESpec, out_dir: Path) -> dict[str, Any]:
 
     cache = activations.activation_cache(spec)
     model = models.load_model(spec.preset, spec.model)
-    n_ctx = model.cfg.n_ctx
+    n_ctx = models.train_contexts(spec.preset).shape[1]
     steps = spec.training_tokens // spec.batch_tokens
     # the runner reads the cache; the token dataset it also requires is the same contexts (never read), sized so that
     # it does not warn of extra epochs
@@ -276,7 +276,7 @@ def metadata(spec: SAESpec) -> dict[str, Any]:
     """What sae_lens's runner records in an SAE's cfg metadata (and its evals read: hook, context, BOS)."""
     model = models.load_model(spec.preset, spec.model)
     return {"hook_name": spec.hook, "model_name": model.cfg.model_name, "model_class_name": "HookedTransformer",
-            "context_size": model.cfg.n_ctx, "prepend_bos": True, "exclude_special_tokens": True,
+            "context_size": models.train_contexts(spec.preset).shape[1], "prepend_bos": True, "exclude_special_tokens": True,
             "sequence_separator_token": "bos", "dataset_path": f"saenb/{spec.preset}-train"}
 
 

