@@ -45,9 +45,9 @@ bundle: venv
 # SAE, run_evals quality); the build command once more writes them into the manifest. Each step resumes.
 SMOLLM2_BUILD := --out data/bundles/smollm2-135m --pretrained smollm2-135m \
 	--n-layers 30 --d-model 576 --n-heads 9 --d-mlp 1536 --vocab-size 49152 \
-	--n-heldout-contexts 2048 --model-eval-contexts 256 \
+	--separator "<|endoftext|>,<|im_start|>" --n-heldout-contexts 2048 --model-eval-contexts 256 \
 	--sae-resid-layers 6,15,24 --sae-z-layers 6,15 --sae-shared-data-seed true --activation-cache-tokens 1100000 \
-	--sae-training-tokens 1000000 --sae-l1-resid 2.0 --sae-l1-z 2.0 \
+	--sae-training-tokens 1000000 --sae-l1-resid 2.0 --sae-l1-z 3.0 \
 	--topk-ks 32 --topk-layers 15 --topk-hook hook_resid_pre --topk-models base --topk-budget-ks "" \
 	--topk-training-tokens 1000000 --topk-expansion 4 \
 	--eval-batch-prompts 16 --eval-reconstruction-batches 8 --eval-sparsity-batches 16

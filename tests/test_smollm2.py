@@ -69,7 +69,9 @@ def test_converted_model_equals_transformers(smollm2):
     assert theirs.abs().max() > 5  # not two all-zero outputs
     # the tokenizer is the GGUF file's, with the document separator as BOS at the head of every context
     assert smollm2.model.tokenizer.bos_token == "<|endoftext|>" == hf_tokenizer.convert_ids_to_tokens(0)
-    assert (tokens[:, 0] == 0).all() and smollm2.model.to_tokens("import os")[0, 0] == 0
+    # contexts start <|endoftext|><|im_start|> (see saenb.pretrained: no attention sink on an ordinary token)
+    assert smollm2.separator_ids == [0, 1] and hf_tokenizer.convert_ids_to_tokens(1) == "<|im_start|>"
+    assert (tokens[:, :2] == torch.tensor([0, 1])).all() and smollm2.model.to_tokens("import os")[0, 0] == 0
     assert smollm2.model.tokenizer.decode(tokens[0, 1:20]) == hf_tokenizer.decode(tokens[0, 1:20])
 
 
@@ -87,3 +89,28 @@ def test_preset_saes_load_at_hooks_of_their_width(smollm2):
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_mlp, cfg.d_vocab) == \
         (30, 576, 9, 3, 1536, 49152)
     assert cfg.positional_embedding_type == "rotary" and cfg.rotary_base == 100000 and cfg.gated_mlp
+
+
+def test_contexts_with_a_two_token_separator():
+    from saenb.data import chunk_contexts
+
+    docs = [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34]]
+    got = chunk_contexts(docs, [0, 1], n_ctx=5)
+    # stream 10 11 12 0 1 20 21 0 1 30 31 32 33 34 0 1, cut into bodies of 3, each after its own separator
+    assert got.tolist() == [[0, 1, 10, 11, 12], [0, 1, 0, 1, 20], [0, 1, 21, 0, 1], [0, 1, 30, 31, 32],
+                            [0, 1, 33, 34, 0]]
+    assert chunk_contexts(docs, 0, n_ctx=4, n=2).tolist() == [[0, 10, 11, 12], [0, 0, 20, 21]]
+
+
+def test_massive_activations_sit_on_special_tokens_only(smollm2):
+    """The reason for the separator pair (saenb.pretrained): at layer 15 the residual stream's attention sink (norm
+    ~20,000, about 130x the median) is a special token's, never an ordinary token's, in 32 held-out contexts."""
+    from saenb.data import non_special
+    from saenb.patching import clean_activations
+
+    tokens = smollm2.tokens(32)
+    norms = clean_activations(smollm2.model, "blocks.15.hook_resid_pre", tokens).norm(dim=-1)
+    ordinary = non_special(tokens, smollm2.model.tokenizer)
+    median = norms[ordinary].median()
+    assert norms[~ordinary].max() > 50 * median  # the sink exists
+    assert norms[ordinary].max() < 40 * median   # and is on no ordinary token
