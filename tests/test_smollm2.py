@@ -114,3 +114,20 @@ def test_massive_activations_sit_on_special_tokens_only(smollm2):
     median = norms[ordinary].median()
     assert norms[~ordinary].max() > 50 * median  # the sink exists
     assert norms[ordinary].max() < 40 * median   # and is on no ordinary token
+
+
+def test_one_activation_pass_fills_every_hook_of_the_recipe(tmp_path, monkeypatch):
+    """smollm2-135m's SAEs read the contexts in one order (sae_shared_data_seed), so the first spec's pass computes
+    the caches of all five hooks (the TopK SAE shares the middle one); tiny-stdlib's hooks each have their own
+    order, so its passes stay one hook each. The recipe caps the cache at 1.1M tokens."""
+    from saenb.saes import activations, models, sets
+
+    monkeypatch.setattr(models, "RUNS", tmp_path)  # no cache exists yet
+    base = sets.base("smollm2-135m")
+    assert {s.data_seed for s in base.values()} == {0}
+    first = base["blocks.24.hook_resid_pre"]
+    assert sorted(activations.siblings(first)) == sorted(base)
+    assert activations._contexts_held(first, 66_948, 128) == 8662  # ceil(1.1M / 127)
+    tiny = sets.base("tiny-stdlib")["blocks.3.hook_resid_pre"]
+    assert activations.siblings(tiny) == ["blocks.3.hook_resid_pre"]
+    assert activations._contexts_held(tiny, 68_000, 128) == 68_000
