@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -285,7 +286,7 @@ class Build:
         from saenb import pretrained
 
         pretrained.fetch(self.cfg.pretrained)
-        tok = pretrained.tokenizer(self.cfg.pretrained)
+        tok = self.pretrained_tokenizer
         write_json(self.out / bundle_io.MODEL_DIR / bundle_io.PRETRAINED,
                    {"name": self.cfg.pretrained, "sha256": pretrained.source(self.cfg.pretrained).sha256})
         return {"pretrained": pretrained.record(self.cfg.pretrained), "vocab_size": len(tok),
@@ -296,9 +297,7 @@ class Build:
         """The token ids that end each document and start each context (`BuildConfig.separator`)."""
         if not self.cfg.separator:
             return [0] if not self.cfg.pretrained else [self.records["stages"]["tokenizer"]["result"]["bos_token_id"]]
-        from saenb import pretrained
-
-        tok = pretrained.tokenizer(self.cfg.pretrained) if self.cfg.pretrained else None
+        tok = self.pretrained_tokenizer if self.cfg.pretrained else None
         names = [t.strip() for t in self.cfg.separator.split(",")]
         if tok is None:
             if names != [BOS_TOKEN]:
@@ -309,6 +308,13 @@ class Build:
             raise SystemExit(f"--separator {self.cfg.separator!r}: not tokens of {self.cfg.pretrained}'s tokenizer")
         return ids
 
+    @functools.cached_property
+    def pretrained_tokenizer(self):
+        """The pretrained model's tokenizer, loaded once per build."""
+        from saenb import pretrained
+
+        return pretrained.tokenizer(self.cfg.pretrained)
+
     @property
     def vocab_size(self) -> int:
         if not self.cfg.pretrained:
@@ -318,10 +324,7 @@ class Build:
     def encode(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
         """Token ids of each text (no special tokens added), and the separator every context starts with."""
         if self.cfg.pretrained:
-            from saenb import pretrained
-
-            tok = pretrained.tokenizer(self.cfg.pretrained)
-            return tok(texts, add_special_tokens=False)["input_ids"], self.separator_ids
+            return self.pretrained_tokenizer(texts, add_special_tokens=False)["input_ids"], self.separator_ids
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(self.out / bundle_io.TOKENIZER))

@@ -193,17 +193,22 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
 
 
+def _converted(name: str) -> Path:
+    """The folder of the converted model and tokenizer, made from the checked GGUF file when missing."""
+    src = source(name)
+    gguf_path(name)
+    out = _converted_dir(src)
+    if not out.exists():
+        _convert(src, out)
+    return out
+
+
 def tokenizer(name: str):
     """The GGUF file's tokenizer with BOS = the document separator (see the module docstring)."""
     from transformers import AutoTokenizer
 
-    src = source(name)
-    out = _converted_dir(src)
-    if not out.exists():
-        gguf_path(name)
-        _convert(src, out)
-    tok = AutoTokenizer.from_pretrained(out / "tokenizer")
-    assert tok.bos_token == src.separator, tok.bos_token
+    tok = AutoTokenizer.from_pretrained(_converted(name) / "tokenizer")
+    assert tok.bos_token == source(name).separator, tok.bos_token
     return tok
 
 
@@ -212,11 +217,7 @@ def load_model(name: str, device: str | torch.device = "cpu"):
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    src = source(name)
-    gguf_path(name)
-    out = _converted_dir(src)
-    if not out.exists():
-        _convert(src, out)
+    out = _converted(name)
     kwargs = json.loads((out / "config.json").read_text())
     model = HookedTransformer(HookedTransformerConfig(**kwargs, device=str(device)), tokenizer=tokenizer(name),
                               move_to_device=False)
@@ -226,7 +227,7 @@ def load_model(name: str, device: str | torch.device = "cpu"):
 
 def record(name: str) -> dict[str, Any]:
     """What a bundle's manifest records of the model's source."""
-    return {k: v for k, v in asdict(source(name)).items()}
+    return asdict(source(name))
 
 
 def main(argv: list[str] | None = None) -> None:
