@@ -17,7 +17,7 @@ norm), so J_q = W_U^T K_q with K_q = dh_q/dx, and F = sum_q K_q^T G_q K_q, G_q =
 K comes from one forward-mode product per basis vector of x (`torch.func.jvp`, vectorised with `torch.func.vmap`),
 each a forward of the patched position and the ones after it from the hook's block on, the clean prefix read from
 a frozen key/value cache, as the engine's single-token mode runs it; G_q costs d_model^2 d_vocab per position.
-A tiny-stdlib token takes a fraction of a second; a SmolLM2 token (d_model 576, 49,152 tokens) several seconds.
+On 2 CPU cores a tiny-stdlib token takes about 0.2 s; a SmolLM2 token (d_model 576, 49,152 tokens) about 11 s.
 """
 
 from __future__ import annotations
@@ -25,17 +25,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from torch.func import jvp, vmap
-from tqdm.auto import tqdm
 from transformer_lens.utilities import get_act_name
 
 from saenb import patching
-from saenb.presets import Loaded, sae_layer
+from saenb.presets import Loaded
 
 
 @dataclass

@@ -9,6 +9,23 @@ from saenb import interventions as iv
 
 D, D_SAE = 48, 192
 NEED_A_TRAINED_NFM = {"sae_nfm", "nfm_eps_random"}  # keyed by a trained NFM: tested in test_nfm.py
+FITTED_KEY = "test-interventions"
+PARAMS = {"theta_random_cos": {"cos": 0.8}, "eps_random_like": {"of": "sae_scaled", "scale": 0.5},
+          **{name: {"key": FITTED_KEY} for name in ("cov_random", "error_shuffled", "sae_plus_linear",
+                                                    "sae_plus_nonlinear")}}
+"""Keyword parameters the interventions without defaults need (the fitted baselines: a fit registered below)."""
+
+
+def register_fit() -> None:
+    """A fitted-baselines entry (saenb.baselines) for the sites below (hook ""), so its interventions can run."""
+    from saenb import baselines
+
+    g = torch.Generator().manual_seed(5)
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=g))
+    baselines._FITTED[FITTED_KEY] = {"": baselines.HookFit(
+        mean=torch.zeros(D), components=q, variances=torch.linspace(2, 0.1, D),
+        bank=torch.nn.functional.normalize(torch.randn(16, D, generator=g), dim=-1),
+        A=torch.randn(D, D, generator=g) * 0.05, b=torch.zeros(D), info={})}
 
 
 @pytest.fixture
@@ -113,7 +130,9 @@ def test_random_draws_follow_the_generator(site):
 @pytest.mark.parametrize("name", [n for n in iv.names() if n not in NEED_A_TRAINED_NFM])
 def test_deterministic_flag_tells_which_ones_ignore_the_generator(site, name):
     """The engine applies deterministic interventions to a whole batch at once: the flag must be right."""
-    a, b = iv.get(name)(site, generator=gen(1)), iv.get(name)(site, generator=gen(2))
+    register_fit()
+    params = PARAMS.get(name, {})
+    a, b = iv.get(name)(site, generator=gen(1), **params), iv.get(name)(site, generator=gen(2), **params)
     assert torch.equal(a, b) == iv.is_deterministic(name)
 
 

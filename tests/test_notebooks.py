@@ -61,7 +61,7 @@ def run_notebooks(tmp_path_factory):
 
 def test_notebook_01_runs_and_saves_every_figure(run_notebooks):
     tmp, outcomes = run_notebooks
-    assert [o.ok for o in outcomes] == [True] * 8, outcomes
+    assert [o.ok for o in outcomes] == [True] * 9, outcomes
     folder = tmp / "figures" / "tiny-stdlib" / "01_replication"
     index = json.loads((folder / "figures.json").read_text())
     assert list(index) == FIGURES_01
@@ -103,9 +103,9 @@ def test_report_headline_equals_the_ratio_recomputed_from_the_measured_frame(run
                for e in json.loads(f.read_text()).values()]
     n_figures = sum("png" in e for e in entries)
     assert page.count("data:image/png;base64,") == n_figures > len(FIGURES_01) and "<table>" in page
-    # tables (5 from notebooks 04 and 06, 6 from 07, 2 from 08) go in as HTML, the highlighted contexts and claims
-    # included
-    assert sum("html" in e for e in entries) == 13 and "<mark><b>" in page and "k* tax" in page
+    # tables (5 from notebooks 04 and 06, 6 from 07, 2 from 08, 2 from 09) go in as HTML, the highlighted contexts
+    # and claims included
+    assert sum("html" in e for e in entries) == 15 and "<mark><b>" in page and "k* tax" in page
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -104,17 +104,18 @@ def test_bad_arguments_name_the_fix(tiny, tmp_path):
         baselines.fit(tiny, ["blocks.3.hook_resid_pre"], tiny.tokens(1), root=tmp_path)
 
 
-FIT_ROOT: dict = {}
+@pytest.fixture(scope="module")
+def fit_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("baselines")
 
 
 @pytest.fixture(scope="module")
-def fitted(tiny, tmp_path_factory):
+def fitted(tiny, fit_root):
     hooks = ["blocks.1.hook_resid_pre", "blocks.2.attn.hook_z"]
-    FIT_ROOT["root"] = tmp_path_factory.mktemp("bl")
-    return baselines.fit(tiny, hooks, tiny.tokens_excluding(24, tiny.tokens(4)), root=FIT_ROOT["root"])
+    return baselines.fit(tiny, hooks, tiny.tokens_excluding(24, tiny.tokens(4)), root=fit_root)
 
 
-def test_fit_matches_torch_and_is_read_back(tiny, fitted, monkeypatch):
+def test_fit_matches_torch_and_is_read_back(tiny, fitted, fit_root, monkeypatch):
     hook = "blocks.1.hook_resid_pre"
     f = fitted.hooks[hook]
     x, _, x_sae, _ = baselines.activations(tiny, hook, tiny.tokens_excluding(24, tiny.tokens(4)))
@@ -127,7 +128,7 @@ def test_fit_matches_torch_and_is_read_back(tiny, fitted, monkeypatch):
     assert 0 < f.info["linear_r2"] < 1 and f.info["fit_tokens"] == len(x)
     # a second fit of the same configuration reads the files: no activation is computed
     monkeypatch.setattr(baselines, "activations", lambda *a, **k: pytest.fail("recomputed a cached fit"))
-    again = baselines.fit(tiny, list(fitted.hooks), tiny.tokens_excluding(24, tiny.tokens(4)), root=FIT_ROOT["root"])
+    again = baselines.fit(tiny, list(fitted.hooks), tiny.tokens_excluding(24, tiny.tokens(4)), root=fit_root)
     assert again.key == fitted.key
     torch.testing.assert_close(again.hooks[hook].A, f.A)
 
@@ -142,8 +143,18 @@ def test_new_interventions_fast_equals_naive(tiny, fitted, mode):
         kw.update(positions=40, n_samples=3)
     fast, naive = measure(tiny, **kw), measure_naive(tiny, **kw)
     assert_fast_equals_naive(fast, naive)
-    geo = fast[fast.intervention == iv.spec("theta_random_cos", cos=0.9).label]
-    assert len(geo) > 0
+    assert (fast.groupby("intervention", observed=True).size() > 0).all()
+
+
+def test_theta_random_cos_and_sae_scaled_geometry():
+    s = site(200, 16, seed=4)
+    out = iv.theta_random_cos(s, generator=torch.Generator().manual_seed(0), cos=0.9)
+    torch.testing.assert_close(torch.nn.functional.cosine_similarity(out, s.x, dim=-1), torch.full((200,), 0.9))
+    torch.testing.assert_close(out.norm(dim=-1), s.x.norm(dim=-1))
+    half = iv.sae_scaled(s, generator=None, scale=0.5)
+    torch.testing.assert_close((half - s.x).norm(dim=-1), 0.5 * s.eps)
+    step = iv.eps_random(s, generator=torch.Generator().manual_seed(0), scale=0.5) - s.x
+    torch.testing.assert_close(step.norm(dim=-1), 0.5 * s.eps)
 
 
 def float64(loaded):
@@ -163,10 +174,14 @@ def kl_naive(model, tokens, hook, position, measured, delta):
     return float((clean.exp() * (clean - patched)).sum())
 
 
-@pytest.mark.parametrize("hook", ["blocks.3.hook_resid_pre", "blocks.1.attn.hook_z"])
-def test_fisher_equals_finite_differences_of_the_kl(tiny, hook):
-    t64 = float64(tiny)
-    tokens = tiny.tokens(2)[:1]
+@pytest.mark.parametrize("which, hook", [("tiny", "blocks.3.hook_resid_pre"), ("tiny", "blocks.1.attn.hook_z"),
+                                         ("llama", "blocks.1.hook_resid_pre")])
+def test_fisher_equals_finite_differences_of_the_kl(request, which, hook):
+    """On GPT-2's architecture (both hook kinds) and on Llama's (rotary positions read through the frozen prefix
+    cache, grouped key/value heads, RMSNorm)."""
+    loaded = request.getfixturevalue(which)
+    t64 = float64(loaded)
+    tokens = loaded.tokens(2)[:1]
     c = curvature.fisher(t64, hook, tokens, 40, progress=False)
     F = c.fisher[0]
     measured = list(c.measured)
