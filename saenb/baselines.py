@@ -124,7 +124,7 @@ def fit_hook(x: Float[Tensor, "n d"], x_sae: Float[Tensor, "n d"], cfg: Baseline
 
 
 # ------------------------------------------------------------------------------- cache and registry
-_FITTED: dict[str, dict[str, HookFit]] = {}
+_FITTED = iv.Fitted("baseline fit", "saenb.baselines.fit(loaded, hooks, tokens)")
 """Fits the interventions can use: key -> hook -> fit."""
 
 
@@ -155,8 +155,7 @@ class Fitted:
 def config_key(loaded: Loaded, cfg: BaselineConfig, tokens: Tensor) -> str:
     from saenb import store  # store imports the package, which imports this module
 
-    return store.config_key(loaded, {"baselines": dataclasses.asdict(cfg),
-                                     "tokens": store.tokens_sha256(tokens)})[0][:12]
+    return store.fit_key(loaded, "baselines", cfg, tokens)
 
 
 def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: BaselineConfig = BaselineConfig(), *, root: Path = RESULTS
@@ -189,16 +188,12 @@ def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: BaselineConfig = BaselineCon
         for name in ("mean", "components", "variances", "bank", "A", "b"):
             setattr(fits[hook], name, getattr(fits[hook], name).to(loaded.device))
     write_text(folder / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    _FITTED.setdefault(key, {}).update(fits)
+    _FITTED.add(key, fits)
     return Fitted(key, cfg, fits)
 
 
 def lookup(key: str, hook: str) -> HookFit:
-    if hook not in _FITTED.get(key, {}):
-        raise ValueError(f"no baseline fit {key!r} for hook {hook!r}: call saenb.baselines.fit(loaded, hooks, tokens) "
-                         f"for it first (cached fits load in a second); fitted keys: "
-                         f"{ {k: sorted(v) for k, v in _FITTED.items()} }")
-    return _FITTED[key][hook]
+    return _FITTED.get(key, hook)
 
 
 # ------------------------------------------------------------------------------------- interventions

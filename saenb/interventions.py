@@ -78,6 +78,24 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+class Fitted:
+    """Per-hook parts fitted outside the engine (NFMs, fitted baselines) that interventions name by a key:
+    key -> hook -> part. `what` and `fix` word the error for a key or hook never fitted."""
+
+    def __init__(self, what: str, fix: str):
+        self.what, self.fix = what, fix
+        self._parts: dict[str, dict[str, Any]] = {}
+
+    def add(self, key: str, parts: dict[str, Any]) -> None:
+        self._parts.setdefault(key, {}).update(parts)
+
+    def get(self, key: str, hook: str) -> Any:
+        if hook not in self._parts.get(key, {}):
+            raise ValueError(f"no {self.what} {key!r} for hook {hook!r}: call {self.fix} for it first (cached ones "
+                             f"load in seconds); known keys: { {k: sorted(v) for k, v in self._parts.items()} }")
+        return self._parts[key][hook]
+
+
 @dataclass(frozen=True)
 class Spec:
     """An intervention with keyword parameters, e.g. `Spec("latent_perturb", {"scale": 0.3})`."""

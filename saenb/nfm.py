@@ -183,7 +183,7 @@ def train(loaded: Loaded, hook: str, tokens: Tensor, cfg: NFMConfig, *, progress
 
 
 # ------------------------------------------------------------------------------- cache and registry
-_TRAINED: dict[str, dict[str, NFM]] = {}
+_TRAINED = iv.Fitted("trained NFM", "saenb.nfm.fit(loaded, hooks, tokens, cfg)")
 """Trained NFMs the `sae_nfm` intervention can use: key -> hook -> model."""
 
 
@@ -210,7 +210,7 @@ def config_key(loaded: Loaded, cfg: NFMConfig, tokens: Tensor) -> str:
     """The store's key (preset, bundle, SAEs, package version) extended by the NFM config and fit tokens."""
     from saenb import store  # store imports the package, which imports this module
 
-    return store.config_key(loaded, {"nfm": dataclasses.asdict(cfg), "tokens": store.tokens_sha256(tokens)})[0][:12]
+    return store.fit_key(loaded, "nfm", cfg, tokens)
 
 
 def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: NFMConfig = NFMConfig(), *, root: Path = RESULTS,
@@ -238,16 +238,12 @@ def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: NFMConfig = NFMConfig(), *, 
             save_file({k: v.contiguous().cpu() for k, v in models[hook].state_dict().items()}, str(tmp))
         write_text(meta, json.dumps(info[hook], indent=2))
     write_text(folder / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    _TRAINED.setdefault(key, {}).update(models)
+    _TRAINED.add(key, models)
     return TrainedNFM(key, cfg, models, info)
 
 
 def lookup(key: str, hook: str) -> NFM:
-    if hook not in _TRAINED.get(key, {}):
-        raise ValueError(f"no trained NFM {key!r} for hook {hook!r}: call saenb.nfm.fit(loaded, hooks, tokens, cfg) "
-                         "for it first (cached weights load in seconds); trained keys: "
-                         f"{ {k: sorted(v) for k, v in _TRAINED.items()} }")
-    return _TRAINED[key][hook]
+    return _TRAINED.get(key, hook)
 
 
 @iv.register("sae_nfm", deterministic=True)

@@ -496,6 +496,23 @@ def _axes_style(ax, *, logx: bool, logy: bool, hline: float | None) -> None:
         ax.set_yscale("log")
 
 
+def _finish_panel(ax, panel, notes: dict | None, *, logx: bool, logy: bool, hline: float | None,
+                  note_at: str) -> None:
+    """Scales and reference line (`_axes_style`), the panel's title, and its note in the top `note_at` corner."""
+    _axes_style(ax, logx=logx, logy=logy, hline=hline)
+    if panel is not None:
+        ax.set_title(str(panel))
+    if notes and panel in notes:
+        ax.text(0.98 if note_at == "right" else 0.02, 0.98, notes[panel], transform=ax.transAxes, fontsize=7,
+                va="top", ha=note_at, color="#555555")
+
+
+def _figure_legend(fig, axes, **kw) -> None:
+    """One legend for the figure, outside on the right, from the first panel's entries."""
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7, **kw)
+
+
 def points_ci(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, hue: str, col: str | None = None,
               logx: bool = False, logy: bool = False, hline: float | None = None, xlabel: str | None = None,
               ylabel: str | None = None, notes: dict | None = None, col_wrap: int = 3) -> Figure:
@@ -510,15 +527,9 @@ def points_ci(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, hue: str
             err = np.vstack([(sub[y] - sub[low]).clip(lower=0), (sub[high] - sub[y]).clip(lower=0)])
             ax.errorbar(sub[x], sub[y], yerr=err, color=color(str(h)), label=name(str(h)), marker="o", ms=3.5,
                         lw=1.1, capsize=2)
-        _axes_style(ax, logx=logx, logy=logy, hline=hline)
-        if panel is not None:
-            ax.set_title(str(panel))
-        if notes and panel in notes:
-            ax.text(0.98, 0.98, notes[panel], transform=ax.transAxes, fontsize=7, va="top", ha="right",
-                    color="#555555")
+        _finish_panel(ax, panel, notes, logx=logx, logy=logy, hline=hline, note_at="right")
     _label(axes, len(panels), xlabel or x, ylabel or y)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    _figure_legend(fig, axes)
     return fig
 
 
@@ -542,15 +553,9 @@ def xy(df: pd.DataFrame, *, x: str, y: str, hue: str, col: str | None = None, lo
             both = both[both > 0] if (logx or logy) else both
             lo, hi = both.min(), both.max()
             ax.plot([lo, hi], [lo, hi], color="#555555", lw=0.8, ls="--")
-        _axes_style(ax, logx=logx, logy=logy, hline=hline)
-        if panel is not None:
-            ax.set_title(str(panel))
-        if notes and panel in notes:
-            ax.text(0.02, 0.98, notes[panel], transform=ax.transAxes, fontsize=7, va="top", ha="left",
-                    color="#555555")
+        _finish_panel(ax, panel, notes, logx=logx, logy=logy, hline=hline, note_at="left")
     _label(axes, len(panels), xlabel or x, ylabel or y)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=7, markerscale=2)
+    _figure_legend(fig, axes, markerscale=2)
     return fig
 
 

@@ -54,6 +54,12 @@ def config_key(loaded: Loaded, config: dict[str, Any]) -> tuple[str, dict[str, A
     return digest(full), full
 
 
+def fit_key(loaded: Loaded, kind: str, cfg, tokens: torch.Tensor) -> str:
+    """The 12-character key of something fitted on `tokens` with the frozen dataclass `cfg` (an NFM, baselines):
+    `config_key` extended by the configuration and the tokens' sha256."""
+    return config_key(loaded, {kind: dataclasses.asdict(cfg), "tokens": tokens_sha256(tokens)})[0][:12]
+
+
 def digest(config: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a configuration: the name of its cache entry."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()

@@ -163,17 +163,14 @@ def curvature_specs(fitted: baselines.Fitted, scales=SCALES) -> tuple[list[iv.Sp
     return fixed, random
 
 
-def _patched(loaded: Loaded, hook: str, specs, tokens: torch.Tensor, position: int, n_samples: int, seed: int
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x at `position` [n, d], and the engine's own patched activations there [n, k, samples, d] (same
-    generators, so the same draws as `measure`), and the SAE latents [n, d_sae]."""
+def _patched(loaded: Loaded, hook: str, specs, tokens: torch.Tensor, x: torch.Tensor, position: int,
+             n_samples: int, seed: int) -> torch.Tensor:
+    """The engine's own patched activations at `position` [n, k, samples, d] for clean activations `x` [n, d]
+    there (same generators, so the same draws as `measure`)."""
     req = patching.make_request(loaded, hook, specs, tokens, positions=position, n_samples=n_samples, seed=seed)
-    x = patching.clean_activations(loaded.model, hook, tokens[:, :position + 1])[:, position:position + 1]
     with torch.inference_mode():
-        x = x.to(loaded.device)
-        patched, _ = patching.perturb(loaded, req, hook, x, list(range(len(tokens))), None)
-        latents = loaded.saes[hook].encode(x[:, 0])
-    return x[:, 0].cpu(), patched[:, :, :, 0].cpu(), latents.cpu()
+        patched, _ = patching.perturb(loaded, req, hook, x[:, None].to(loaded.device), list(range(len(tokens))), None)
+    return patched[:, :, :, 0].cpu()
 
 
 def _span_kl(frame: pd.DataFrame, position: int, fitted: baselines.Fitted) -> pd.DataFrame:
@@ -205,9 +202,12 @@ def curvature_study(loaded: Loaded, hook: str, tokens: torch.Tensor, fitted: bas
                                    position, fitted)], ignore_index=True)
     curv = curvature.fisher(loaded, hook, tokens, position, progress=progress)
     rows = torch.tensor(curv.seqs)
-    x, p_fixed, latents = _patched(loaded, hook, fixed, tokens, position, 1, seed)
-    _, p_random, _ = _patched(loaded, hook, random, tokens, position, n_samples, seed)
-    x, latents = x[rows].double(), latents[rows]
+    x = patching.clean_activations(loaded.model, hook, tokens[:, :position + 1])[:, position]  # [n, d]
+    p_fixed = _patched(loaded, hook, fixed, tokens, x, position, 1, seed)
+    p_random = _patched(loaded, hook, random, tokens, x, position, n_samples, seed)
+    with torch.inference_mode():
+        latents = loaded.saes[hook].encode(x[rows].to(loaded.device)).cpu()
+    x = x[rows].double()
     values, vectors = curv.eigh()
     pcs = fitted.hooks[hook].components.cpu().double()
     frames = []
@@ -242,13 +242,10 @@ def curvature_study(loaded: Loaded, hook: str, tokens: torch.Tensor, fitted: bas
         "l0": active.sum(-1).numpy(),
     })
     for suffix, value in (("", "kl"), ("_at", "kl_at")):
-        ref = splices[splices.intervention == "sae"].set_index("seq")[value]
-        draws = splices[splices.intervention == "eps_random"].groupby("seq")[value]
-        mean, std = draws.mean(), draws.std()
-        below = splices[splices.intervention == "eps_random"].join(ref.rename("ref"), on="seq")
-        per_token[f"z{suffix}"] = per_token.seq.map((ref - mean) / std)
-        per_token[f"percentile{suffix}"] = per_token.seq.map(
-            below.assign(b=below[value] < below.ref).groupby("seq").b.mean())
+        tails = metrics.tail_position(splices[splices.intervention == "eps_random"],
+                                      splices[splices.intervention == "sae"], value, by=("seq",)).set_index("seq")
+        per_token[f"z{suffix}"] = per_token.seq.map(tails.z)
+        per_token[f"percentile{suffix}"] = per_token.seq.map(tails.percentile)
     sae_rows = splices[splices.intervention == "sae"].set_index("seq")
     per_token["quotient_sae"] = per_token.seq.map(sae_rows.quotient)
     per_token["quotient_sae_at"] = per_token.seq.map(sae_rows.quotient_at)

@@ -22,10 +22,10 @@ def register_fit() -> None:
 
     g = torch.Generator().manual_seed(5)
     q, _ = torch.linalg.qr(torch.randn(D, D, generator=g))
-    baselines._FITTED[FITTED_KEY] = {"": baselines.HookFit(
+    baselines._FITTED.add(FITTED_KEY, {"": baselines.HookFit(
         mean=torch.zeros(D), components=q, variances=torch.linspace(2, 0.1, D),
         bank=torch.nn.functional.normalize(torch.randn(16, D, generator=g), dim=-1),
-        A=torch.randn(D, D, generator=g) * 0.05, b=torch.zeros(D), info={})}
+        A=torch.randn(D, D, generator=g) * 0.05, b=torch.zeros(D), info={})})
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def synthetic_fit(d: int = 16, seed: int = 0) -> tuple[str, baselines.HookFit, n
                             A=torch.randn(d, d, generator=torch.Generator().manual_seed(1)) * 0.1,
                             b=torch.randn(d, generator=torch.Generator().manual_seed(2)), info={})
     key = f"synthetic-{d}-{seed}"
-    baselines._FITTED[key] = {"h": fit}
+    baselines._FITTED.add(key, {"h": fit})
     return key, fit, cov
 
 
