@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.func import jvp, vmap
 from transformer_lens.utilities import get_act_name
 
-from saenb import patching
+from saenb import kernels, patching
 from saenb.presets import Loaded
 
 
@@ -121,7 +121,7 @@ def fisher(loaded: Loaded, hook: str, tokens: Tensor, position: int, *, measure_
     """F (module docstring) for the token at `position` of every context in `tokens` whose token there is not
     special, measured as `patching.measure(..., positions=position)` measures (same positions, same special
     tokens left out). `chunk` basis vectors are pushed forward at once; `fused` runs the engine's fused kernels
-    (`patching.fused_kernels`: the same functions)."""
+    (`kernels.fused_kernels`: the same functions)."""
     req = patching.make_request(loaded, hook, "identity", tokens, positions=position,
                                 measure_positions=measure_positions, include_special=include_special)
     model = loaded.model
@@ -136,7 +136,7 @@ def fisher(loaded: Loaded, hook: str, tokens: Tensor, position: int, *, measure_
     W_U = model.unembed.W_U.detach()  # [d_model, d_vocab]
     unembed = patching._Unembed(model)
     out: dict[str, list] = {"seqs": [], "x": [], "fisher": [], "fisher_at": []}
-    with patching.fused_kernels(model) if fused else contextlib.nullcontext():
+    with kernels.fused_kernels(model) if fused else contextlib.nullcontext():
         for batch, seqs in patching._batches(tokens, batch_size, 0, f"fisher {hook}", progress):
             batch = batch.to(loaded.device)
             keep = req.keep(batch)  # [b, pos]: special tokens are neither patched nor measured

@@ -36,13 +36,16 @@ class CleanDistribution:
         self.p = clean_logp.exp()
 
     def kl_and_ce(
-        self, seq: int, patched_logits: Float[Tensor, "r m d_vocab"], targets: Int[Tensor, "m"]
+        self, seq: int, patched_logits: Float[Tensor, "r m d_vocab"], targets: Int[Tensor, "m"], *,
+        normalized: bool = False,
     ) -> tuple[Float[Tensor, "r m"], Float[Tensor, "r m"]]:
         """KL(clean || patched) and the patched CE of `targets`, per token, for r patched copies of sequence
-        `seq` at the m measured positions (the clean distribution is broadcast over the copies, not copied)."""
-        logq = patched_logits.log_softmax(-1)
+        `seq` at the m measured positions (the clean distribution is broadcast over the copies, not copied).
+        Logits are overwritten; with `normalized=True` they are log-probs already, and left unchanged."""
+        logq = patched_logits if normalized else patched_logits.log_softmax(-1)
         ce = -logq.gather(-1, targets.expand(logq.shape[0], -1).unsqueeze(-1)).squeeze(-1)
-        diff = torch.sub(self.logp[seq], logq, out=logq)  # log p - log q, in logq's memory
+        # log p - log q, in logq's memory when logq is a temporary
+        diff = torch.sub(self.logp[seq], logq, out=None if normalized else logq)
         return torch.linalg.vecdot(self.p[seq], diff).clamp_min(0), ce
 
 

@@ -21,8 +21,10 @@ the clean log-probs and the clean keys/values; patched forwards start at the hoo
 from a frozen key/value cache; interventions and samples are stacked along the batch and run in chunks
 sized to a memory budget, each chunk reduced to per-token scalars at once (blocks of one sequence's rows,
 compared with its clean distribution by broadcasting). Rows whose whole input is the same (zero and mean
-ablation at a residual hook, in every sequence of a batch) are forwarded once. LayerNorms and the MLP
-activation run as torch's fused kernels for the same functions (`fused_kernels`).
+ablation at a residual hook, in every sequence of a batch) are forwarded once. LayerNorms, the MLP
+activation and attention run as torch's fused kernels for the same functions (`kernels.fused_kernels`);
+there the clean prefix's keys and values are held once per sequence and every patched row of it attends
+to them by broadcasting (`kernels.SharedPrefix`), instead of a key/value cache copied per row.
 """
 
 from __future__ import annotations
@@ -43,13 +45,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-from transformer_lens.components import LayerNorm
-from transformer_lens.components.mlps.can_be_used_as_mlp import CanBeUsedAsMLP
 from transformer_lens.utilities import get_act_name
-from transformer_lens.utilities.activation_functions import apply_softcap, gelu_new, gelu_pytorch_tanh
+from transformer_lens.utilities.activation_functions import apply_softcap
 
 from saenb import interventions as iv
 from saenb.data import non_special
+from saenb.kernels import SharedPrefix, fused_kernels
 from saenb.metrics import CleanDistribution, ce_per_token, geometry, kl_per_token
 from saenb.presets import Loaded, hook_family, sae_layer
 
@@ -250,41 +251,6 @@ def perturb(loaded: Loaded, req: Request, hook: str, x: Float[Tensor, "b p d"], 
     return out, geo
 
 
-FUSED_EQUIVALENTS = {gelu_new: gelu_pytorch_tanh}
-"""Activation functions the fast path swaps for a fused kernel computing the same function: TL's gelu_new
-is 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in seven tensor ops, torch's `gelu(approximate="tanh")`
-(TL's own gelu_pytorch_tanh) is that formula in one; they differ by rounding only."""
-
-
-def _fused_layer_norm(ln: LayerNorm, x: Tensor) -> Tensor:
-    """TL's LayerNorm ((x - mean) / sqrt(var + eps) * w + b, biased variance) as torch's one-kernel layer_norm."""
-    return F.layer_norm(x, (ln.length,), ln.w, ln.b, ln.eps)
-
-
-@contextlib.contextmanager
-def fused_kernels(model):
-    """Within the block, the model's float32 LayerNorms and MLP activations run as torch's fused kernels for
-    the same functions (`_fused_layer_norm`, `FUSED_EQUIVALENTS`): several times fewer passes over memory on
-    a CPU. Their hook points inside LayerNorm (hook_scale, hook_normalized) do not fire meanwhile; the engine
-    does not use them. Everything is restored on exit. The fast == naive tests hold the results together."""
-    swapped_act, swapped_ln = [], []
-    try:
-        for module in model.modules():
-            fn = getattr(module, "act_fn", None)
-            if isinstance(module, CanBeUsedAsMLP) and fn in FUSED_EQUIVALENTS:
-                swapped_act.append((module, fn))
-                module.act_fn = FUSED_EQUIVALENTS[fn]
-            elif type(module) is LayerNorm and model.cfg.dtype == torch.float32:
-                swapped_ln.append(module)
-                module.forward = functools.partial(_fused_layer_norm, module)
-        yield
-    finally:
-        for module, fn in swapped_act:
-            module.act_fn = fn
-        for module in swapped_ln:
-            del module.forward
-
-
 def check_finite(patched: Tensor, keep: Tensor, req: Request, hook: str) -> None:
     """Patched activations where they will be spliced in must be finite (a zero-norm x makes NaNs)."""
     mask = keep[:, None, :].expand(patched.shape[0], patched.shape[2], patched.shape[3])  # [b, n, p]
@@ -379,8 +345,8 @@ def measure(
     seq_offset:      index of tokens[0] among all sequences (the `seq` column and the random draws follow
                      it), so a measurement split into pieces equals the whole one.
     means:           mean activation per hook for mean ablation (default: `hook_means` of these tokens).
-    fused:           run LayerNorms and MLP activations as torch's fused kernels (`fused_kernels`); same
-                     functions, rounding differs.
+    fused:           run LayerNorms, MLP activations and attention as torch's fused kernels
+                     (`kernels.fused_kernels`); same functions, rounding differs.
     """
     tokens = loaded.tokens() if tokens is None else tokens
     req = make_request(loaded, hooks, interventions, tokens, positions=positions, measure_positions=measure_positions,
@@ -394,10 +360,11 @@ def measure(
     # candidates, so that they do not depend on the window)
     clean_end = max(window[1], req.patch[-1] + 1)
     names = {*req.hooks, *(splice_point(h)[0] for h in req.hooks)}
-    if window[0] > 0:
-        names |= {get_act_name(kind, layer) for kind in ("k", "v") for layer in range(model.cfg.n_layers)}
     frames = []
-    with torch.inference_mode(), (fused_kernels(model) if fused else contextlib.nullcontext()):
+    with torch.inference_mode(), (fused_kernels(model) if fused else contextlib.nullcontext(False)) as shared:
+        if window[0] > 0:  # the clean prefix's keys (as attention consumes them: rotated, for a shared prefix)
+            names |= {get_act_name(kind, layer) for kind in (_key_name(model, shared), "v")
+                      for layer in range(model.cfg.n_layers)}
         unembed = _Unembed(model)
         for batch, seqs in _batches(tokens, batch_size, seq_offset, "measure", progress):
             batch = batch.to(loaded.device)
@@ -415,17 +382,18 @@ def measure(
                 patched, geo = perturb(loaded, req, hook, x, seqs, means[hook])
                 check_finite(patched, keep, req, hook)
                 kl, ce = _run_patched(loaded, req, hook, cache, patched, keep, clean, unembed, batch, window,
-                                      memory_mb)
+                                      memory_mb, shared)
                 frames.append(_frame(req, hook, seqs, batch, kl, ce_clean, _nan_last(ce, measured, req.n_ctx), geo))
     return finish(frames, req)
 
 
 def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[Tensor, "b k n p d"],
                  keep: Bool[Tensor, "b p"], clean: CleanDistribution, unembed: _Unembed, batch: Tensor,
-                 window: tuple[int, int],
-                 memory_mb: int) -> tuple[Float[Tensor, "b k n m"], Float[Tensor, "b k n m"]]:
+                 window: tuple[int, int], memory_mb: int,
+                 shared: bool) -> tuple[Float[Tensor, "b k n m"], Float[Tensor, "b k n m"]]:
     """Forward every stacked (sequence, intervention, sample) row from the hooked layer over `window`, in
-    chunks within `memory_mb`, each reduced at once to KL and CE at the measured positions."""
+    chunks within `memory_mb`, each reduced at once to KL and CE at the measured positions. With `shared`
+    (every attention fused), the clean prefix is passed as `SharedPrefix` entries, else as a per-row cache."""
     model, cfg = loaded.model, loaded.model.cfg
     start, layer, direct = splice_point(hook)
     w0, w1 = window
@@ -457,25 +425,32 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
         final = torch.cat([
             model(distinct[a:a + chunk], start_at_layer=layer, stop_at_layer=cfg.n_layers)[:, measured - w0]
             for a in range(0, len(distinct), chunk)
-        ])[inverse]  # [rows, m, d_model]: measured positions only
+        ])  # [distinct rows, m, d_model]: measured positions only; row r's is final[inverse[r]]
     else:
+        inverse = None
         final = torch.empty(len(rows), m, cfg.d_model, device=batch.device)
-        for start in range(0, len(rows), chunk):
-            idx = seq_of_row[start:start + chunk]
-            rows_chunk = rows[start:start + chunk]
+        for r0, r1, s0, s1 in _row_chunks(b, k * n, chunk):
+            idx = seq_of_row[r0:r1]
+            rows_chunk = rows[r0:r1]
             inp = resid[idx]
             fwd_hooks = []
             if direct:
                 inp = _splice(inp, None, rows=rows_chunk, rel_patch=rel_patch)
             else:
                 fwd_hooks.append((hook, functools.partial(_splice, rows=rows_chunk, rel_patch=rel_patch)))
-            kv = _prefix_cache(cache, idx, w0, cfg) if w0 > 0 else None
+            if w0 == 0:
+                kv = None
+            elif shared:
+                kv = [SharedPrefix(cache[get_act_name(_key_name(model, True), i)][s0:s1, :w0],
+                                   cache[get_act_name("v", i)][s0:s1, :w0]) for i in range(cfg.n_layers)]
+            else:
+                kv = _prefix_cache(cache, idx, w0, cfg)
             with model.hooks(fwd_hooks=fwd_hooks) if fwd_hooks else contextlib.nullcontext():
                 out = model(inp, start_at_layer=layer, stop_at_layer=cfg.n_layers, past_kv_cache=kv)
-            final[start:start + chunk] = out[:, measured - w0]
+            final[r0:r1] = out[:, measured - w0]
     kl_out = torch.empty(b * k * n, m, device=batch.device)
     ce_out = torch.empty_like(kl_out)
-    _reduce_logits(model, unembed, final, clean, seq_of_row, targets, kl_out, ce_out)
+    _reduce_logits(model, unembed, final, inverse, clean, seq_of_row, targets, kl_out, ce_out)
     shape = (b, k, n, len(req.measured))
     return kl_out.view(shape), ce_out.view(shape)
 
@@ -485,41 +460,57 @@ LOGIT_BLOCK = 512
 they are reduced to KL and CE, and are freed before the next block."""
 
 
-def _reduce_logits(model, unembed: _Unembed, final: Float[Tensor, "r m d_model"], clean: CleanDistribution,
-                   seq: Int[Tensor, "r"], targets: Int[Tensor, "b m"], kl_out: Float[Tensor, "r m"],
-                   ce_out: Float[Tensor, "r m"]) -> None:
-    """ln_final, unembed (`_Unembed`) and KL/CE, about LOGIT_BLOCK tokens at a time.
+def _reduce_logits(model, unembed: _Unembed, final: Float[Tensor, "f m d_model"], source: Int[Tensor, "r"] | None,
+                   clean: CleanDistribution, seq: Int[Tensor, "r"], targets: Int[Tensor, "b m"],
+                   kl_out: Float[Tensor, "r m"], ce_out: Float[Tensor, "r m"]) -> None:
+    """ln_final, unembed (`_Unembed`) and KL/CE of every row r, whose final residual stream is
+    `final[source[r]]` (`final[r]` when `source` is None), about LOGIT_BLOCK tokens at a time.
 
     Rows of one sequence are contiguous (`seq` is sorted), so each block holds rows of a single sequence and
-    is compared with that sequence's clean distribution by broadcasting, with no per-token copy of it.
+    is compared with that sequence's clean distribution by broadcasting, with no per-token copy of it. A final
+    stream that several rows share (zero or mean ablation at a residual hook gives every sequence's row the
+    same one) is unembedded and normalised once, then compared with each of those rows' clean distributions.
     """
     if model.cfg.normalization_type is not None:
         final = model.ln_final(final)
+    rows = torch.arange(len(seq), device=seq.device)
+    if source is not None:
+        shared = torch.bincount(source, minlength=len(final))[source] > 1
+        for f in source[shared].unique().tolist():
+            logq = unembed(final[f:f + 1], normalized=True).log_softmax(-1)  # [1, m, d_vocab]
+            for r in rows[source == f].tolist():
+                s = int(seq[r])
+                kl_out[r], ce_out[r] = (t[0] for t in clean.kl_and_ce(s, logq, targets[s], normalized=True))
+        rows, final = rows[~shared], final[source[~shared]]
     rows_per_block = max(1, LOGIT_BLOCK // final.shape[1])
-    seqs, counts = torch.unique_consecutive(seq, return_counts=True)
+    seqs, counts = torch.unique_consecutive(seq[rows], return_counts=True)
     r0 = 0
     for s, count in zip(seqs.tolist(), counts.tolist(), strict=True):
         for a in range(r0, r0 + count, rows_per_block):
             z = min(a + rows_per_block, r0 + count)
             logits = unembed(final[a:z], normalized=True)  # [rows, m, d_vocab]
-            kl_out[a:z], ce_out[a:z] = clean.kl_and_ce(s, logits, targets[s])
+            kl_out[rows[a:z]], ce_out[rows[a:z]] = clean.kl_and_ce(s, logits, targets[s])
         r0 += count
 
 
 class _Unembed:
-    """ln_final + unembed + soft-cap exactly as HookedTransformer.forward computes them (TransformerLens's
-    Unembed calls `F.linear(residual, W_U.T.contiguous(), b_U)`), with the transposed weight copied once
-    per measurement instead of once per call: the engine unembeds many small blocks."""
+    """ln_final + unembed + soft-cap as HookedTransformer.forward computes them (TransformerLens's Unembed calls
+    `F.linear(residual, W_U.T.contiguous(), b_U)`): here one matmul with W_U as it is stored, and the bias added
+    in place (a fused addmm first copies the broadcast bias into the output, a slower pass than the add on the
+    CPUs measured), skipped when it is all zero (GPT-2's). The engine unembeds many small blocks."""
 
     def __init__(self, model):
         self.model = model
-        self.weight = model.unembed.W_U.T.contiguous()  # [d_vocab, d_model]
-        self.bias = model.unembed.b_U
+        self.weight = model.unembed.W_U.detach()  # [d_model, d_vocab]
+        bias = model.unembed.b_U.detach()
+        self.bias = bias if bool(bias.any()) else None
 
     def __call__(self, final: Float[Tensor, "... d_model"], normalized: bool = False) -> Float[Tensor, "... d_vocab"]:
         if not normalized and self.model.cfg.normalization_type is not None:
             final = self.model.ln_final(final)
-        logits = F.linear(final, self.weight, self.bias)
+        logits = torch.matmul(final, self.weight)
+        if self.bias is not None:
+            logits.add_(self.bias)
         return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
 
 
@@ -528,6 +519,27 @@ def _splice(act: Tensor, hook, *, rows: Float[Tensor, "r p d"], rel_patch: Tenso
     act = act.clone()
     act[:, rel_patch] = rows.view(rows.shape[0], rows.shape[1], *act.shape[2:])
     return act
+
+
+def _row_chunks(n_seqs: int, per_seq: int, chunk: int):
+    """(first row, end row, first sequence, end sequence) of each chunk of at most `chunk` rows, rows of a
+    sequence being `per_seq` consecutive ones: whole sequences at a time, or part of one sequence's rows (so that
+    every chunk is `SharedPrefix`'s equal groups of rows per sequence)."""
+    if per_seq <= chunk:
+        step = chunk // per_seq
+        for s0 in range(0, n_seqs, step):
+            s1 = min(n_seqs, s0 + step)
+            yield s0 * per_seq, s1 * per_seq, s0, s1
+    else:
+        for s in range(n_seqs):
+            for a in range(0, per_seq, chunk):
+                yield s * per_seq + a, s * per_seq + min(a + chunk, per_seq), s, s + 1
+
+
+def _key_name(model, shared: bool) -> str:
+    """The cached keys a patched forward reads: rotated (`rot_k`) for a shared prefix of a rotary model, which
+    `SharedPrefix` holds as attention consumes them; TL's cache stores them unrotated (`k`)."""
+    return "rot_k" if shared and model.cfg.positional_embedding_type == "rotary" else "k"
 
 
 def _prefix_cache(cache, idx: Tensor, w0: int, cfg) -> TransformerLensKeyValueCache:

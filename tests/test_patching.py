@@ -217,15 +217,52 @@ def test_llama_single_token_prefix_keeps_rotary_offsets(llama):
 
 
 def test_fused_kernels_swap_only_known_equals(tiny, llama):
-    """GPT-2's LayerNorms and gelu_new are swapped inside the block and restored after it; the Llama model's
-    RMSNorms and SiLU have no swap declared, so nothing of it changes."""
-    from saenb.patching import fused_kernels
+    """GPT-2's LayerNorms, gelu_new and attention are swapped inside the block and restored after it; of the
+    Llama model only attention is (its RMSNorms and SiLU have no swap declared); an attention module with a hook
+    on its pattern keeps TransformerLens's forward, and then the engine gets no shared prefix."""
+    import torch
+
+    from saenb.kernels import fused_kernels
 
     def state(model):
         return [(type(m).__name__, getattr(m, "act_fn", None), "forward" in vars(m)) for m in model.modules()]
 
-    for loaded, swaps in ((tiny, True), (llama, False)):
+    for loaded, swapped in ((tiny, {"LayerNorm", "Attention", "MLP"}), (llama, {"GroupedQueryAttention"})):
         before = state(loaded.model)
-        with fused_kernels(loaded.model):
-            assert (state(loaded.model) != before) is swaps
+        with fused_kernels(loaded.model) as shared:
+            changed = {b[0] for a, b in zip(state(loaded.model), before, strict=True) if a != b}
+            assert changed == swapped and shared
         assert state(loaded.model) == before
+    fired = []
+    with tiny.model.hooks(fwd_hooks=[("blocks.2.attn.hook_pattern", lambda act, hook: fired.append(act.shape))]):
+        with fused_kernels(tiny.model) as shared, torch.inference_mode():
+            assert not shared  # that module keeps TL's forward: its hook fires, and a shared prefix cannot be used
+            tiny.model(tiny.tokens(1)[:, :8])
+        assert fired == [(1, tiny.model.cfg.n_heads, 8, 8)]
+        # the engine then reads the prefix from a key/value cache: an identity splice still changes nothing
+        out = measure(tiny, "blocks.1.hook_resid_pre", "identity", tiny.tokens(2), positions=40, progress=False)
+        assert out.kl.abs().max() < 1e-6 and len(fired) > 1
+
+@pytest.mark.parametrize("heads,kv_heads,group", [(4, 4, 3), (6, 2, 5), (4, 1, 1)])
+def test_shared_prefix_attention_equals_attention_over_copied_keys(heads, kv_heads, group):
+    """`kernels._attend_with_prefix` (the prefix's keys held once per sequence, two softmax blocks merged) equals
+    torch's attention over each row's own copy of prefix + window keys, with a causal window, for plain and
+    grouped key/value heads."""
+    import torch
+    import torch.nn.functional as F
+
+    from saenb.kernels import SharedPrefix, _attend_with_prefix
+
+    torch.manual_seed(0)
+    seqs, prefix, window, d = 3, 11, 5, 8
+    rows = seqs * group
+    q = torch.randn(rows, heads, window, d, dtype=torch.float64)
+    k, v = (torch.randn(rows, kv_heads, window, d, dtype=torch.float64) for _ in range(2))
+    kp, vp = (torch.randn(seqs, prefix, kv_heads, d, dtype=torch.float64) * 3 for _ in range(2))
+    got = _attend_with_prefix(q, k, v, SharedPrefix(kp, vp), scale=0.3)
+    # reference: every row's full key set, the prefix copied per row; the window causal after the prefix
+    full_k = torch.cat([kp.transpose(1, 2).repeat_interleave(group, 0), k], dim=2)
+    full_v = torch.cat([vp.transpose(1, 2).repeat_interleave(group, 0), v], dim=2)
+    mask = torch.ones(window, prefix + window, dtype=torch.bool).tril(prefix)
+    want = F.scaled_dot_product_attention(q, full_k, full_v, attn_mask=mask, scale=0.3, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
