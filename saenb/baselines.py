@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +35,13 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from saenb import files
 from saenb import interventions as iv
 from saenb.files import atomic_path, write_text
 from saenb.nfm import activations
 from saenb.presets import Loaded
 
-RESULTS = Path(os.environ.get("SAENB_RESULTS", Path(__file__).resolve().parents[1] / "data" / "results")) / "baselines"
+RESULTS = files.RESULTS / "baselines"
 """Fitted statistics, one folder per configuration (`SAENB_RESULTS` overrides data/results)."""
 
 INTERVENTIONS = ("cov_random", "error_shuffled", "sae_plus_linear", "sae_plus_nonlinear")

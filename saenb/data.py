@@ -8,7 +8,8 @@ the positions every measurement uses (special tokens, BOS included, are never sp
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+import json
 
 import numpy as np
 import torch
@@ -18,9 +19,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saenb import hub
-from saenb.files import atomic_path
+from saenb.files import RESULTS, atomic_path
 
-TOKENS_CACHE = Path(__file__).resolve().parents[1] / "data" / "results" / "tokens"
+TOKENS_CACHE = RESULTS / "tokens"
 
 
 def non_special(tokens: Int[Tensor, "n pos"], tokenizer) -> Bool[Tensor, "n pos"]:
@@ -45,15 +46,18 @@ def chunk_contexts(token_ids: list[list[int]], separator: int | list[int], n_ctx
 
 def hub_contexts(dataset: str, tokenizer, n: int, n_ctx: int, *, column: str = "text",
                  cache_name: str = "hub", split: str = "train") -> Int[Tensor, "n pos"]:
-    """The first `n` contexts of a streamed dataset, tokenized, BOS first; cached on disk."""
-    path = TOKENS_CACHE / f"{cache_name}-{dataset.replace('/', '--')}-{n_ctx}.pt"
+    """The first `n` contexts of a streamed dataset, tokenized, BOS first; cached on disk under the dataset,
+    the context length and the tokenizer (its vocabulary's digest: another tokenizer's ids are never reused)."""
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:12]
+    path = TOKENS_CACHE / f"{cache_name}-{dataset.replace('/', '--')}-{n_ctx}-{vocab}.pt"
     if path.exists():
         cached = torch.load(path)
         if len(cached) >= n:
             return cached[:n].clone()
     from datasets import load_dataset
 
-    hub.require(f"token contexts from {dataset}", [f"dataset {dataset} (not yet cached in {path.parent})"])
+    hub.require(f"token contexts from {dataset}",
+                [] if hub.dataset_cached(dataset) else [f"dataset {dataset} (not yet cached in {path.parent})"])
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     stream = load_dataset(dataset, split=split, streaming=True)
     docs, n_tokens, need = [], 0, n * (n_ctx - 1)

@@ -60,6 +60,17 @@ def cached(repo_id: str, filename: str, repo_type: str = "model") -> bool:
     return isinstance(found, str)
 
 
+def dataset_cached(name: str) -> bool:
+    """Whether `datasets` holds a prepared copy of hub dataset `name` (what it loads when the hub is offline)."""
+    from datasets.load import CachedDatasetModuleFactory
+
+    try:
+        CachedDatasetModuleFactory(name).get_module()
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def require(what: str, missing: list[str]) -> None:
     """Pass when nothing is missing from the cache (then never touch the network) or the hub is reachable."""
     if not missing:

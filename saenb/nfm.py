@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from saenb import files
 from saenb import interventions as iv
 from saenb.data import non_special
 from saenb.files import atomic_path, write_text
@@ -39,7 +39,7 @@ from saenb.patching import hook_activations
 from saenb.presets import Loaded, sae_layer
 
 VARIANTS = ("both", "linear", "interaction", "linear_control")
-RESULTS = Path(os.environ.get("SAENB_RESULTS", Path(__file__).resolve().parents[1] / "data" / "results")) / "nfm"
+RESULTS = files.RESULTS / "nfm"
 """Trained weights, one folder per configuration (`SAENB_RESULTS` overrides data/results)."""
 
 

@@ -38,7 +38,6 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from sae_lens.util import get_special_token_ids
 from torch import Tensor

@@ -12,7 +12,6 @@ and runs the model on from there (the next block, or the unembedding after the l
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,19 +20,18 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from jaxtyping import Int
-from scipy import stats
 from sae_lens import SAE
+from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 import saenb
-from saenb import bundle_io, metrics, store
+from saenb import bundle_io, files, metrics, store
 from saenb.data import non_special
 from saenb.presets import Preset, get_preset
 
-
-RESULTS = Path(os.environ.get("SAENB_RESULTS", Path(__file__).resolve().parents[1] / "data" / "results")) / "proxy"
+RESULTS = files.RESULTS / "proxy"
 """`evaluate_cached`'s tables, one parquet per configuration (`SAENB_RESULTS` overrides data/results)."""
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 import saenb
+from saenb import files, patching
 from saenb import interventions as iv
-from saenb import patching
 from saenb.files import atomic_path
 from saenb.presets import Loaded
 
-RESULTS = Path(os.environ.get("SAENB_RESULTS", Path(__file__).resolve().parents[1] / "data" / "results")) / "measure"
+RESULTS = files.RESULTS / "measure"
 """The measurement cache (`SAENB_RESULTS` overrides data/results, e.g. for a cold-cache test run)."""
 
 
