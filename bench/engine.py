@@ -1,12 +1,18 @@
 """Benchmark: the fast engine (`saenb.measure`) against the naive reference (`saenb.measure_naive`).
 
-    python bench/engine.py [--preset tiny-stdlib] [--seqs 8] [--device auto]
+    python bench/engine.py [--shape tiny-stdlib | gpt2-small] [--seqs 8] [--samples 500] [--repeats 3]
 
-Same tokens, same hooks (every layer's residual SAE), the interventions of notebook 1. Prints tokens/s of
-each path and their ratio for the three modes (best of --repeats alternating runs), the fast path's peak
-memory at two token counts 4x apart (each in a fresh subprocess: resident memory above the loaded model's,
-sampled every millisecond), and the fast path's achieved FLOP/s (torch's FlopCounterMode) against a plain
-matmul timed in the same run. Every ratio printed is measured in this one run.
+`--shape gpt2-small` runs GPT-2 small's exact shapes (vocabulary 50,257, d_model 768, 12 layers, residual SAEs of
+24,576 latents) with random weights: the gpt2-small preset loaded offline from a synthetic hub cache
+(`saenb.synthetic_hub`, built once into data/cache/synthetic-hub).
+
+Same tokens, same hooks (residual SAEs), the interventions of notebook 1. Per mode (all-token; single-token;
+many-sample: `--sample-seqs` contexts x `--samples` eps-random draws at position 48, measured at 48), the median
+time of `--repeats` alternating runs of each path and its spread (min-max), rows/s and their ratio; the fast path's
+peak memory at two token counts 4x apart (each in a fresh subprocess: resident memory above the loaded model's,
+sampled every millisecond); its achieved FLOP/s on the all-token run (torch's FlopCounterMode) against a plain
+matmul timed in the same run; and from those FLOPs, the projected time of the original study's run (2M tokens x
+12 layers x 9 interventions) on an H100. Every ratio printed is measured in this one run.
 """
 
 from __future__ import annotations
@@ -14,16 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from saenb import load_preset, measure, measure_naive
-from saenb.patching import NOTEBOOK1, hook_means
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC_HUB = REPO / "data" / "cache" / "synthetic-hub"
+H100_FP32, H100_TF32 = 67e12, 495e12
+"""H100 SXM datasheet rates, dense: FP32 (CUDA cores) and TF32 (tensor cores), FLOP/s."""
+STUDY = {"tokens": 2_000_000, "layers": 12, "interventions": 9, "minutes_per_layer": 9.5}
+"""The original study's run on GPT-2 small: 2M tokens per layer, 12 layers, its interventions; 9.5 min per layer."""
 
 
 def timed(fn):
@@ -43,13 +55,17 @@ def matmul_flops_per_s(device: torch.device, n: int = 1024, reps: int = 10) -> f
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def modes(seqs: int, samples: int) -> dict[str, dict]:
+def modes(samples: int) -> dict[str, dict]:
     return {
         "all-token": {"positions": "all"},
         "single-token": {"positions": 32},
         f"{samples}-sample": {"positions": 48, "n_samples": samples, "measure_positions": [48],
                               "interventions": ["eps_random"]},
     }
+
+
+def spread(times: list[float]) -> str:
+    return f"{statistics.median(times):7.2f} s [{min(times):.2f}-{max(times):.2f}]"
 
 
 class PeakRSS:
@@ -84,9 +100,20 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def worker(preset: str, device: str, n_seqs: int) -> None:
+def load(shape: str, device: str, layers: list[int]):
+    from saenb import load_preset
+
+    if shape == "gpt2-small":
+        return load_preset("gpt2-small", device=device, layers=layers, families=("resid",))
+    return load_preset(shape, device=device, families=("resid",))
+
+
+def worker(shape: str, device: str, layers: list[int], n_seqs: int) -> None:
     """Run the fast all-token path on n_seqs sequences and print its peak memory (one subprocess each)."""
-    loaded = load_preset(preset, device=device)
+    from saenb import measure
+    from saenb.patching import NOTEBOOK1, hook_means
+
+    loaded = load(shape, device, layers)
     hooks = loaded.hooks("resid")
     tokens = loaded.tokens(n_seqs)
     if loaded.device.type == "cuda":
@@ -100,54 +127,68 @@ def worker(preset: str, device: str, n_seqs: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny-stdlib")
+    parser.add_argument("--shape", default="tiny-stdlib", choices=("tiny-stdlib", "smollm2-135m", "gpt2-small"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 6, 11], help="gpt2-small: layers with SAEs")
     parser.add_argument("--seqs", type=int, default=8, help="sequences for the all-token and single-token modes")
     parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--sample-seqs", type=int, default=2, help="sequences for the many-sample mode")
-    parser.add_argument("--repeats", type=int, default=5, help="timings per path; the best is kept")
+    parser.add_argument("--sample-seqs", type=int, default=8, help="sequences for the many-sample mode")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per path (the median and spread shown)")
     parser.add_argument("--memory-seqs", type=int, default=16,
                         help="peak memory is measured at this many sequences and 4x as many")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.shape == "gpt2-small" and os.environ.get("HF_HOME") != str(SYNTHETIC_HUB):
+        # the hub libraries read HF_HOME when imported: build the synthetic cache once, then run again with it
+        if not (SYNTHETIC_HUB / "manifest.json").exists() or \
+                set(args.layers) - set(json.loads((SYNTHETIC_HUB / "manifest.json").read_text())["layers"]):
+            subprocess.run([sys.executable, "-m", "saenb.synthetic_hub", "--out", str(SYNTHETIC_HUB), "--families",
+                            "resid", "--layers", *map(str, args.layers)], check=True, cwd=REPO)
+        env = {**os.environ, "HF_HOME": str(SYNTHETIC_HUB), "HF_HUB_OFFLINE": "1"}
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     if args.worker is not None:
-        return worker(args.preset, args.device, args.worker)
+        return worker(args.shape, args.device, args.layers, args.worker)
 
-    loaded = load_preset(args.preset, device=args.device)
+    from saenb import measure, measure_naive
+    from saenb.patching import NOTEBOOK1, hook_means
+
+    loaded = load(args.shape, args.device, args.layers)
     hooks = loaded.hooks("resid")
-    print(f"{args.preset} on {loaded.device}, {torch.get_num_threads()} threads; hooks: {len(hooks)} residual SAEs")
+    cfg = loaded.model.cfg
+    print(f"{args.shape} on {loaded.device}, {torch.get_num_threads()} threads; d_model {cfg.d_model}, "
+          f"{cfg.n_layers} layers, vocabulary {cfg.d_vocab}; {len(hooks)} residual SAEs of "
+          f"{next(iter(loaded.saes.values())).cfg.d_sae} latents; median of {args.repeats} [min-max]")
     rows = []
-    for name, kw in modes(args.seqs, args.samples).items():
+    for name, kw in modes(args.samples).items():
         interventions = kw.pop("interventions", NOTEBOOK1)
-        n = args.sample_seqs if "sample" in name else args.seqs
-        tokens = loaded.tokens(n)
+        sample_mode = "sample" in name
+        tokens = loaded.tokens(args.sample_seqs if sample_mode else args.seqs)
+        use = hooks[len(hooks) // 2:len(hooks) // 2 + 1] if sample_mode else hooks  # many-sample: the middle layer
         # the mean-ablation reference is an input of both paths, computed once (as measure_cached does)
-        common = {"hooks": hooks, "interventions": interventions, "tokens": tokens, "progress": False,
-                  "means": hook_means(loaded, hooks, tokens), **kw}
+        common = {"hooks": use, "interventions": interventions, "tokens": tokens, "progress": False,
+                  "means": hook_means(loaded, use, tokens), **kw}
         measure(loaded, **{**common, "tokens": tokens[:1]})  # warm-up
-        # fast and naive alternate; the best of `repeats` runs of each (as timeit does) is the least
-        # disturbed by the other tenants of a shared machine
-        t_fast = t_naive = float("inf")
-        for _ in range(1 if "sample" in name else args.repeats):  # the naive many-sample run takes minutes
+        # fast and naive alternate, so that a disturbance of the shared machine hits both
+        t_fast, t_naive = [], []
+        for rep in range(args.repeats):
             fast, t = timed(lambda common=common: measure(loaded, **common))
-            t_fast = min(t_fast, t)
-            naive, t = timed(lambda common=common: measure_naive(loaded, **common))
-            t_naive = min(t_naive, t)
+            t_fast.append(t)
+            if not (sample_mode and rep):  # the naive many-sample run takes minutes: once
+                naive, t = timed(lambda common=common: measure_naive(loaded, **common))
+                t_naive.append(t)
         assert len(fast) == len(naive)
         err = (fast.kl - naive.kl).abs().max()
-        splices = len(fast)  # measured (token, hook, intervention, sample) rows
-        rows.append((name, splices / t_naive, splices / t_fast, t_naive / t_fast, err))
+        rows.append((name, len(fast), t_naive, t_fast, err))
     # how much of the all-token speed-up the fused kernels give (the rest is the engine's design)
     tokens = loaded.tokens(args.seqs)
     common = {"hooks": hooks, "interventions": NOTEBOOK1, "tokens": tokens, "progress": False,
               "means": hook_means(loaded, hooks, tokens)}
-    runs = [timed(lambda: measure(loaded, fused=False, **common)) for _ in range(args.repeats)]
-    naive_rate = rows[0][1]
-    unfused_rate = len(runs[0][0]) / min(t for _, t in runs)
-    rows.append(("all-token, unfused", naive_rate, unfused_rate, unfused_rate / naive_rate, float("nan")))
-    print(f"\n{'mode':<20}{'naive rows/s':>14}{'fast rows/s':>14}{'speed-up':>10}{'max |dKL|':>12}")
-    for name, naive_rate, fast_rate, ratio, err in rows:
-        print(f"{name:<20}{naive_rate:>14.0f}{fast_rate:>14.0f}{ratio:>9.2f}x{err:>12.1e}")
+    unfused = [timed(lambda: measure(loaded, fused=False, **common))[1] for _ in range(args.repeats)]
+    rows.append(("all-token, unfused", rows[0][1], rows[0][2], unfused, float("nan")))
+    print(f"\n{'mode':<20}{'rows':>9}{'naive':>22}{'fast':>22}{'speed-up':>10}{'max |dKL|':>11}")
+    for name, n_rows, t_naive, t_fast, err in rows:
+        ratio = statistics.median(t_naive) / statistics.median(t_fast)
+        print(f"{name:<20}{n_rows:>9}{spread(t_naive):>22}{spread(t_fast):>22}{ratio:>9.1f}x{err:>11.1e}")
 
     # The returned frame (one row per token x hook x intervention) necessarily grows with the tokens; the
     # engine's own working memory (batch activations, chunk forwards, logits blocks) is what must stay flat.
@@ -157,23 +198,31 @@ def main() -> None:
     print("\nfast all-token peak memory above the loaded model (fresh process each):")
     print(f"  {'sequences':>9} {'tokens':>7} {'peak MiB':>9} {'frame MiB':>10} {'peak - frame':>13}")
     for n in (args.memory_seqs, 4 * args.memory_seqs):
-        out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--device", args.device,
-                              "--worker", str(n)], capture_output=True, text=True, check=True, env=env)
+        out = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--device", args.device, "--layers",
+                              *map(str, args.layers), "--worker", str(n)], capture_output=True, text=True, check=True,
+                             env=env)
         got = json.loads(out.stdout.strip().splitlines()[-1])
         peak, frame = got["peak_bytes"] / 2**20, got["frame_bytes"] / 2**20
-        print(f"  {n:>9} {n * 128:>7} {peak:>9.1f} {frame:>10.1f} {peak - frame:>13.1f}")
+        print(f"  {n:>9} {n * tokens.shape[1]:>7} {peak:>9.1f} {frame:>10.1f} {peak - frame:>13.1f}")
 
-    # achieved FLOP/s of the fast path vs a plain matmul, same run
-    tokens = loaded.tokens(args.seqs)
+    # achieved FLOP/s of the fast path (the all-token run above) vs a plain matmul, same run
     with FlopCounterMode(display=False) as counter:
-        measure(loaded, hooks, NOTEBOOK1, tokens[:2], progress=False)
-    flops_small = counter.get_total_flops()
-    t = min(timed(lambda: measure(loaded, hooks, NOTEBOOK1, tokens[:2], progress=False))[1]
-            for _ in range(args.repeats))
-    achieved = flops_small / t
-    peak = matmul_flops_per_s(loaded.device)
-    print(f"\nfast path: {flops_small / 1e9:.1f} GFLOP (matmuls) in {t:.2f} s = {achieved / 1e9:.1f} GFLOP/s; "
+        measure(loaded, **common)
+    flops = counter.get_total_flops()
+    t = statistics.median(rows[0][3])
+    achieved, peak = flops / t, matmul_flops_per_s(loaded.device)
+    print(f"\nfast path: {flops / 1e9:.1f} GFLOP (matmuls) in {t:.2f} s = {achieved / 1e9:.1f} GFLOP/s; "
           f"plain 1024^3 matmul: {peak / 1e9:.1f} GFLOP/s; ratio {achieved / peak:.2f}")
+    # the study's run: every token of 2M patched by each of 9 interventions at each of 12 layers (all-token mode)
+    per_splice = flops / rows[0][1]  # per measured (token, hook, intervention) row
+    per_layer = per_splice * STUDY["tokens"] * STUDY["interventions"]
+    minutes = {name: per_layer / rate / 60 for name, rate in
+               (("fp32", H100_FP32), ("tf32", H100_TF32), ("here", H100_FP32 * achieved / peak))}
+    print(f"the study's run (2M tokens x 12 layers x 9 interventions) at {per_splice / 1e9:.3f} GFLOP per splice "
+          f"({cfg.d_vocab}-token vocabulary): {per_layer * STUDY['layers'] / 1e15:.1f} PFLOP; projected on an H100: "
+          f"{minutes['fp32']:.2f} min per layer at its FP32 datasheet rate ({minutes['tf32']:.2f} in TF32), "
+          f"{minutes['here']:.2f} min at the fraction of peak reached here, "
+          f"against the study's {STUDY['minutes_per_layer']} min per layer")
 
 
 if __name__ == "__main__":
