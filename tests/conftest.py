@@ -92,3 +92,32 @@ def llama(tiny):
             sae.b_enc.fill_(-0.3)
         saes[hook] = sae.eval()
     return dataclasses.replace(tiny, model=model, saes={}).with_saes(saes, {h: f"random-{h}" for h in saes})
+
+
+@pytest.fixture(scope="session")
+def gpt2_shaped(tiny):
+    """GPT-2 small's shapes (12 layers, d_model 768, 12 heads of 64, d_mlp 3072, gelu_new, LayerNorm, learned
+    positions), random weights, with tiny-stdlib's vocabulary (4,096 tokens: seconds, not minutes) and random
+    sae_lens SAEs at a residual and an attention hook: the engine at GPT-2's widths."""
+    import dataclasses
+
+    import torch
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        model_name="gpt2-shaped", n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=128,
+        d_vocab=tiny.model.cfg.d_vocab, act_fn="gelu_new", normalization_type="LN", default_prepend_bos=True,
+        seed=0, init_weights=True,
+    )
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg, tokenizer=tiny.model.tokenizer).eval().requires_grad_(False)
+    saes = {}
+    for hook in ("blocks.4.hook_resid_pre", "blocks.9.attn.hook_z"):
+        sae = StandardSAE(StandardSAEConfig(d_in=768, d_sae=1536))
+        with torch.no_grad():
+            sae.W_dec.normal_(0, 1).div_(sae.W_dec.norm(dim=-1, keepdim=True))
+            sae.W_enc.copy_(sae.W_dec.T)
+            sae.b_enc.fill_(0.0)
+        saes[hook] = sae.eval()
+    return dataclasses.replace(tiny, model=model, saes={}).with_saes(saes, {h: f"random-{h}" for h in saes})

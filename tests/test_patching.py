@@ -266,3 +266,19 @@ def test_shared_prefix_attention_equals_attention_over_copied_keys(heads, kv_hea
     mask = torch.ones(window, prefix + window, dtype=torch.bool).tril(prefix)
     want = F.scaled_dot_product_attention(q, full_k, full_v, attn_mask=mask, scale=0.3, enable_gqa=heads != kv_heads)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["all", "single", "many"])
+def test_gpt2_shaped_fast_equals_naive(gpt2_shaped, mode):
+    """At GPT-2 small's widths and depth (random weights, a reduced vocabulary), the fast path (fused attention
+    over a shared prefix, chunking under a small memory budget) gives the naive path's KL in every mode."""
+    kw = dict(interventions=["sae", "eps_random", "zero", "identity"], tokens=gpt2_shaped.tokens(2), seed=3,
+              progress=False, measure_positions=range(1, 40) if mode == "all" else None)
+    if mode == "single":
+        kw.update(positions=30)
+    if mode == "many":
+        kw.update(positions=30, n_samples=5, measure_positions=[30, 31, 60], interventions=["eps_random", "sae"])
+    fast = measure(gpt2_shaped, None, memory_mb=16, **kw)
+    naive = measure_naive(gpt2_shaped, None, **kw)
+    assert_fast_equals_naive(fast, naive)
+    assert (fast.groupby("hook", observed=True).kl.mean() > 1e-4).all()
