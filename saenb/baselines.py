@@ -23,8 +23,6 @@ the interventions, which name it by that key, find it (as `saenb.nfm` does for i
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +30,10 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from saenb import files
 from saenb import interventions as iv
-from saenb.files import atomic_path, write_text
 from saenb.nfm import activations
 from saenb.presets import Loaded
 
@@ -152,42 +148,27 @@ class Fitted:
         return out
 
 
-def config_key(loaded: Loaded, cfg: BaselineConfig, tokens: Tensor) -> str:
-    from saenb import store  # store imports the package, which imports this module
-
-    return store.fit_key(loaded, "baselines", cfg, tokens)
-
-
 def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: BaselineConfig = BaselineConfig(), *, root: Path = RESULTS
         ) -> Fitted:
     """Fit every hook on `tokens` (held-in contexts, disjoint from the evaluation ones), or read the fit from
-    the cache; each hook is saved as soon as it is fitted."""
-    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
-    for hook in hooks:
-        if hook not in loaded.saes:
-            raise ValueError(f"no SAE at hook {hook!r}; hooks with SAEs: {list(loaded.saes)}")
-    key = config_key(loaded, cfg, tokens)
-    folder = Path(root) / key
-    fits = {}
-    for hook in hooks:
-        weights, meta = folder / f"{hook}.safetensors", folder / f"{hook}.json"
-        if weights.exists() and meta.exists():
-            t = load_file(str(weights))
-            fits[hook] = HookFit(**t, info=json.loads(meta.read_text()))
-        else:
-            t0 = time.time()
-            x, _, x_sae, _ = activations(loaded, hook, tokens)
-            if len(x) <= x.shape[1]:
-                raise ValueError(f"{len(x)} held-in tokens at {hook} cannot fit a {x.shape[1]}-wide covariance and "
-                                 f"linear map: give more fit contexts (at least {x.shape[1] + 1} tokens)")
-            fits[hook] = fit_hook(x, x_sae, cfg)
-            fits[hook].info["seconds"] = round(time.time() - t0, 1)
-            with atomic_path(weights) as tmp:
-                save_file(fits[hook].tensors(), str(tmp))
-            write_text(meta, json.dumps(fits[hook].info, indent=2))
+    the cache; each hook is saved as soon as it is fitted (`store.load_or_fit`)."""
+    from saenb import store  # store imports the package, which imports this module
+
+    def make(hook: str) -> tuple[HookFit, dict[str, Tensor], dict]:
+        t0 = time.time()
+        x, _, x_sae, _ = activations(loaded, hook, tokens)
+        if len(x) <= x.shape[1]:
+            raise ValueError(f"{len(x)} held-in tokens at {hook} cannot fit a {x.shape[1]}-wide covariance and "
+                             f"linear map: give more fit contexts (at least {x.shape[1] + 1} tokens)")
+        part = fit_hook(x, x_sae, cfg)
+        part.info["seconds"] = round(time.time() - t0, 1)
+        return part, part.tensors(), part.info
+
+    key, fits, _ = store.load_or_fit(loaded, hooks, "baselines", cfg, tokens, root,
+                                     read=lambda hook, t, info: HookFit(**t, info=info), make=make)
+    for part in fits.values():
         for name in ("mean", "components", "variances", "bank", "A", "b"):
-            setattr(fits[hook], name, getattr(fits[hook], name).to(loaded.device))
-    write_text(folder / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+            setattr(part, name, getattr(part, name).to(loaded.device))
     _FITTED.add(key, fits)
     return Fitted(key, cfg, fits)
 

@@ -18,7 +18,6 @@ its random baseline at its own error size, `nfm_eps_random`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +26,12 @@ from typing import Any
 import pandas as pd
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saenb import files
 from saenb import interventions as iv
 from saenb.data import non_special
-from saenb.files import atomic_path, write_text
 from saenb.patching import hook_activations
 from saenb.presets import Loaded, sae_layer
 
@@ -206,38 +203,23 @@ class TrainedNFM:
         return iv.spec("nfm_eps_random", variant=self.cfg.variant, key=self.key)
 
 
-def config_key(loaded: Loaded, cfg: NFMConfig, tokens: Tensor) -> str:
-    """The store's key (preset, bundle, SAEs, package version) extended by the NFM config and fit tokens."""
-    from saenb import store  # store imports the package, which imports this module
-
-    return store.fit_key(loaded, "nfm", cfg, tokens)
-
-
 def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: NFMConfig = NFMConfig(), *, root: Path = RESULTS,
         progress: bool = True) -> TrainedNFM:
     """An NFM per hook trained on `tokens` (read from the cache when this configuration was trained before;
     each hook is saved as soon as it is trained, so an interrupted run keeps what it finished)."""
-    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
-    for hook in hooks:
-        if hook not in loaded.saes:
-            raise ValueError(f"no SAE at hook {hook!r}; hooks with SAEs: {list(loaded.saes)}")
-    key = config_key(loaded, cfg, tokens)
-    folder = Path(root) / key
-    models, info = {}, {}
-    for hook in hooks:
-        weights, meta = folder / f"{hook}.safetensors", folder / f"{hook}.json"
+    from saenb import store  # store imports the package, which imports this module
+
+    def read(hook: str, tensors: dict[str, Tensor], info: dict) -> NFM:
         sae = loaded.saes[hook]
-        if weights.exists() and meta.exists():
-            model = NFM(sae.cfg.d_sae, sae.cfg.d_in, cfg)
-            model.load_state_dict(load_file(str(weights)))
-            models[hook] = model.eval().requires_grad_(False).to(loaded.device)
-            info[hook] = json.loads(meta.read_text())
-            continue
-        models[hook], info[hook] = train(loaded, hook, tokens, cfg, progress=progress)
-        with atomic_path(weights) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in models[hook].state_dict().items()}, str(tmp))
-        write_text(meta, json.dumps(info[hook], indent=2))
-    write_text(folder / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        model = NFM(sae.cfg.d_sae, sae.cfg.d_in, cfg)
+        model.load_state_dict(tensors)
+        return model.eval().requires_grad_(False).to(loaded.device)
+
+    def make(hook: str) -> tuple[NFM, dict[str, Tensor], dict]:
+        model, info = train(loaded, hook, tokens, cfg, progress=progress)
+        return model, model.state_dict(), info
+
+    key, models, info = store.load_or_fit(loaded, hooks, "nfm", cfg, tokens, root, read=read, make=make)
     _TRAINED.add(key, models)
     return TrainedNFM(key, cfg, models, info)
 

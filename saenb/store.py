@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import saenb
@@ -57,6 +59,34 @@ def fit_key(loaded: Loaded, kind: str, cfg, tokens: torch.Tensor) -> str:
     """The 12-character key of something fitted on `tokens` with the frozen dataclass `cfg` (an NFM, baselines):
     `config_key` extended by the configuration and the tokens' sha256."""
     return config_key(loaded, {kind: dataclasses.asdict(cfg), "tokens": tokens_sha256(tokens)})[0][:12]
+
+
+def load_or_fit(loaded: Loaded, hooks, kind: str, cfg, tokens: torch.Tensor, root: Path, *,
+                read: Callable[[str, dict[str, torch.Tensor], dict], Any],
+                make: Callable[[str], tuple[Any, dict[str, torch.Tensor], dict]]) -> tuple[str, dict, dict]:
+    """Per-hook parts fitted on `tokens` with `cfg` (NFMs, baselines), cached under `root/<fit_key>/`: a hook
+    saved before (`<hook>.safetensors` + `<hook>.json`) is `read(hook, tensors, info)`; any other is
+    `make(hook) -> (part, tensors, info)` and saved at once, so an interrupted run keeps what it finished.
+    Returns the key, hook -> part and hook -> info."""
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    for hook in hooks:
+        if hook not in loaded.saes:
+            raise ValueError(f"no SAE at hook {hook!r}; hooks with SAEs: {list(loaded.saes)}")
+    key = fit_key(loaded, kind, cfg, tokens)
+    folder = Path(root) / key
+    parts, info = {}, {}
+    for hook in hooks:
+        weights, meta = folder / f"{hook}.safetensors", folder / f"{hook}.json"
+        if weights.exists() and meta.exists():
+            info[hook] = json.loads(meta.read_text())
+            parts[hook] = read(hook, load_file(str(weights)), info[hook])
+            continue
+        parts[hook], tensors, info[hook] = make(hook)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        files.write_text(meta, json.dumps(info[hook], indent=2))
+    files.write_text(folder / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    return key, parts, info
 
 
 def digest(config: dict[str, Any]) -> str:

@@ -187,22 +187,35 @@ def test_fast_equals_naive_at_every_hook_kind(any_hook, mode):
 LLAMA_HOOKS = ["blocks.1.hook_resid_pre", "blocks.3.hook_resid_pre", "blocks.2.attn.hook_z"]
 
 
+ARCHITECTURES = {
+    # RMSNorm, rotary positions, grouped key/value heads and a gated MLP: the frozen prefix's rotary positions
+    # must keep their true offsets; the identity splice must leave every measured distribution clean
+    "llama": {"hooks": LLAMA_HOOKS, "n_seqs": 3, "seed": 5, "position": 40, "n_samples": 4, "memory_mb": 8,
+              "measure": {"many": [40, 41, 90]}, "identity_is_clean": True},
+    # GPT-2 small's widths and depth (random weights, a reduced vocabulary)
+    "gpt2_shaped": {"hooks": None, "n_seqs": 2, "seed": 3, "position": 30, "n_samples": 5, "memory_mb": 16,
+                    "measure": {"all": range(1, 40), "many": [30, 31, 60]}, "identity_is_clean": False},
+}
+
+
 @pytest.mark.parametrize("mode", ["all", "single", "many"])
-def test_llama_fast_equals_naive(llama, mode):
-    """RMSNorm, rotary positions, grouped key/value heads and a gated MLP: the fast path (start_at_layer, the
-    frozen key/value prefix in single-token mode, whose rotary positions must keep their true offsets, kernel
-    swaps only where equal) gives the naive path's KL in every mode."""
-    tokens = llama.tokens(3)
-    kw = dict(interventions=["sae", "eps_random", "zero", "identity"], tokens=tokens, seed=5, progress=False)
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_architecture_fast_equals_naive(request, arch, mode):
+    """The fast path (start_at_layer, fused attention over a shared clean prefix in single-token mode, kernel
+    swaps only where equal, chunking under a small memory budget) gives the naive path's KL in every mode, on a
+    random Llama-architecture model and at GPT-2 small's widths."""
+    loaded, a = request.getfixturevalue(arch), ARCHITECTURES[arch]
+    kw = dict(interventions=["sae", "eps_random", "zero", "identity"], tokens=loaded.tokens(a["n_seqs"]),
+              seed=a["seed"], progress=False, measure_positions=a["measure"].get(mode))
     if mode == "single":
-        kw.update(positions=40)
+        kw.update(positions=a["position"])
     if mode == "many":
-        kw.update(positions=40, n_samples=4, measure_positions=[40, 41, 90], interventions=["eps_random", "sae"])
-    fast = measure(llama, LLAMA_HOOKS, memory_mb=8, **kw)
-    naive = measure_naive(llama, LLAMA_HOOKS, **kw)
+        kw.update(positions=a["position"], n_samples=a["n_samples"], interventions=["eps_random", "sae"])
+    fast = measure(loaded, a["hooks"], memory_mb=a["memory_mb"], **kw)
+    naive = measure_naive(loaded, a["hooks"], **kw)
     assert_fast_equals_naive(fast, naive)
     assert (fast.groupby("hook", observed=True).kl.mean() > 1e-4).all()
-    if "identity" in kw["interventions"]:
+    if a["identity_is_clean"] and "identity" in kw["interventions"]:
         assert fast[fast.intervention == "identity"].kl.abs().max() < 1e-6
 
 
@@ -267,18 +280,3 @@ def test_shared_prefix_attention_equals_attention_over_copied_keys(heads, kv_hea
     want = F.scaled_dot_product_attention(q, full_k, full_v, attn_mask=mask, scale=0.3, enable_gqa=heads != kv_heads)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
-
-@pytest.mark.parametrize("mode", ["all", "single", "many"])
-def test_gpt2_shaped_fast_equals_naive(gpt2_shaped, mode):
-    """At GPT-2 small's widths and depth (random weights, a reduced vocabulary), the fast path (fused attention
-    over a shared prefix, chunking under a small memory budget) gives the naive path's KL in every mode."""
-    kw = dict(interventions=["sae", "eps_random", "zero", "identity"], tokens=gpt2_shaped.tokens(2), seed=3,
-              progress=False, measure_positions=range(1, 40) if mode == "all" else None)
-    if mode == "single":
-        kw.update(positions=30)
-    if mode == "many":
-        kw.update(positions=30, n_samples=5, measure_positions=[30, 31, 60], interventions=["eps_random", "sae"])
-    fast = measure(gpt2_shaped, None, memory_mb=16, **kw)
-    naive = measure_naive(gpt2_shaped, None, **kw)
-    assert_fast_equals_naive(fast, naive)
-    assert (fast.groupby("hook", observed=True).kl.mean() > 1e-4).all()
