@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.saenb-installed
 
-.PHONY: venv smollm2 test reproduce score bench bundle bundle-smollm2 clean-results
+.PHONY: venv smollm2 browser test reproduce score bench bundle bundle-smollm2 clean-results
 
 # torch is installed first, pinned, then the package with the pin as a constraint, so that pip never
 # resolves another torch (a CUDA build of several GB).
@@ -22,7 +22,15 @@ venv: $(STAMP)
 smollm2: venv
 	$(BIN)/python -m saenb.pretrained fetch smollm2-135m
 
-test: venv smollm2
+# The browser tests' Chromium and chromedriver (Debian's packages), installed when missing and this is root on a
+# Debian-like system (CI); elsewhere the tests that need them skip, with the command to install them.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: the browser tests skip without chromium: sudo apt-get install chromium chromium-driver"; fi
+
+test: venv smollm2 browser
 	$(BIN)/python -m pytest
 
 reproduce: venv

@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--quick", action="store_true", help="a few contexts per notebook (smoke run, CI)")
     rp = sub.add_parser("report", help="write figures/<preset>/report.{md,html} from the saved figures")
     rp.add_argument("--preset", default="tiny-stdlib")
+    rp.add_argument("--quick", action="store_true", help="the quick run's report (figures/<preset>/quick/)")
     sc = sub.add_parser("score", help="the pathology score of SAEs: a preset's, a sae_lens release's, or folders",
                         description=__import__("saenb.scoring", fromlist=["x"]).__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from saenb.report import write_report
 
-        for path in write_report(args.preset):
+        try:
+            paths = write_report(args.preset, quick=args.quick)
+        except (ValueError, FileNotFoundError) as exc:  # unknown preset, nothing saved yet: the message names the fix
+            print(f"python -m saenb report: error: {exc}", file=sys.stderr)
+            return 2
+        for path in paths:
             print(path)
         return 0
     if args.command == "reproduce":

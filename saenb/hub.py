@@ -6,9 +6,11 @@ reachable, they fail at once with a message that names the fix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
+import warnings
 from urllib.parse import urlparse
 
 PROBE_TIMEOUT_S = 3.0
@@ -16,6 +18,18 @@ FIX = (
     "Fix: run once with network access (the files are then cached), or fill the HF cache (HF_HOME) from a "
     "machine that has it, or use the offline preset: load_preset('tiny-stdlib')."
 )
+
+
+@contextlib.contextmanager
+def sae_loading():
+    """Load SAEs without sae_lens's UserWarning "This SAE has non-empty model_from_pretrained_kwargs ...", which
+    asks the reader to load the model with the SAE's `model_from_pretrained_kwargs`: saenb always does (hub presets
+    and `score` pass them to `from_pretrained`; bundle models are stored with them applied). That one message is
+    filtered, at the loading call only; every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs",
+                                category=UserWarning)
+        yield
 
 
 class HubUnavailableError(OSError):

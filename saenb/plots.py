@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -149,38 +150,59 @@ def set_style() -> None:
 
 
 # -------------------------------------------------------------------------------------------- saving
-def figure_dir(notebook: str, preset: str, root: Path = FIGURES) -> Path:
-    return Path(root) / preset / notebook
+def run_dir(preset: str, root: Path = FIGURES, *, quick: bool = False) -> Path:
+    """Where one kind of run of a preset keeps its figures and report: figures/<preset>/ for full runs,
+    figures/<preset>/quick/ for quick (smoke) runs, so that a quick run never overwrites a full run's figures."""
+    return Path(root) / preset / "quick" if quick else Path(root) / preset
+
+
+def figure_dir(notebook: str, preset: str, root: Path = FIGURES, *, quick: bool = False) -> Path:
+    return run_dir(preset, root, quick=quick) / notebook
 
 
 def save_figure(fig: Figure, df: pd.DataFrame, name: str, *, notebook: str, preset: str, caption: str = "",
-                root: Path = FIGURES) -> Path:
-    """Write `<name>.png`, `.svg` and the DataFrame behind the figure (`.csv`) under
-    figures/<preset>/<notebook>/, and record the caption (in saving order) in that folder's figures.json."""
+                title: str = "", quick: bool = False, root: Path = FIGURES) -> Path:
+    """Write `<name>.png`, `.svg` and the DataFrame behind the figure (`.csv`) under figures/<preset>/<notebook>/
+    (`quick`: figures/<preset>/quick/<notebook>/), and record its title and caption (in saving order) in that
+    folder's figures.json. `title` is the report's heading for it (default: the caption's first phrase)."""
     if df is None or len(df) == 0:
         raise ValueError(f"figure {name!r}: the DataFrame behind it is empty; save the frame the figure was drawn from")
-    folder = figure_dir(notebook, preset, root)
+    folder = figure_dir(notebook, preset, root, quick=quick)
     for ext in ("png", "svg"):
         with atomic_path(folder / f"{name}.{ext}") as tmp:
             fig.savefig(tmp, format=ext)
     with atomic_path(folder / f"{name}.csv") as tmp:
         df.to_csv(tmp, index=False)
-    _record(folder, name, {"caption": caption, "png": f"{name}.png", "svg": f"{name}.svg", "csv": f"{name}.csv"})
+    _record(folder, name, {"title": title or short_title(caption, name), "caption": caption, "png": f"{name}.png",
+                           "svg": f"{name}.svg", "csv": f"{name}.csv"})
     return folder / f"{name}.png"
 
 
-def save_table(df: pd.DataFrame, name: str, *, notebook: str, preset: str, caption: str = "",
-               escape: bool = True, root: Path = FIGURES) -> Path:
+def save_table(df: pd.DataFrame, name: str, *, notebook: str, preset: str, caption: str = "", title: str = "",
+               escape: bool = True, quick: bool = False, root: Path = FIGURES) -> Path:
     """Write a table as `<name>.html` (a fragment, for the notebook and the report; `escape=False` keeps HTML
     already in its cells) and `<name>.csv`, recorded in figures.json like a figure."""
     if df is None or len(df) == 0:
         raise ValueError(f"table {name!r} is empty")
-    folder = figure_dir(notebook, preset, root)
+    folder = figure_dir(notebook, preset, root, quick=quick)
     write_text(folder / f"{name}.html", df.to_html(index=False, escape=escape, border=0, float_format="{:.4g}".format))
     with atomic_path(folder / f"{name}.csv") as tmp:
         df.to_csv(tmp, index=False)
-    _record(folder, name, {"caption": caption, "html": f"{name}.html", "csv": f"{name}.csv"})
+    _record(folder, name, {"title": title or short_title(caption, name), "caption": caption, "html": f"{name}.html",
+                           "csv": f"{name}.csv"})
     return folder / f"{name}.html"
+
+
+def short_title(caption: str, name: str = "") -> str:
+    """A heading from a caption: its first clause without parentheses ("Mean KL of each intervention per layer
+    (token means, ...), log scale." -> "Mean KL of each intervention per layer"); the figure's file name, humanised,
+    when there is no caption."""
+    text, previous = caption.strip(), None
+    while previous != text:  # parentheses, innermost first
+        previous, text = text, re.sub(r"\s*\([^()]*\)", "", text)
+    head = re.split(r": |; |\. |\.$", text, maxsplit=1)[0].strip().rstrip(",")
+    text = head or name.replace("_", " ")
+    return text[:1].upper() + text[1:]
 
 
 def _record(folder: Path, name: str, entry: dict) -> None:

@@ -406,7 +406,8 @@ def _load_hub(preset: Preset, device: torch.device, families: tuple[str, ...]) -
         if source.family not in families:
             continue
         for layer in source.at(preset.layers):
-            sae = SAE.from_pretrained(source.release, source.sae_id(layer), device=str(device))
+            with hub.sae_loading():
+                sae = SAE.from_pretrained(source.release, source.sae_id(layer), device=str(device))
             saes[source.hook_name(layer)] = sae.eval()
             model_kwargs.update(sae.cfg.metadata.model_from_pretrained_kwargs or {})
     model = HookedTransformer.from_pretrained(preset.model_name, device=str(device), **model_kwargs)

@@ -1,9 +1,10 @@
 """Run the numbered notebooks headlessly with papermill: `python -m saenb reproduce [--quick]`.
 
-Executed copies go to data/runs/<preset>/ (git-ignored); a failing notebook is named with its failing
-cell and the others still run. The notebooks save their figures under figures/<preset>/; the report
-(`saenb.report`) is written from them at the end. `measure` results are cached (data/results/), so a
-second run only redraws.
+Executed copies go to data/runs/<preset>/ (git-ignored; quick runs to data/runs/<preset>/quick/); a failing
+notebook is named with its failing cell and the others still run. The notebooks save their figures under
+figures/<preset>/ (quick runs: figures/<preset>/quick/); the report (`saenb.report`) is written from them and
+from the executed copies' readings at the end. `measure` results are cached (data/results/), so a second run
+only redraws.
 """
 
 from __future__ import annotations
@@ -20,6 +21,46 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 RUNS = REPO / "data" / "runs"
 KERNEL = "saenb"
+
+
+def runs_dir(preset: str, *, quick: bool = False) -> Path:
+    """Where the executed copies of one kind of run go (quick runs apart from full ones, as their figures)."""
+    return RUNS / preset / "quick" if quick else RUNS / preset
+
+
+def kernel_language_info() -> dict:
+    """The `language_info` the kernel reports and JupyterLab writes into a notebook when it opens one."""
+    from ipykernel.ipkernel import IPythonKernel
+
+    return dict(IPythonKernel.language_info)
+
+
+def stored_form(nb) -> str:
+    """A notebook as it is committed: without outputs or execution counts, with the kernel's `language_info`
+    (which JupyterLab fills in on opening: a notebook stored with less is marked modified as soon as it is
+    opened), serialised as Jupyter's contents manager writes it (nbformat, one-space indent, sorted keys)."""
+    import nbformat
+
+    nb = nbformat.from_dict(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nb.metadata["language_info"] = kernel_language_info()
+    text = nbformat.writes(nb, version=nbformat.NO_CONVERT)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def store_notebooks() -> list[Path]:
+    """Rewrite the numbered notebooks in their stored form; returns those that changed."""
+    import nbformat
+
+    changed = []
+    for path in notebooks():
+        text = stored_form(nbformat.read(path, as_version=nbformat.NO_CONVERT))
+        if path.read_text() != text:
+            path.write_text(text)
+            changed.append(path)
+    return changed
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -67,17 +108,22 @@ def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parame
     if not todo:
         print(f"No numbered notebooks in {NOTEBOOKS} yet: nothing to run.")
         return []
-    out_dir = RUNS / preset
+    from traitlets.config import Config
+
+    out_dir = runs_dir(preset, quick=quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
     kernel = kernel_name()
     params = {"preset": preset, **({"quick": True} if quick else {}), **(parameters or {})}
-    for path in tqdm(todo, desc=f"notebooks ({preset})", unit="nb"):
+    # the kernel on Unix-domain sockets (IPC): nothing listens on a TCP port, and ipykernel has nothing to warn
+    # about (over TCP it logs "Kernel is running over TCP without encryption" into every run's log)
+    config = Config({"KernelManager": {"transport": "ipc"}}) if os.name == "posix" else Config()
+    for path in tqdm(todo, desc=f"notebooks ({preset}{', quick' if quick else ''})", unit="nb"):
         output = out_dir / path.name
         t0 = time.time()
         try:
             pm.execute_notebook(str(path), str(output), parameters=params, kernel_name=kernel, cwd=str(NOTEBOOKS),
-                                progress_bar=False)
+                                progress_bar=False, config=config)
             outcomes.append(Outcome(path.name, True, output, seconds=time.time() - t0))
         except pm.PapermillExecutionError as exc:
             outcomes.append(Outcome(path.name, False, output, f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}",
@@ -88,6 +134,6 @@ def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parame
     if report and any(o.ok for o in outcomes):
         from saenb.report import write_report
 
-        md, html = write_report(preset)
+        md, html = write_report(preset, quick=quick, runs=out_dir)
         print(f"report: {md}\n        {html}")
     return outcomes

@@ -117,8 +117,10 @@ def _model_hook(model, sae_hook: str) -> str:
     return sae_hook
 
 
-def hub_model(model_name: str, device: torch.device, dataset: str | None, context_size: int) -> Loaded:
-    """A TransformerLens model from the hub (failing fast offline), as a `Loaded` without SAEs."""
+def hub_model(model_name: str, device: torch.device, dataset: str | None, context_size: int,
+              model_kwargs: dict | None = None) -> Loaded:
+    """A TransformerLens model from the hub (failing fast offline), as a `Loaded` without SAEs; `model_kwargs`:
+    the SAEs' `model_from_pretrained_kwargs` (e.g. center_writing_weights=False), as sae_lens asks."""
     from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
@@ -128,7 +130,7 @@ def hub_model(model_name: str, device: torch.device, dataset: str | None, contex
         raise ScoreError(f"{model_name!r} is neither a preset ({list_presets()}) nor a TransformerLens model name "
                          "(transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)") from None
     hub.require(f"model {model_name!r}", [] if hub.cached(repo, "config.json") else [f"model {repo}"])
-    model = HookedTransformer.from_pretrained(model_name, device=str(device)).eval()
+    model = HookedTransformer.from_pretrained(model_name, device=str(device), **(model_kwargs or {})).eval()
     preset = Preset(name=f"model:{model_name}", model_name=model_name, dataset=dataset or "(local tokens)",
                     sae_sources=(), layers=(0,), n_ctx=context_size)
     return Loaded(preset, model, {}, device)
@@ -145,28 +147,44 @@ def targets_from_release(release_pattern: str, sae_id_pattern: str, device: torc
                if not (hub.cached(directory[r].repo_id, directory[r].saes_map[i])
                        or hub.cached(directory[r].repo_id, f"{directory[r].saes_map[i]}/cfg.json"))]
     hub.require(f"{len(found)} SAEs of {sorted({r for r, _, _ in found})}", missing)
-    loaded = hub_model(found[0][2], device, dataset, context_size)
+    with hub.sae_loading():
+        saes = [SAE.from_pretrained(release, sae_id, device=str(device)).eval() for release, sae_id, _ in found]
+    loaded = hub_model(found[0][2], device, dataset, context_size, model_kwargs=_model_kwargs(saes))
     targets = []
-    for release, sae_id, _ in found:
-        sae = SAE.from_pretrained(release, sae_id, device=str(device)).eval()
+    for (release, sae_id, _), sae in zip(found, saes, strict=True):
         hook = _model_hook(loaded.model, sae.cfg.metadata.hook_name)
         targets.append(Target(f"{release}/{sae_id}", hook, sae, release=release, sae_id=sae_id))
     return loaded, targets
+
+
+def _model_kwargs(saes: list) -> dict:
+    """The `model_from_pretrained_kwargs` the SAEs ask their model to be loaded with (one set for all of them)."""
+    kwargs: dict = {}
+    for sae in saes:
+        for key, value in (sae.cfg.metadata.model_from_pretrained_kwargs or {}).items():
+            if kwargs.setdefault(key, value) != value:
+                raise ScoreError(f"the SAEs ask for different model settings ({key}={kwargs[key]!r} and {value!r}); "
+                                 "score them in separate runs")
+    return kwargs
 
 
 def targets_from_paths(paths: list[str], model: str, device: torch.device, dataset: str | None,
                        context_size: int) -> tuple[Loaded, list[Target]]:
     from sae_lens import SAE
 
-    loaded = load_preset(model, device, families=()) if model in list_presets() else \
-        hub_model(model, device, dataset, context_size)
-    targets = []
+    saes = []
     for path in paths:
         folder = Path(path)
         if not (folder / "cfg.json").exists():
             raise ScoreError(f"--sae-path {path}: no cfg.json there; pass folders `SAE.load_from_disk` reads "
                              "(sae_lens's training output: cfg.json + sae_weights.safetensors)")
-        sae = SAE.load_from_disk(folder, device=str(device)).eval()
+        with hub.sae_loading():
+            saes.append((folder, SAE.load_from_disk(folder, device=str(device)).eval()))
+    # a preset's model is stored as its SAEs were trained on it; a hub model is loaded with the SAEs' settings
+    loaded = load_preset(model, device, families=()) if model in list_presets() else \
+        hub_model(model, device, dataset, context_size, model_kwargs=_model_kwargs([sae for _, sae in saes]))
+    targets = []
+    for folder, sae in saes:
         hook = _model_hook(loaded.model, sae.cfg.metadata.hook_name or "")
         targets.append(Target(folder.name, hook, sae, path=str(folder.resolve())))
     return loaded, targets

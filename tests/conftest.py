@@ -56,6 +56,32 @@ def small_bundle(tmp_path_factory) -> Path:
     return out
 
 
+def QUICK_RUNS(tmp: Path) -> Path:  # noqa: N802 (a path, like a constant, of the run below)
+    """Where `run_notebooks` leaves the executed notebooks of its quick run."""
+    return tmp / "runs" / "tiny-stdlib" / "quick"
+
+
+@pytest.fixture(scope="session")
+def run_notebooks(tmp_path_factory):
+    """Notebooks 01-09 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders (the
+    notebook tests and the browser's report test read what it saved)."""
+    from saenb import reproduce as rep
+
+    tmp = tmp_path_factory.mktemp("nb01")
+    env = {"SAENB_FIGURES": str(tmp / "figures"), "SAENB_RESULTS": str(tmp / "results")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the papermill kernel inherits them
+    try:
+        rep.RUNS = tmp / "runs"
+        outcomes = rep.reproduce("tiny-stdlib", ["01", "02", "03", "04", "05", "06", "07", "08", "09"], quick=True,
+                                 report=False)
+    finally:
+        rep.RUNS = REPO / "data" / "runs"
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return tmp, outcomes
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The committed tiny-stdlib preset, loaded once (CPU)."""

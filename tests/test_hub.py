@@ -52,3 +52,27 @@ def test_hub_probe_is_bounded(monkeypatch):
     t0 = time.perf_counter()
     assert reachable(timeout=3.0) is False
     assert time.perf_counter() - t0 < 4
+
+
+def test_sae_loading_filters_sae_lens_model_kwargs_warning_and_nothing_else():
+    """sae_lens warns on every SAE whose cfg carries model_from_pretrained_kwargs (all of the bundle's do); saenb
+    loads the model with them, so `sae_loading` filters that one message, and only it."""
+    import warnings
+
+    from sae_lens import SAE
+
+    from saenb.hub import sae_loading
+
+    from .conftest import REPO
+
+    folder = REPO / "data" / "bundles" / "tiny-stdlib" / "saes" / "blocks.0.hook_resid_pre"
+    with warnings.catch_warnings(record=True) as plain:
+        warnings.simplefilter("always")
+        SAE.load_from_disk(folder)
+    assert any("model_from_pretrained_kwargs" in str(w.message) for w in plain), "sae_lens no longer warns"
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        with sae_loading():
+            SAE.load_from_disk(folder)
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in quiet] == ["another warning"]

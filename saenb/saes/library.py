@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from saenb import bundle_io
+from saenb import bundle_io, hub
 from saenb.files import atomic_path, write_text
 from saenb.saes import models
 from saenb.saes.spec import SAESpec
@@ -85,7 +85,8 @@ def load(spec: SAESpec, device: str | torch.device = "cpu", *, train: bool = Tru
                             f"--preset {spec.preset}`, then `python -m saenb.saes commit ...` to add it to the bundle")
         path = build(spec, progress=progress)
     _verify(spec, path)
-    return SAE.load_from_disk(path, device=str(device)).eval()
+    with hub.sae_loading():
+        return SAE.load_from_disk(path, device=str(device)).eval()
 
 
 def _verify(spec: SAESpec, path: Path) -> None:
