@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.saenb-installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,ray]'
 	$(BIN)/python -m ipykernel install --user --name saenb --display-name "saenb (.venv)"
 	touch $(STAMP)
 

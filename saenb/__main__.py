@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated registered interventions (sae, eps_random and zero at least)")
     sc.add_argument("--include-special", action="store_true", help="patch and measure special tokens too")
     sc.add_argument("--output-dir", default=None, help="one SAEBench-shaped JSON per SAE, and pathology.csv")
+    sc.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                    help="measure on a Ray cluster: 'auto' joins a running one or starts one here, or its address "
+                         "(needs pip install -e '.[ray]')")
     args = parser.parse_args(argv)
 
     if args.command == "presets":
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             table = run(args)
         # user errors (ScoreError, PresetError and the engine's request checks are ValueErrors): the message
         # names the fix; argparse's convention, no traceback
-        except (ValueError, HubUnavailableError, BundleError, SpecError, FileNotFoundError) as exc:
+        except (ValueError, HubUnavailableError, BundleError, SpecError, FileNotFoundError, ImportError) as exc:
             print(f"python -m saenb score: error: {exc}", file=sys.stderr)
             return 2
         print(format_table(table))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import importlib.metadata as md
 import io
 import json
@@ -204,12 +205,15 @@ def embedded_png(path: Path) -> bytes:
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """A saved table as a markdown table (no raw HTML in the post): HTML markup in cells becomes markdown."""
+    """A saved table as a markdown table (no raw HTML in the post): a cell's HTML (notebook 04's contexts) becomes
+    text, line breaks as " ↵ ", highlighted tokens in bold."""
     def cell(v):
         if isinstance(v, float):
             return f"{v:.4g}"
-        text = str(v).replace("|", "\\|").replace("\n", " ")
-        return re.sub(r"</?mark>", "", re.sub(r"</?b>", "**", text))
+        text = re.sub(r"<br\s*/?>", " ↵ ", str(v).replace("\n", " "))
+        text = re.sub(r"<mark><b>(.*?)</b></mark>|<b>(.*?)</b>", lambda m: f"**{m[1] or m[2]}**", text)
+        text = html.unescape(re.sub(r"<[^>]+>", "", text))
+        return text.replace("|", "\\|")
 
     return frame.map(cell).to_markdown(index=False)
 
@@ -329,8 +333,8 @@ def write_report(preset: str = "tiny-stdlib", root: Path = FIGURES, *, quick: bo
     body = MarkdownIt("commonmark", {"html": True}).enable("table").render(
         build_markdown(preset, root, quick=quick, runs=runs, embed=True))
     title = f"How pathological are SAE reconstruction errors? ({preset}{', quick run' if quick else ''})"
-    html = (f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
+    page = (f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{title}</title>"
             f"<style>{CSS}</style></head><body>\n{body}</body></html>\n")
-    write_text(html_path, html)
+    write_text(html_path, page)
     return md_path, html_path

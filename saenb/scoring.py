@@ -255,14 +255,15 @@ def sae_id_of(target: Target) -> str:
 
 
 def score_targets(loaded: Loaded, targets: list[Target], tokens: torch.Tensor, cfg: ScoreConfig, *,
-                  progress: bool = True) -> pd.DataFrame:
-    """One row per target: `pathology.score`'s columns, explained variance, and the target's origin."""
+                  progress: bool = True, ray: str | None = None) -> pd.DataFrame:
+    """One row per target: `pathology.score`'s columns, explained variance, and the target's origin. `ray`: the
+    measurement runs on that Ray cluster ("auto": join or start one), `saenb.distributed`."""
     frames = []
     for group in rounds(targets):
         spliced = loaded.with_saes({t.hook: t.sae for t in group}, {t.hook: sae_id_of(t) for t in group})
         table = score(spliced, [t.hook for t in group], tokens=tokens, seed=cfg.seed, confidence=cfg.confidence,
                       extra=[i for i in cfg.interventions if i not in SCORE_INTERVENTIONS], progress=progress,
-                      include_special=cfg.include_special, batch_size=cfg.batch_size)
+                      include_special=cfg.include_special, batch_size=cfg.batch_size, ray=ray)
         for t in group:
             x = patching.hook_activations(spliced, t.hook, tokens)
             with torch.no_grad():
@@ -380,7 +381,7 @@ def run(args) -> pd.DataFrame:
             t.sae.to(dtype)
     check_hooks(loaded, targets)
     tokens = tokens_for(loaded, cfg, dataset=args.dataset, text=args.text, tokens_file=args.tokens)
-    table = score_targets(loaded, targets, tokens, cfg)
+    table = score_targets(loaded, targets, tokens, cfg, ray=args.ray)
     table.insert(1, "model_name", loaded.model.cfg.model_name)
     table.insert(2, "preset", loaded.preset.name)
     if args.output_dir:

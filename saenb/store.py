@@ -119,10 +119,14 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
 def measure_cached(
     loaded: Loaded, hooks=None, interventions=patching.NOTEBOOK1, tokens: torch.Tensor | None = None, *,
     positions="all", measure_positions=None, n_samples: int = 1, seed: int = 0, include_special: bool = False,
-    chunk_seqs: int = 32, root: Path = RESULTS, progress: bool = True, **engine_kwargs,
+    chunk_seqs: int = 32, root: Path = RESULTS, progress: bool = True, ray: str | None = None,
+    hooks_per_task: int | None = None, **engine_kwargs,
 ) -> pd.DataFrame:
     """`patching.measure`, cached on disk and resumable; `engine_kwargs` (batch_size, memory_mb) do not
-    change the result and are not part of the key."""
+    change the result and are not part of the key.
+
+    `ray` ("auto" or a cluster address): the parts run as tasks on a Ray cluster (`saenb.distributed`); the frame
+    is the same. `hooks_per_task` splits each chunk of contexts further into groups of hooks (one part each)."""
     tokens = loaded.tokens() if tokens is None else tokens
     req = patching.make_request(loaded, hooks, interventions, tokens, positions=positions,
                                 measure_positions=measure_positions, n_samples=n_samples, seed=seed,
@@ -145,20 +149,36 @@ def measure_cached(
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
     means = patching.means_for(loaded, req, tokens)
     specs = [iv.Spec.of(i) for i in req.specs]
-    parts = []
-    starts = range(0, len(tokens), chunk_seqs)
-    for start in tqdm(starts, desc=f"measure {loaded.preset.name}", unit="chunk", disable=not progress):
-        part = folder / f"part-{start // chunk_seqs:05d}.parquet"
-        if not part.exists():
-            df = patching.measure(loaded, list(req.hooks), specs, tokens[start:start + chunk_seqs],
-                                  positions=positions, measure_positions=measure_positions, n_samples=n_samples,
-                                  seed=seed, include_special=include_special, seq_offset=start, means=means,
-                                  progress=False, **engine_kwargs)
-            write_parquet(df, part)
-        parts.append(part)
-    df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    parts = _parts(folder, tokens, list(req.hooks), chunk_seqs, hooks_per_task)
+    kwargs = {"positions": positions, "measure_positions": measure_positions, "n_samples": n_samples, "seed": seed,
+              "include_special": include_special, **engine_kwargs}
+    missing = [part for part in parts if not part.path.exists()]
+    if ray is not None:
+        from saenb import distributed
+
+        distributed.measure_parts(loaded, missing, specs, means, kwargs, address=ray, progress=progress)
+    else:
+        for part in tqdm(missing, desc=f"measure {loaded.preset.name}", unit="part", disable=not progress):
+            df = patching.measure(loaded, list(part.hooks), specs, part.tokens, seq_offset=part.start,
+                                  means={h: means[h] for h in part.hooks}, progress=False, **kwargs)
+            write_parquet(df, part.path)
+    df = pd.concat([pd.read_parquet(p.path) for p in parts], ignore_index=True)
     df = patching.finish([df], req)
     write_parquet(df, final)
     for part in parts:
-        part.unlink()
+        part.path.unlink()
     return df
+
+
+def _parts(folder: Path, tokens: torch.Tensor, hooks: list[str], chunk_seqs: int, hooks_per_task: int | None):
+    """The parts of a measurement: every chunk of `chunk_seqs` contexts, times every group of `hooks_per_task`
+    hooks (all hooks in one group by default), each with its file."""
+    from saenb.distributed import MeasurePart
+
+    per = hooks_per_task or len(hooks)
+    if per < 1:
+        raise ValueError(f"hooks_per_task={hooks_per_task} must be a positive integer")
+    groups = [tuple(hooks[i:i + per]) for i in range(0, len(hooks), per)]
+    return [MeasurePart(folder / (f"part-{start // chunk_seqs:05d}" + (f"-h{g:03d}" if len(groups) > 1 else "")
+                                  + ".parquet"), start, tokens[start:start + chunk_seqs], group)
+            for start in range(0, len(tokens), chunk_seqs) for g, group in enumerate(groups)]

@@ -4,7 +4,7 @@ live ipywidgets and redraws its figure when the context slider or the layer drop
 leaves it unmodified; the report renders at a desktop and a phone width. Screenshots go to data/runs/browser/.
 
 `make test` installs Debian's chromium and chromium-driver when they are missing (as root); elsewhere these tests
-skip, unless SAENB_REQUIRE_BROWSER=1 (set by CI) turns the skip into a failure.
+skip, unless SAENB_CI=1 (set by CI) turns the skip into a failure.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,8 +39,8 @@ except ImportError:
 
 _missing = [name for name, ok in (("chromium", CHROMIUM), ("chromium-driver", CHROMEDRIVER),
                                   ("selenium", HAVE_SELENIUM)) if not ok]
-if _missing and os.environ.get("SAENB_REQUIRE_BROWSER") == "1":
-    raise RuntimeError(f"SAENB_REQUIRE_BROWSER=1 but {_missing} missing: `make test` installs them "
+if _missing and os.environ.get("SAENB_CI") == "1":
+    raise RuntimeError(f"SAENB_CI=1 but {_missing} missing: `make test` installs them "
                        "(apt-get install chromium chromium-driver; pip install -e '.[test]')")
 pytestmark = pytest.mark.skipif(bool(_missing), reason=f"needs {_missing} (make test installs them as root)")
 

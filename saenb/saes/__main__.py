@@ -6,6 +6,7 @@
     python -m saenb.saes commit --set fixes             # copy the set's locally trained SAEs into the bundle
     python -m saenb.saes build --set base --preset mine --bundle path/to/bundle --commit
                                                         # a new bundle's own SAEs (its manifest's recipe)
+    python -m saenb.saes build --set topk_sweep --ray auto   # one spec per task on a Ray cluster
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", default=None, help="comma-separated groups of the set (default: all)")
     parser.add_argument("--evaluate", action="store_true", help="record run_evals quality in each record.json")
     parser.add_argument("--commit", action="store_true", help="with build: copy what it trained into the bundle")
+    parser.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                        help="with build: train the specs on a Ray cluster, one spec per task ('auto': join a "
+                             "running cluster or start one here)")
     args = parser.parse_args(argv)
     from saenb.presets import PresetError, Preset, TINY_STDLIB, register_preset
 
@@ -41,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.groups:
         groups = set(args.groups.split(","))
         chosen = [n for n in chosen if n.group in groups]
+    if args.command == "build" and args.ray:
+        from saenb import distributed
+
+        distributed.build_specs([n.spec for n in chosen], address=args.ray)  # then the loop below finds them
     for named in chosen:
         where = library.find(named.spec)
         if args.command == "list":
