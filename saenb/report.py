@@ -269,7 +269,7 @@ def methods(preset: str, facts: dict[str, dict]) -> list[str]:
 def build_markdown(preset: str, root: Path = FIGURES, *, quick: bool = False, runs: Path | None = None,
                    embed: bool = False) -> str:
     """The report as markdown; `embed` puts each PNG inline as a data URI (for the self-contained HTML)."""
-    from saenb.reproduce import runs_dir
+    from saenb.reproduce import REPO, runs_dir
 
     folder = run_dir(preset, root, quick=quick)
     runs = runs_dir(preset, quick=quick) if runs is None else Path(runs)
@@ -279,12 +279,14 @@ def build_markdown(preset: str, root: Path = FIGURES, *, quick: bool = False, ru
                                 f"python -m saenb reproduce --preset {preset}{' --quick' if quick else ''}")
     lines = [f"# How pathological are SAE reconstruction errors? ({preset})", ""]
     if quick:
+        full = run_dir(preset, root) / "report.md"
+        full = full.relative_to(REPO) if full.is_relative_to(REPO) else full
         lines += [f"> **A quick run** (`reproduce --quick`: a few contexts per notebook, a smoke test). Its numbers "
-                  f"are not results; the full run's report is `{run_dir(preset, root)}/report.md`.", ""]
+                  f"are not results; the full run's report is `{full}`.", ""]
     found = summary(folder)
     lines += [f"**Summary.** {found}" if found else "**Summary.** (no headline notebook has run yet)", "",
               f"Every number and figure below was computed by the workbook's notebooks (`python -m saenb reproduce "
-              f"--preset {preset}`{' --quick' if quick else ''}) and is read back here from the frames they saved; "
+              f"--preset {preset}{' --quick' if quick else ''}`) and is read back here from the frames they saved; "
               "each figure's data is the CSV linked under it.", ""]
     for nb_folder in folders:
         name, where = HEADLINES.get(nb_folder.name, (None, {}))
