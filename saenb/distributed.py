@@ -10,8 +10,9 @@ any other string is a cluster's address. Without `ray=` nothing changes.
 - **measure** (`measure_cached`, hence `score` and the notebooks): one task per (chunk of contexts x group of
   hooks). Actors (one per GPU when the cluster has GPUs, else one per `cpus_per_worker` CPUs) each fetch the
   loaded model and SAEs once from Ray's object store (and stay for the next measurement of the same objects),
-  run the same engine call the local path runs for that chunk (`seq_offset` and per-(hook, intervention) generators make every chunk's draws independent of where it
-  runs) and write their parquet part into the store themselves; the driver assembles the frame the local path
+  run the local path's own `store.measure_part` on each part they are given (`seq_offset` and per-(hook,
+  intervention) generators make every chunk's draws independent of where it runs), which writes the part into
+  the store; the driver assembles the frame the local path
   would. Finished parts are skipped on a rerun. An actor that dies is restarted and its task retried.
 - **SAE specs** (`build_specs`): one spec per task (`saes.library.build`, into the library's folder). Activation
   caches are filled first, in one task (two workers filling one cache would collide), then the bases that
@@ -29,7 +30,6 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,16 +89,6 @@ def cluster_workers(cpus_per_worker: int = 1) -> tuple[int, dict[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------------ measure
-@dataclass(frozen=True)
-class MeasurePart:
-    """One task: the engine on `tokens` (sequences `start`...) for `hooks`, written to `path`."""
-
-    path: Path
-    start: int
-    tokens: torch.Tensor
-    hooks: tuple[str, ...]
-
-
 class _Measurer:
     """A worker holding the loaded model and SAEs (on its GPU when it has one)."""
 
@@ -113,20 +103,18 @@ class _Measurer:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, part: MeasurePart, specs, means, kwargs: dict[str, Any]) -> tuple[str, int]:
-        from saenb import patching, store
+    def run(self, part, specs, means, kwargs: dict[str, Any]) -> tuple[str, int]:
+        from saenb import store
 
         means = {h: (None if m is None else m.to(self.loaded.device)) for h, m in means.items()}
-        df = patching.measure(self.loaded, list(part.hooks), specs, part.tokens, seq_offset=part.start,
-                              means={h: means[h] for h in part.hooks}, progress=False, **kwargs)
-        store.write_parquet(df, part.path)
+        store.measure_part(self.loaded, part, specs, means, kwargs)
         return str(part.path), os.getpid()
 
 
-def measure_parts(loaded, parts: Sequence[MeasurePart], specs, means: dict, kwargs: dict[str, Any], *,
+def measure_parts(loaded, parts: Sequence, specs, means: dict, kwargs: dict[str, Any], *,
                   address: str = "auto", cpus_per_worker: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Run `parts` on the cluster (each written by the worker that ran it); returns what ran where."""
-    ray = require_ray()
+    """Run `parts` (`store.Part`s) on the cluster, each written by the worker that ran it; returns what ran where."""
+    require_ray()
     from ray.util import ActorPool
 
     connect(address)

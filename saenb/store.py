@@ -159,9 +159,7 @@ def measure_cached(
         distributed.measure_parts(loaded, missing, specs, means, kwargs, address=ray, progress=progress)
     else:
         for part in tqdm(missing, desc=f"measure {loaded.preset.name}", unit="part", disable=not progress):
-            df = patching.measure(loaded, list(part.hooks), specs, part.tokens, seq_offset=part.start,
-                                  means={h: means[h] for h in part.hooks}, progress=False, **kwargs)
-            write_parquet(df, part.path)
+            measure_part(loaded, part, specs, means, kwargs)
     df = pd.concat([pd.read_parquet(p.path) for p in parts], ignore_index=True)
     df = patching.finish([df], req)
     write_parquet(df, final)
@@ -170,15 +168,31 @@ def measure_cached(
     return df
 
 
-def _parts(folder: Path, tokens: torch.Tensor, hooks: list[str], chunk_seqs: int, hooks_per_task: int | None):
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One part of a measurement: the engine on `tokens` (sequences `start`...) for `hooks`, written to `path`."""
+
+    path: Path
+    start: int
+    tokens: torch.Tensor
+    hooks: tuple[str, ...]
+
+
+def measure_part(loaded: Loaded, part: Part, specs, means: dict, kwargs: dict[str, Any]) -> None:
+    """Measure one part and write its parquet file (in this process, or in a Ray worker: `saenb.distributed`)."""
+    df = patching.measure(loaded, list(part.hooks), specs, part.tokens, seq_offset=part.start,
+                          means={h: means[h] for h in part.hooks}, progress=False, **kwargs)
+    write_parquet(df, part.path)
+
+
+def _parts(folder: Path, tokens: torch.Tensor, hooks: list[str], chunk_seqs: int,
+           hooks_per_task: int | None) -> list[Part]:
     """The parts of a measurement: every chunk of `chunk_seqs` contexts, times every group of `hooks_per_task`
     hooks (all hooks in one group by default), each with its file."""
-    from saenb.distributed import MeasurePart
-
     per = hooks_per_task or len(hooks)
     if per < 1:
         raise ValueError(f"hooks_per_task={hooks_per_task} must be a positive integer")
     groups = [tuple(hooks[i:i + per]) for i in range(0, len(hooks), per)]
-    return [MeasurePart(folder / (f"part-{start // chunk_seqs:05d}" + (f"-h{g:03d}" if len(groups) > 1 else "")
-                                  + ".parquet"), start, tokens[start:start + chunk_seqs], group)
+    return [Part(folder / (f"part-{start // chunk_seqs:05d}" + (f"-h{g:03d}" if len(groups) > 1 else "")
+                           + ".parquet"), start, tokens[start:start + chunk_seqs], group)
             for start in range(0, len(tokens), chunk_seqs) for g, group in enumerate(groups)]

@@ -102,7 +102,7 @@ def test_a_sweep_of_sae_specs_trains_on_the_cluster_and_loads(small_bundle, clus
                                                                               sparsity=1.0)]
     folders = distributed.build_specs(sweep, address="auto", progress=False)
     assert [f.parent for f in folders] == [tmp_path / "local" / name] * 3
-    for spec, folder in zip(sweep, folders, strict=True):
+    for spec in sweep:
         sae = saes.load(spec, train=False)  # the driver loads what the workers stored (the sha256 is checked)
         assert sae.cfg.d_in == 64 and sae.cfg.d_sae == 256
         assert library.record(spec)["training"]["steps"] == 16
