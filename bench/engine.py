@@ -11,8 +11,12 @@ many-sample: `--sample-seqs` contexts x `--samples` eps-random draws at position
 time of `--repeats` alternating runs of each path and its spread (min-max), rows/s and their ratio; the fast path's
 peak memory at two token counts 4x apart (each in a fresh subprocess: resident memory above the loaded model's,
 sampled every millisecond); its achieved FLOP/s on the all-token run (torch's FlopCounterMode) against a plain
-matmul timed in the same run; and from those FLOPs, the projected time of the original study's run (2M tokens x
-12 layers x 9 interventions) on an H100. Every ratio printed is measured in this one run.
+matmul timed in the same run (1024^3 on a CPU, 8192^3 on a GPU); and from those FLOPs, the projected time of the
+original study's run (2M tokens x 12 layers x 9 interventions) on an H100, beside the time this device's own
+all-token rate gives it. Every ratio printed is measured in this one run. max |dKL| is absolute: a zero ablation's
+KL of 17 nats differs by about 5e-4 between the paths (fused kernels round differently), 3e-5 of itself.
+
+    python bench/engine.py --shape gpt2-small --profile all-token   # where the fast path's time goes
 """
 
 from __future__ import annotations
@@ -44,9 +48,13 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def matmul_flops_per_s(device: torch.device, n: int = 1024, reps: int = 10) -> float:
+def matmul_flops_per_s(device: torch.device, n: int | None = None, reps: int = 10) -> float:
+    """A plain n^3 float32 matmul's rate: n = 1024 on a CPU, 8192 on a GPU (1024 would time kernel launches)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
@@ -116,13 +124,49 @@ def worker(shape: str, device: str, layers: list[int], n_seqs: int) -> None:
     loaded = load(shape, device, layers)
     hooks = loaded.hooks("resid")
     tokens = loaded.tokens(n_seqs)
-    if loaded.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     means = hook_means(loaded, hooks, tokens)
+    cuda = loaded.device.type == "cuda"
+    if cuda:  # device memory above what is allocated on entry (the model, SAEs, tokens, means)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
         df = measure(loaded, hooks, NOTEBOOK1, tokens, progress=False, means=means)
-    peak = torch.cuda.max_memory_allocated() if loaded.device.type == "cuda" else rss.extra
+    peak = torch.cuda.max_memory_allocated() - base if cuda else rss.extra
     print(json.dumps({"n_seqs": n_seqs, "peak_bytes": peak, "frame_bytes": int(df.memory_usage(deep=True).sum())}))
+
+
+def budget(args) -> dict:
+    """measure's memory_mb when --memory-mb is given (the naive path ignores it)."""
+    return {} if args.memory_mb is None else {"memory_mb": args.memory_mb}
+
+
+def profile(loaded, hooks, args) -> None:
+    """The fast path of one mode under torch.profiler: its operators by self time (device time on a GPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from saenb import measure
+    from saenb.patching import NOTEBOOK1, hook_means
+
+    name, kw = next((n, kw) for n, kw in modes(args.samples).items() if args.profile in n)
+    interventions = kw.pop("interventions", NOTEBOOK1)
+    tokens = loaded.tokens(args.sample_seqs if args.profile == "sample" else args.seqs)
+    use = hooks[len(hooks) // 2:len(hooks) // 2 + 1] if args.profile == "sample" else hooks
+    common = {"hooks": use, "interventions": interventions, "tokens": tokens, "progress": False,
+              "means": hook_means(loaded, use, tokens), **budget(args), **kw}
+    measure(loaded, **common)  # warm-up
+    cuda = loaded.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        measure(loaded, **common)
+    print(f"{name}: {time.perf_counter() - t0:.2f} s under the profiler")
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25,
+                       max_name_column_width=60))
+    if cuda:
+        print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 def main() -> None:
@@ -136,6 +180,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings per path (the median and spread shown)")
     parser.add_argument("--memory-seqs", type=int, default=16,
                         help="peak memory is measured at this many sequences and 4x as many")
+    parser.add_argument("--memory-mb", type=int, default=None,
+                        help="the fast path's memory budget per chunk of patched forwards (default: measure's)")
+    parser.add_argument("--profile", choices=("all-token", "single-token", "sample"), default=None,
+                        help="instead: profile the fast path of one mode (torch.profiler) and print its top operators")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.shape == "gpt2-small" and os.environ.get("HF_HOME") != str(SYNTHETIC_HUB):
@@ -155,6 +203,8 @@ def main() -> None:
     loaded = load(args.shape, args.device, args.layers)
     hooks = loaded.hooks("resid")
     cfg = loaded.model.cfg
+    if args.profile:
+        return profile(loaded, hooks, args)
     print(f"{args.shape} on {loaded.device}, {torch.get_num_threads()} threads; d_model {cfg.d_model}, "
           f"{cfg.n_layers} layers, vocabulary {cfg.d_vocab}; {len(hooks)} residual SAEs of "
           f"{next(iter(loaded.saes.values())).cfg.d_sae} latents; median of {args.repeats} [min-max]")
@@ -166,7 +216,7 @@ def main() -> None:
         use = hooks[len(hooks) // 2:len(hooks) // 2 + 1] if sample_mode else hooks  # many-sample: the middle layer
         # the mean-ablation reference is an input of both paths, computed once (as measure_cached does)
         common = {"hooks": use, "interventions": interventions, "tokens": tokens, "progress": False,
-                  "means": hook_means(loaded, use, tokens), **kw}
+                  "means": hook_means(loaded, use, tokens), **budget(args), **kw}
         measure(loaded, **{**common, "tokens": tokens[:1]})  # warm-up
         # fast and naive alternate, so that a disturbance of the shared machine hits both
         t_fast, t_naive = [], []
@@ -182,7 +232,7 @@ def main() -> None:
     # how much of the all-token speed-up the fused kernels give (the rest is the engine's design)
     tokens = loaded.tokens(args.seqs)
     common = {"hooks": hooks, "interventions": NOTEBOOK1, "tokens": tokens, "progress": False,
-              "means": hook_means(loaded, hooks, tokens)}
+              "means": hook_means(loaded, hooks, tokens), **budget(args)}
     unfused = [timed(lambda: measure(loaded, fused=False, **common))[1] for _ in range(args.repeats)]
     rows.append(("all-token, unfused", rows[0][1], rows[0][2], unfused, float("nan")))
     print(f"\n{'mode':<20}{'rows':>9}{'naive':>22}{'fast':>22}{'speed-up':>10}{'max |dKL|':>11}")
@@ -195,7 +245,8 @@ def main() -> None:
     # glibc keeps freed blocks mapped, so RSS would show the high-water mark of fragmentation rather than of
     # live memory: the workers allocate anything above 64 KiB with mmap and trim on free.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    print("\nfast all-token peak memory above the loaded model (fresh process each):")
+    print(f"\nfast all-token peak {'device' if loaded.device.type == 'cuda' else 'resident'} memory above the "
+          "loaded model (fresh process each):")
     print(f"  {'sequences':>9} {'tokens':>7} {'peak MiB':>9} {'frame MiB':>10} {'peak - frame':>13}")
     for n in (args.memory_seqs, 4 * args.memory_seqs):
         out = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--device", args.device, "--layers",
@@ -211,18 +262,21 @@ def main() -> None:
     flops = counter.get_total_flops()
     t = statistics.median(rows[0][3])
     achieved, peak = flops / t, matmul_flops_per_s(loaded.device)
+    n = 8192 if loaded.device.type == "cuda" else 1024
     print(f"\nfast path: {flops / 1e9:.1f} GFLOP (matmuls) in {t:.2f} s = {achieved / 1e9:.1f} GFLOP/s; "
-          f"plain 1024^3 matmul: {peak / 1e9:.1f} GFLOP/s; ratio {achieved / peak:.2f}")
+          f"plain {n}^3 matmul: {peak / 1e9:.1f} GFLOP/s; ratio {achieved / peak:.2f}")
     # the study's run: every token of 2M patched by each of 9 interventions at each of 12 layers (all-token mode)
     per_splice = flops / rows[0][1]  # per measured (token, hook, intervention) row
-    per_layer = per_splice * STUDY["tokens"] * STUDY["interventions"]
+    splices = STUDY["tokens"] * STUDY["interventions"]  # per layer
+    per_layer = per_splice * splices
     minutes = {name: per_layer / rate / 60 for name, rate in
                (("fp32", H100_FP32), ("tf32", H100_TF32), ("here", H100_FP32 * achieved / peak))}
+    measured = t / rows[0][1] * splices / 60  # this device's own time per row, scaled to the study's rows
     print(f"the study's run (2M tokens x 12 layers x 9 interventions) at {per_splice / 1e9:.3f} GFLOP per splice "
           f"({cfg.d_vocab}-token vocabulary): {per_layer * STUDY['layers'] / 1e15:.1f} PFLOP; projected on an H100: "
           f"{minutes['fp32']:.2f} min per layer at its FP32 datasheet rate ({minutes['tf32']:.2f} in TF32), "
-          f"{minutes['here']:.2f} min at the fraction of peak reached here, "
-          f"against the study's {STUDY['minutes_per_layer']} min per layer")
+          f"{minutes['here']:.2f} min at the fraction of peak reached here; measured on this {loaded.device.type}: "
+          f"{measured:.2f} min per layer; the study's: {STUDY['minutes_per_layer']} min per layer")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,11 @@ class CleanDistribution:
         ce = -logq.gather(-1, targets.expand(logq.shape[0], -1).unsqueeze(-1)).squeeze(-1)
         # log p - log q, in logq's memory when logq is a temporary
         diff = torch.sub(self.logp[seq], logq, out=None if normalized else logq)
-        return torch.linalg.vecdot(self.p[seq], diff).clamp_min(0), ce
+        # sum_v p diff, multiplying in place (diff is always a temporary here): torch.linalg.vecdot writes the
+        # product into a new tensor, 3-10x slower at 4 copies; a bmm/einsum is faster still, but its reduction is
+        # split by thread count, and frames computed with other thread counts (Ray workers) must be bit-identical
+        kl = diff.mul_(self.p[seq]).sum(-1)
+        return kl.clamp_min(0), ce
 
 
 def ce_per_token(

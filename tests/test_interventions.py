@@ -159,3 +159,47 @@ def test_orthogonal_splices_remove_the_error_along_x(site):
     assert torch.cosine_similarity(rnd, site.x, dim=-1).abs().max() < 1e-5
     # the random part is a fresh direction, not e_perp itself
     assert torch.cosine_similarity(rnd, out - site.x, dim=-1).abs().mean() < 0.5
+
+
+def test_splitmix64_equals_its_definition():
+    """The int64 hash wraps and shifts as SplitMix64 does on unsigned 64-bit integers (Python ints here)."""
+    mask = (1 << 64) - 1
+
+    def reference(x: int) -> int:
+        z = (x + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        return z - (1 << 64) if z >= 1 << 63 else z
+
+    xs = [0, 1, 2, -1, 12345678987654321, 2**62, -2**63, 2**63 - 1]
+    assert iv.splitmix64(torch.tensor(xs)).tolist() == [reference(x & mask) for x in xs]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_uniform_choice_is_uniform_and_stable(dense):
+    """Each allowed index is chosen equally often (chi-square against uniform, scipy), none that is refused is;
+    and refusing an allowed index that was not chosen changes no choice (what keeps fast == naive when rounding
+    flips a latent at the edge of being active)."""
+    from scipy import stats
+
+    allowed = torch.zeros(60000, 12, dtype=torch.bool)
+    allowed[:, [0, 3, 5, 11]] = True
+    allowed[:30000, 7] = True
+    pick = iv.uniform_choice(allowed, torch.Generator().manual_seed(0), dense=dense)
+    assert allowed.gather(1, pick[:, None]).all()
+    for rows, columns in ((slice(0, 30000), [0, 3, 5, 7, 11]), (slice(30000, None), [0, 3, 5, 11])):
+        counts = torch.bincount(pick[rows], minlength=12)[columns].numpy()
+        assert stats.chisquare(counts).pvalue > 1e-3, counts
+
+    mask = torch.rand(2000, 40, generator=torch.Generator().manual_seed(1)) > (0.1 if dense else 0.8)
+    mask[:, 0] = True  # no empty row
+    before = iv.uniform_choice(mask, torch.Generator().manual_seed(2), dense=dense)
+    fewer = mask.clone()
+    for r, chosen in enumerate(before.tolist()):
+        others = [j for j in mask[r].nonzero().flatten().tolist() if j != chosen]
+        if others:
+            fewer[r, others[r % len(others)]] = False
+    assert torch.equal(iv.uniform_choice(fewer, torch.Generator().manual_seed(2), dense=dense), before)
+    none = iv.uniform_choice(torch.zeros(3, 7, dtype=torch.bool), torch.Generator().manual_seed(0), dense=dense)
+    assert none.tolist() == [0, 0, 0]

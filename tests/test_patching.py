@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from datasets import Dataset
 from sae_lens import ActivationsStore, run_evals
 from sae_lens.evals import EvalConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 
 from saenb import interventions as iv
-from saenb.patching import NOTEBOOK1, measure, measure_naive
+from saenb.patching import NOTEBOOK1, distinct_rows, measure, measure_naive
 
 HOOKS = ["blocks.1.hook_resid_pre", "blocks.4.hook_resid_pre", "blocks.2.attn.hook_z"]
 EVERY = [*NOTEBOOK1, "identity", "latent_perturb", "sae_plus_random", iv.spec("feature_aligned", which="inactive"),
@@ -280,3 +281,20 @@ def test_shared_prefix_attention_equals_attention_over_copied_keys(heads, kv_hea
     want = F.scaled_dot_product_attention(q, full_k, full_v, attn_mask=mask, scale=0.3, enable_gqa=heads != kv_heads)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_distinct_rows_equals_torch_unique(dtype, monkeypatch):
+    """The engine's row deduplication (an exact hash, checked) finds what torch.unique(dim=0) finds, also when
+    the hash collides (all weights zero: every row in one group), where it falls back to torch.unique."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, 4, generator=g).to(dtype)
+    base[1, 2, 3] = base[0, 2, 3] + 1  # rows 0 and 1 differ in one element only
+    base[1, :2], base[1, 3:], base[1, 2, :3] = base[0, :2], base[0, 3:], base[0, 2, :3]
+    x = base[torch.randint(0, 6, (50,), generator=g)]
+    expected = torch.unique(x.flatten(1), dim=0)
+    for collide in (False, True):
+        if collide:
+            monkeypatch.setattr(torch, "randint", lambda *a, **kw: torch.zeros(a[2], dtype=kw["dtype"]))
+        distinct, inverse = distinct_rows(x)
+        assert torch.equal(distinct[inverse], x)
+        assert len(distinct) == len(expected) == len(set(map(tuple, x.flatten(1).float().tolist())))
