@@ -48,9 +48,13 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def matmul_flops_per_s(device: torch.device, n: int | None = None, reps: int = 10) -> float:
-    """A plain n^3 float32 matmul's rate: n = 1024 on a CPU, 8192 on a GPU (1024 would time kernel launches)."""
-    n = n or (8192 if device.type == "cuda" else 1024)
+def matmul_size(device: torch.device) -> int:
+    """The plain matmul's n: 1024 on a CPU, 8192 on a GPU (1024 would time kernel launches)."""
+    return 8192 if device.type == "cuda" else 1024
+
+
+def matmul_flops_per_s(device: torch.device, n: int, reps: int = 10) -> float:
+    """A plain n^3 float32 matmul's rate."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b  # warm-up
     if device.type == "cuda":
@@ -136,9 +140,20 @@ def worker(shape: str, device: str, layers: list[int], n_seqs: int) -> None:
     print(json.dumps({"n_seqs": n_seqs, "peak_bytes": peak, "frame_bytes": int(df.memory_usage(deep=True).sum())}))
 
 
-def budget(args) -> dict:
-    """measure's memory_mb when --memory-mb is given (the naive path ignores it)."""
-    return {} if args.memory_mb is None else {"memory_mb": args.memory_mb}
+def arguments(loaded, hooks, args, name: str) -> dict:
+    """The keyword arguments of `measure` / `measure_naive` for one mode of `modes`: many-sample runs on
+    --sample-seqs contexts at the middle hook, the others on --seqs contexts at every hook; the mean-ablation
+    reference is an input of both paths, computed once (as measure_cached does); --memory-mb when given (the
+    naive path ignores it)."""
+    from saenb.patching import NOTEBOOK1, hook_means
+
+    kw = dict(modes(args.samples)[name])
+    sample_mode = "sample" in name
+    tokens = loaded.tokens(args.sample_seqs if sample_mode else args.seqs)
+    use = hooks[len(hooks) // 2:len(hooks) // 2 + 1] if sample_mode else hooks
+    budget = {} if args.memory_mb is None else {"memory_mb": args.memory_mb}
+    return {"hooks": use, "interventions": kw.pop("interventions", NOTEBOOK1), "tokens": tokens, "progress": False,
+            "means": hook_means(loaded, use, tokens), **budget, **kw}
 
 
 def profile(loaded, hooks, args) -> None:
@@ -147,14 +162,9 @@ def profile(loaded, hooks, args) -> None:
     from torch.profiler import profile as torch_profile
 
     from saenb import measure
-    from saenb.patching import NOTEBOOK1, hook_means
 
-    name, kw = next((n, kw) for n, kw in modes(args.samples).items() if args.profile in n)
-    interventions = kw.pop("interventions", NOTEBOOK1)
-    tokens = loaded.tokens(args.sample_seqs if args.profile == "sample" else args.seqs)
-    use = hooks[len(hooks) // 2:len(hooks) // 2 + 1] if args.profile == "sample" else hooks
-    common = {"hooks": use, "interventions": interventions, "tokens": tokens, "progress": False,
-              "means": hook_means(loaded, use, tokens), **budget(args), **kw}
+    name = next(n for n in modes(args.samples) if args.profile in n)
+    common = arguments(loaded, hooks, args, name)
     measure(loaded, **common)  # warm-up
     cuda = loaded.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -198,7 +208,6 @@ def main() -> None:
         return worker(args.shape, args.device, args.layers, args.worker)
 
     from saenb import measure, measure_naive
-    from saenb.patching import NOTEBOOK1, hook_means
 
     loaded = load(args.shape, args.device, args.layers)
     hooks = loaded.hooks("resid")
@@ -209,15 +218,10 @@ def main() -> None:
           f"{cfg.n_layers} layers, vocabulary {cfg.d_vocab}; {len(hooks)} residual SAEs of "
           f"{next(iter(loaded.saes.values())).cfg.d_sae} latents; median of {args.repeats} [min-max]")
     rows = []
-    for name, kw in modes(args.samples).items():
-        interventions = kw.pop("interventions", NOTEBOOK1)
+    for name in modes(args.samples):
         sample_mode = "sample" in name
-        tokens = loaded.tokens(args.sample_seqs if sample_mode else args.seqs)
-        use = hooks[len(hooks) // 2:len(hooks) // 2 + 1] if sample_mode else hooks  # many-sample: the middle layer
-        # the mean-ablation reference is an input of both paths, computed once (as measure_cached does)
-        common = {"hooks": use, "interventions": interventions, "tokens": tokens, "progress": False,
-                  "means": hook_means(loaded, use, tokens), **budget(args), **kw}
-        measure(loaded, **{**common, "tokens": tokens[:1]})  # warm-up
+        common = arguments(loaded, hooks, args, name)
+        measure(loaded, **{**common, "tokens": common["tokens"][:1]})  # warm-up
         # fast and naive alternate, so that a disturbance of the shared machine hits both
         t_fast, t_naive = [], []
         for rep in range(args.repeats):
@@ -230,9 +234,8 @@ def main() -> None:
         err = (fast.kl - naive.kl).abs().max()
         rows.append((name, len(fast), t_naive, t_fast, err))
     # how much of the all-token speed-up the fused kernels give (the rest is the engine's design)
-    tokens = loaded.tokens(args.seqs)
-    common = {"hooks": hooks, "interventions": NOTEBOOK1, "tokens": tokens, "progress": False,
-              "means": hook_means(loaded, hooks, tokens), **budget(args)}
+    common = arguments(loaded, hooks, args, "all-token")
+    tokens = common["tokens"]
     unfused = [timed(lambda: measure(loaded, fused=False, **common))[1] for _ in range(args.repeats)]
     rows.append(("all-token, unfused", rows[0][1], rows[0][2], unfused, float("nan")))
     print(f"\n{'mode':<20}{'rows':>9}{'naive':>22}{'fast':>22}{'speed-up':>10}{'max |dKL|':>11}")
@@ -261,8 +264,8 @@ def main() -> None:
         measure(loaded, **common)
     flops = counter.get_total_flops()
     t = statistics.median(rows[0][3])
-    achieved, peak = flops / t, matmul_flops_per_s(loaded.device)
-    n = 8192 if loaded.device.type == "cuda" else 1024
+    n = matmul_size(loaded.device)
+    achieved, peak = flops / t, matmul_flops_per_s(loaded.device, n)
     print(f"\nfast path: {flops / 1e9:.1f} GFLOP (matmuls) in {t:.2f} s = {achieved / 1e9:.1f} GFLOP/s; "
           f"plain {n}^3 matmul: {peak / 1e9:.1f} GFLOP/s; ratio {achieved / peak:.2f}")
     # the study's run: every token of 2M patched by each of 9 interventions at each of 12 layers (all-token mode)

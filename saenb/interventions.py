@@ -299,6 +299,10 @@ def splitmix64(x: Tensor) -> Tensor:
     return z ^ _shr(z, 31)
 
 
+DENSE_TRIES = 16
+"""Candidates tried per row by `uniform_choice(dense=True)` before the sparse rule."""
+
+
 def uniform_choice(allowed: Tensor, generator: torch.Generator, *, dense: bool = False) -> Tensor:
     """One allowed index per row of `allowed` ([..., d] bool), uniformly at random; index 0 where none is.
 
@@ -333,10 +337,6 @@ def uniform_choice(allowed: Tensor, generator: torch.Generator, *, dense: bool =
     sparse = torch.full_like(keys, d).scatter_reduce_(0, row[won], index[won], "amin")
     pick = torch.where(todo, sparse.masked_fill_(sparse == d, 0), pick)
     return pick.view(shape)
-
-
-DENSE_TRIES = 16
-"""Candidates tried per row by `uniform_choice(dense=True)` before the sparse rule."""
 
 
 @register("feature_aligned")

@@ -512,6 +512,13 @@ class _Unembed:
         return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
 
 
+@functools.lru_cache(maxsize=8)
+def _hash_weights(n: int, device: torch.device) -> Int[Tensor, "n"]:
+    """`distinct_rows`'s fixed random int32 weights for rows of n elements, drawn once per (n, device)."""
+    return torch.randint(-2**31, 2**31 - 1, (n,), generator=torch.Generator().manual_seed(0),
+                         dtype=torch.int32).to(device)
+
+
 def distinct_rows(x: Tensor) -> tuple[Tensor, Int[Tensor, "r"]]:
     """The distinct rows of `x` ([r, ...], compared bit for bit) and each row's index among them: what
     `torch.unique(x.flatten(1), dim=0, return_inverse=True)` gives, up to the order of the distinct rows.
@@ -524,9 +531,7 @@ def distinct_rows(x: Tensor) -> tuple[Tensor, Int[Tensor, "r"]]:
     torch.unique. (-0.0 and 0.0 count as different: a missed sharing, never a wrong one.)"""
     width = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
     bits = x.reshape(len(x), -1).contiguous().view(width)
-    weights = torch.randint(-2**31, 2**31 - 1, (bits.shape[1],), generator=torch.Generator().manual_seed(0),
-                            dtype=torch.int32).to(x.device)
-    _, inverse = torch.unique(bits.mul(weights).sum(-1), return_inverse=True)
+    _, inverse = torch.unique(bits.mul(_hash_weights(bits.shape[1], x.device)).sum(-1), return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), len(x), device=x.device).scatter_reduce_(
         0, inverse, torch.arange(len(x), device=x.device), "amin")
     if not torch.equal(bits, bits[first[inverse]]):  # a hash collision: two different rows in one group

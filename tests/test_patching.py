@@ -12,6 +12,7 @@ from sae_lens.evals import EvalConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 
 from saenb import interventions as iv
+from saenb import patching
 from saenb.patching import NOTEBOOK1, distinct_rows, measure, measure_naive
 
 HOOKS = ["blocks.1.hook_resid_pre", "blocks.4.hook_resid_pre", "blocks.2.attn.hook_z"]
@@ -294,7 +295,7 @@ def test_distinct_rows_equals_torch_unique(dtype, monkeypatch):
     expected = torch.unique(x.flatten(1), dim=0)
     for collide in (False, True):
         if collide:
-            monkeypatch.setattr(torch, "randint", lambda *a, **kw: torch.zeros(a[2], dtype=kw["dtype"]))
+            monkeypatch.setattr(patching, "_hash_weights", lambda n, device: torch.zeros(n, dtype=torch.int32))
         distinct, inverse = distinct_rows(x)
         assert torch.equal(distinct[inverse], x)
         assert len(distinct) == len(expected) == len(set(map(tuple, x.flatten(1).float().tolist())))
