@@ -22,6 +22,7 @@ KL of 17 nats differs by about 5e-4 between the paths (fused kernels round diffe
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -29,6 +30,8 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -177,6 +180,31 @@ def profile(loaded, hooks, args) -> None:
                        max_name_column_width=60))
     if cuda:
         print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+        print("where the host waits for the device (synchronising calls, by the saenb line that made them):")
+        for where, count in host_syncs(lambda: measure(loaded, **common)).most_common(15):
+            print(f"  {count:6d}  {where}")
+
+
+def host_syncs(fn) -> collections.Counter:
+    """Run fn with torch's CUDA sync debug mode on and count each synchronising call by the innermost saenb line
+    on the stack when it happened."""
+    counts: collections.Counter = collections.Counter()
+
+    def record(*_args, **_kwargs):
+        frames = [f for f in traceback.extract_stack() if f"{os.sep}saenb{os.sep}" in f.filename]
+        counts[f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} {frames[-1].line}" if frames
+               else "outside saenb"] += 1
+
+    show, warnings.showwarning = warnings.showwarning, record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = show
+    return counts
 
 
 def main() -> None:

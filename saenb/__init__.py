@@ -14,7 +14,7 @@ from saenb.presets import (
     register_preset,
 )
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 __all__ = [
     "Loaded",

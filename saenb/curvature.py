@@ -136,7 +136,7 @@ def fisher(loaded: Loaded, hook: str, tokens: Tensor, position: int, *, measure_
     W_U = model.unembed.W_U.detach()  # [d_model, d_vocab]
     unembed = patching._Unembed(model)
     out: dict[str, list] = {"seqs": [], "x": [], "fisher": [], "fisher_at": []}
-    with kernels.fused_kernels(model) if fused else contextlib.nullcontext():
+    with kernels.fused_kernels(model, keep=(hook,)) if fused else contextlib.nullcontext():
         for batch, seqs in patching._batches(tokens, batch_size, 0, f"fisher {hook}", progress):
             batch = batch.to(loaded.device)
             keep = req.keep(batch)  # [b, pos]: special tokens are neither patched nor measured
@@ -148,7 +148,7 @@ def fisher(loaded: Loaded, hook: str, tokens: Tensor, position: int, *, measure_
                 x = patching.flat(cache[hook], hook)[b, position]  # [d]
                 f = _suffix_final(model, hook, cache, b, window, measured - window[0])
                 with torch.no_grad():
-                    p = unembed(f(x), normalized=True).softmax(-1)  # [m, d_vocab]
+                    p = unembed.logits(f(x)).softmax(-1)  # [m, d_vocab]
                 basis = torch.eye(len(x), dtype=x.dtype, device=x.device)
                 with torch.no_grad():  # forward-mode AD only: no backward graph is recorded
                     K = vmap(lambda v: jvp(f, (x,), (v,))[1], chunk_size=chunk)(basis)  # [d, m, d_model]: dh/dx_i

@@ -46,18 +46,24 @@ class Site:
 Intervention = Callable[..., Act]
 _REGISTRY: dict[str, Intervention] = {}
 _DETERMINISTIC: set[str] = set()
+_CONSTANT: set[str] = set()
 
 
-def register(name: str, *, deterministic: bool = False) -> Callable[[Intervention], Intervention]:
+def register(name: str, *, deterministic: bool = False,
+             constant: bool = False) -> Callable[[Intervention], Intervention]:
     """Register an intervention under `name`; `deterministic` ones never draw from the generator (the engine
-    may then apply them to many sequences at once)."""
+    may then apply them to many sequences at once); `constant` ones put the same activation at every token,
+    whatever it was (the engine reduces their logits as those of streams far from the clean ones, which
+    several sequences may share)."""
 
     def wrap(fn: Intervention) -> Intervention:
         if name in _REGISTRY:
             raise ValueError(f"an intervention named {name!r} is already registered")
         _REGISTRY[name] = fn
-        if deterministic:
+        if deterministic or constant:
             _DETERMINISTIC.add(name)
+        if constant:
+            _CONSTANT.add(name)
         return fn
 
     return wrap
@@ -66,6 +72,11 @@ def register(name: str, *, deterministic: bool = False) -> Callable[[Interventio
 def is_deterministic(name: str) -> bool:
     get(name)
     return name in _DETERMINISTIC
+
+
+def is_constant(name: str) -> bool:
+    get(name)
+    return name in _CONSTANT
 
 
 def get(name: str) -> Intervention:
@@ -129,8 +140,16 @@ def _unit(v: Act) -> Act:
     return v / v.norm(dim=-1, keepdim=True)
 
 
+def _to(drawn: Tensor, device: torch.device) -> Tensor:
+    """Draws made on the (CPU) generator's device moved to `device`: to a GPU through pinned memory without
+    waiting, so the host goes on drawing while the device computes."""
+    if drawn.device == device:
+        return drawn
+    return drawn.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else drawn.to(device)
+
+
 def _gaussian(like: Tensor, generator: torch.Generator) -> Tensor:
-    return torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+    return _to(torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype), like.device)
 
 
 def random_unit(like: Act, generator: torch.Generator) -> Act:
@@ -243,13 +262,13 @@ def eps_random_orthogonal(site: Site, *, generator: torch.Generator) -> Act:
     return site.x + orthogonal_error(site).norm(dim=-1, keepdim=True) * u
 
 
-@register("zero", deterministic=True)
+@register("zero", constant=True)
 def zero(site: Site, *, generator: torch.Generator) -> Act:
     """Zero ablation (zero_ablation)."""
     return torch.zeros_like(site.x)
 
 
-@register("mean", deterministic=True)
+@register("mean", constant=True)
 def mean(site: Site, *, generator: torch.Generator) -> Act:
     """Mean ablation (mean_ablation): the hook's mean activation over a reference set of tokens."""
     return site.mean.expand_as(site.x).clone()
@@ -318,8 +337,8 @@ def uniform_choice(allowed: Tensor, generator: torch.Generator, *, dense: bool =
     uniform scores over all latents: 17 ms per sequence at 24,576 latents on the CPU) and are not stable."""
     shape, d = allowed.shape[:-1], allowed.shape[-1]
     allowed = allowed.reshape(-1, d)
-    keys = torch.randint(-2**63, 2**63 - 1, (len(allowed),), generator=generator, dtype=torch.int64,
-                         device=generator.device).to(allowed.device)
+    keys = _to(torch.randint(-2**63, 2**63 - 1, (len(allowed),), generator=generator, dtype=torch.int64,
+                             device=generator.device), allowed.device)
     pick = torch.zeros_like(keys)
     todo = torch.ones_like(keys, dtype=torch.bool)
     if dense:
@@ -333,8 +352,8 @@ def uniform_choice(allowed: Tensor, generator: torch.Generator, *, dense: bool =
     row, index = (allowed & todo[:, None]).nonzero(as_tuple=True)
     score = splitmix64(keys[row] ^ splitmix64(index))
     best = torch.full_like(keys, -2**63).scatter_reduce_(0, row, score, "amax")
-    won = score == best[row]
-    sparse = torch.full_like(keys, d).scatter_reduce_(0, row[won], index[won], "amin")
+    won = torch.where(score == best[row], index, d)  # d: not the row's best
+    sparse = torch.full_like(keys, d).scatter_reduce_(0, row, won, "amin")
     pick = torch.where(todo, sparse.masked_fill_(sparse == d, 0), pick)
     return pick.view(shape)
 
@@ -356,6 +375,6 @@ def feature_aligned(site: Site, *, generator: torch.Generator, which: str = "act
     else:
         allowed = torch.ones_like(active)
     pick = uniform_choice(allowed, generator, dense=which != "active")
-    sign = torch.randint(0, 2, pick.shape, generator=generator, device=generator.device).to(site.x.device)
+    sign = _to(torch.randint(0, 2, pick.shape, generator=generator, device=generator.device), site.x.device)
     directions = _unit(site.W_dec)[pick] * (2 * sign - 1).to(site.x.dtype).unsqueeze(-1)
     return site.x + site.eps.unsqueeze(-1) * directions

@@ -1,14 +1,15 @@
 """Fused kernels for the engine's patched forwards: the same functions as TransformerLens's modules, fewer passes.
 
 Inside `fused_kernels(model)`:
-- float32 LayerNorms run as torch's one-kernel `layer_norm`, and gelu_new in four passes (`FUSED_EQUIVALENTS`);
+- float32 LayerNorms and RMSNorms run as torch's one-kernel `layer_norm` / `rms_norm`, and gelu_new in four passes
+  (`FUSED_EQUIVALENTS`);
 - attention runs as torch's `scaled_dot_product_attention` (`_attention`): TransformerLens computes the scores, a
   causal mask by `where`, a NaN scrub, the softmax and the weighted sum as separate full-size tensors; the fused
   kernel never materialises the pattern. Where the attention has a clean prefix shared by many patched rows
   (single-token and many-sample modes), `SharedPrefix` holds its keys and values once per sequence and every row
   of that sequence attends to them by broadcasting, instead of a copy per row in a key/value cache.
 
-Only what the engine does not use is given up: the hook points on attention scores and patterns (and LayerNorm's
+Only what the engine does not use is given up: the hook points on attention scores and patterns (and the norms'
 hook_scale / hook_normalized) do not fire; an attention module with a hook already attached there on entry, or with
 a feature the fused path does not cover (soft-capped scores, ALiBi, attention sinks, QK-norm, local windows, ...),
 keeps TransformerLens's own forward (and the engine then passes a key/value cache). Everything is restored on exit.
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.components import LayerNorm
+from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 from transformer_lens.components.abstract_attention import AbstractAttention
 from transformer_lens.components.mlps.can_be_used_as_mlp import CanBeUsedAsMLP
 from transformer_lens.utilities.activation_functions import gelu_new, gelu_pytorch_tanh
@@ -34,12 +35,20 @@ from transformer_lens.utilities.activation_functions import gelu_new, gelu_pytor
 _GELU_K = math.sqrt(2 / math.pi)
 
 
+@functools.lru_cache(maxsize=8)
+def _gelu_shift(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """gelu_tanh's constant on the activations' device, made once (a new one per call is a copy to a GPU that
+    the host waits for)."""
+    with torch.inference_mode(False):  # a plain tensor, usable by autograd too, whichever mode it is first made in
+        return torch.tensor(2 * _GELU_K, device=device, dtype=dtype)
+
+
 def gelu_tanh(x: Tensor) -> Tensor:
     """gelu_new, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))
     (the same function: 0.5 (1 + tanh(u)) = sigmoid(2u)) in four passes over memory. Written here because
     torch's own `gelu(approximate="tanh")` runs 1.5x slower than this on the CPUs measured (an MLP hidden of
     6144 x 512: 3.0 ms against 2.0 ms); both are within 5e-7 of the float64 function."""
-    u = torch.addcmul(x.new_tensor(2 * _GELU_K), x, x, value=2 * _GELU_K * 0.044715)
+    u = torch.addcmul(_gelu_shift(x.device, x.dtype), x, x, value=2 * _GELU_K * 0.044715)
     return u.mul_(x).sigmoid_().mul_(x)
 
 
@@ -49,9 +58,16 @@ that formula in seven tensor ops (and its gelu_pytorch_tanh torch's tanh gelu); 
 by rounding only."""
 
 
-def _fused_layer_norm(ln: LayerNorm, x: Tensor) -> Tensor:
-    """TL's LayerNorm ((x - mean) / sqrt(var + eps) * w + b, biased variance) as torch's one-kernel layer_norm."""
-    return F.layer_norm(x, (ln.length,), ln.w, ln.b, ln.eps)
+def _fused_norm(norm, x: Tensor) -> Tensor:
+    """TL's LayerNorm / LayerNormPre ((x - mean) / sqrt(var + eps) [* w + b], biased variance) and RMSNorm /
+    RMSNormPre (x / sqrt(mean(x^2) + eps) [* w]) as torch's one-kernel layer_norm and rms_norm (TL's are four
+    to six tensor ops each; the Pre forms are what `fold_ln` leaves, as in GPT-2's preset)."""
+    if isinstance(norm, (LayerNorm, LayerNormPre)):
+        return F.layer_norm(x, x.shape[-1:], getattr(norm, "w", None), getattr(norm, "b", None), norm.eps)
+    return F.rms_norm(x, x.shape[-1:], getattr(norm, "w", None), norm.eps)
+
+
+FUSED_NORMS = (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +84,23 @@ class SharedPrefix:
     @property
     def length(self) -> int:
         return self.keys.shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanAttention:
+    """One layer whose attention is clean in every patched row: the heads' outputs z (before W_O) over the
+    window, held once per sequence (the rows grouped by sequence as for `SharedPrefix`).
+
+    A splice in a block after its attention's z (at `attn.hook_z`, `hook_attn_out`, `hook_resid_mid`,
+    `hook_mlp_out`) starts that block from its clean input, so its queries, keys, values and attention are the
+    clean run's: the attention skips them, fires hook_z on the clean z (where an SAE at `attn.hook_z` is
+    spliced in) and applies W_O."""
+
+    z: Float[Tensor, "seq w head d_head"]
+
+
+CLEAN_ATTENTION_HOOKS = ("attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_out")
+"""Hooks of a block (the name after `blocks.L.`) read after its attention has run on the clean input."""
 
 
 def supports_fused_attention(attn: AbstractAttention) -> bool:
@@ -89,11 +122,23 @@ def _attention(attn: AbstractAttention, query_input: Tensor, key_input: Tensor, 
     """TL's attention forward with the scores, mask, softmax and weighted sum fused (module docstring).
 
     The hook points on q, k, v, rotated q/k and z fire as in TL (an SAE at `attn.hook_z` is spliced there)."""
-    if (not isinstance(past_kv_cache_entry, (SharedPrefix, type(None))) or additive_attention_mask is not None
-            or attention_mask is not None or position_bias is not None):  # a TL key/value cache or a mask
+    if (not isinstance(past_kv_cache_entry, (SharedPrefix, CleanAttention, type(None)))
+            or additive_attention_mask is not None or attention_mask is not None
+            or position_bias is not None):  # a TL key/value cache or a mask
         return type(attn).forward(attn, query_input, key_input, value_input, past_kv_cache_entry,
                                   additive_attention_mask, attention_mask, position_bias)
-    prefix: SharedPrefix | None = past_kv_cache_entry
+    if isinstance(past_kv_cache_entry, CleanAttention):
+        z = past_kv_cache_entry.z
+        z = attn.hook_z(z.repeat_interleave(len(query_input) // len(z), dim=0))  # [rows, pos, heads, d_head]
+    else:
+        z = attn.hook_z(_attend(attn, query_input, key_input, value_input, past_kv_cache_entry))
+    # TL: F.linear(z, W_O as [d_model, (head d_head)], b_O), W_O rearranged per call; here W_O as it is stored
+    return torch.matmul(z.reshape(*z.shape[:2], -1), attn.W_O.reshape(-1, attn.W_O.shape[-1])).add_(attn.b_O)
+
+
+def _attend(attn: AbstractAttention, query_input: Tensor, key_input: Tensor, value_input: Tensor,
+            prefix: SharedPrefix | None) -> Float[Tensor, "rows pos heads d_head"]:
+    """z: causal attention of the window's queries over its keys (and the shared prefix's, when given)."""
     q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)  # [rows, pos, heads, d_head]
     offset = 0 if prefix is None else prefix.length
     if attn.cfg.positional_embedding_type == "rotary":
@@ -105,9 +150,7 @@ def _attention(attn: AbstractAttention, query_input: Tensor, key_input: Tensor, 
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     else:
         z = _attend_with_prefix(q, k, v, prefix, scale)
-    z = attn.hook_z(z.transpose(1, 2))  # [rows, pos, heads, d_head]
-    # TL: F.linear(z, W_O as [d_model, (head d_head)], b_O), W_O rearranged per call; here W_O as it is stored
-    return torch.matmul(z.reshape(*z.shape[:2], -1), attn.W_O.reshape(-1, attn.W_O.shape[-1])).add_(attn.b_O)
+    return z.transpose(1, 2)
 
 
 def _attend_with_prefix(q: Float[Tensor, "r h w d"], k: Float[Tensor, "r hk w d"], v: Float[Tensor, "r hk w d"],
@@ -150,23 +193,30 @@ def _attend_with_prefix(q: Float[Tensor, "r h w d"], k: Float[Tensor, "r hk w d"
 
 
 @contextlib.contextmanager
-def fused_kernels(model):
-    """Within the block, the model's float32 LayerNorms, MLP activations and attention run as fused kernels for
-    the same functions (module docstring). Yields whether every attention module is fused (then the engine may
-    pass `SharedPrefix` entries instead of a key/value cache)."""
+def fused_kernels(model, keep=()):
+    """Within the block, the model's float32 norms, MLP activations and attention run as fused kernels for the
+    same functions (module docstring). A module whose unfired hook points have hooks attached on entry, or are
+    named in `keep` (hooks that will be attached inside the block, such as an SAE's at `ln2.hook_normalized`),
+    keeps TL's forward. Yields whether every attention module is fused (then the engine may pass `SharedPrefix`
+    entries instead of a key/value cache)."""
     swapped_act, swapped_fwd = [], []
     attention = [m for m in model.modules() if isinstance(m, AbstractAttention)]
+
+    def fires(name: str, module, points: tuple[str, ...]) -> bool:  # whether a hook must fire at these points
+        return any(f"{name}.{p}" in keep or getattr(module, p)._forward_hooks for p in points)
+
     try:
-        for module in model.modules():
+        for name, module in model.named_modules():
             fn = getattr(module, "act_fn", None)
             if isinstance(module, CanBeUsedAsMLP) and fn in FUSED_EQUIVALENTS:
                 swapped_act.append((module, fn))
                 module.act_fn = FUSED_EQUIVALENTS[fn]
-            if type(module) is LayerNorm and model.cfg.dtype == torch.float32:
+            if (type(module) in FUSED_NORMS and model.cfg.dtype == torch.float32
+                    and not fires(name, module, ("hook_scale", "hook_normalized"))):
                 swapped_fwd.append(module)
-                module.forward = functools.partial(_fused_layer_norm, module)
+                module.forward = functools.partial(_fused_norm, module)
             elif (isinstance(module, AbstractAttention) and supports_fused_attention(module)
-                  and not module.hook_attn_scores._forward_hooks and not module.hook_pattern._forward_hooks):
+                  and not fires(name, module, ("hook_attn_scores", "hook_pattern"))):
                 swapped_fwd.append(module)
                 module.forward = functools.partial(_attention, module)
         yield bool(attention) and all("forward" in vars(m) for m in attention)

@@ -22,35 +22,73 @@ def kl_per_token(
 
 
 class CleanDistribution:
-    """The clean next-token distribution at some positions, prepared once and compared with many patched ones.
+    """The clean next-token distribution at the measured positions of a batch, prepared once and compared with
+    many patched ones.
 
-    `kl_div` exponentiates the clean log-probs on every call; here p = exp(log p) is computed once per batch
-    and shared by every hook, intervention and sample, and each comparison is one subtraction and one dot
-    product over the vocabulary. (The shorter sum p log p - sum p log q subtracts two numbers of the size of
-    the entropy and loses about 1e-6 nats to rounding; the difference log p - log q keeps small KLs exact.)
-    Rounding can leave a zero KL at -1e-7: it is clamped at 0.
+    With clean logits c, patched logits l = c + delta, p = softmax(c) and lse the log-sum-exp over the vocabulary,
+
+        KL(p || softmax(l)) = sum_v p_v (log p_v - log q_v) = log sum_v p_v exp(delta_v)  -  p . delta
+
+    (sum_v p_v = 1). The first term is one pass over the vocabulary per patched row (`log_partition`: add log p,
+    exp, sum, in place), where `kl_div` or a log-softmax followed by a weighted difference make five to seven,
+    three of them writing the vocabulary. When the logits are linear in the normalised final residual stream h
+    (l = h W_U + b, no soft-cap), delta = (h - h_c) W_U is computed from the difference of the streams (its
+    rounding scales with the change, not with the logits: an unchanged row gives 0), and p . delta = u . (h - h_c)
+    with u = W_U p is a d_model-long product, u computed once per clean position. A KL of -1e-7 left by rounding
+    is clamped at 0.
     """
 
-    def __init__(self, clean_logp: Float[Tensor, "b m d_vocab"]):
-        self.logp = clean_logp
-        self.p = clean_logp.exp()
+    def __init__(self, logits: Float[Tensor, "b m d_vocab"], h: Float[Tensor, "b m d"] | None = None,
+                 weight: Float[Tensor, "d d_vocab"] | None = None):
+        """logits: the clean logits; h and weight (W_U): the readout's input and matrix, when the logits are
+        h @ weight + bias (omit them otherwise)."""
+        self.logp = logits.log_softmax(-1)  # as the naive path and kl_div take it
+        self.lse = logits.logsumexp(-1)  # [b, m]
+        p = self.logp.exp()
+        # log sum_v p_v, 0 up to rounding, computed as `log_partition` computes it, so that delta = 0 gives 0
+        self.logz = p.sum(-1).log_()
+        self.h = h
+        self.linear = weight is not None
+        if self.linear:
+            self.u = _matmul_fixed_order(p, weight.T)  # [b, m, d]
+        else:
+            self.p = p
 
-    def kl_and_ce(
-        self, seq: int, patched_logits: Float[Tensor, "r m d_vocab"], targets: Int[Tensor, "m"], *,
-        normalized: bool = False,
-    ) -> tuple[Float[Tensor, "r m"], Float[Tensor, "r m"]]:
-        """KL(clean || patched) and the patched CE of `targets`, per token, for r patched copies of sequence
-        `seq` at the m measured positions (the clean distribution is broadcast over the copies, not copied).
-        Logits are overwritten; with `normalized=True` they are log-probs already, and left unchanged."""
-        logq = patched_logits if normalized else patched_logits.log_softmax(-1)
-        ce = -logq.gather(-1, targets.expand(logq.shape[0], -1).unsqueeze(-1)).squeeze(-1)
-        # log p - log q, in logq's memory when logq is a temporary
-        diff = torch.sub(self.logp[seq], logq, out=None if normalized else logq)
-        # sum_v p diff, multiplying in place (diff is always a temporary here): torch.linalg.vecdot writes the
-        # product into a new tensor, 3-10x slower at 4 copies; a bmm/einsum is faster still, but its reduction is
-        # split by thread count, and frames computed with other thread counts (Ray workers) must be bit-identical
-        kl = diff.mul_(self.p[seq]).sum(-1)
-        return kl.clamp_min(0), ce
+    def ce(self, targets: Int[Tensor, "b m"]) -> Float[Tensor, "b m"]:
+        """The clean cross-entropy of each position's target token."""
+        return ce_per_token(self.logp, targets, normalized=True)
+
+    def log_partition(self, seq: int, delta: Float[Tensor, "r m d_vocab"]) -> Float[Tensor, "r m"]:
+        """lse(c + delta) - lse(c) = log sum_v p_v exp(delta_v) for r patched copies of sequence `seq` (the clean
+        distribution broadcast over the copies, not copied); overwrites `delta`. Exact to float32 rounding
+        within `LOG_PARTITION_RANGE`; outside it exp may over- or underflow, and the caller recomputes."""
+        return delta.add_(self.logp[seq]).exp_().sum(-1).log_().sub_(self.logz[seq])
+
+    def dot(self, seq, delta_h: Float[Tensor, "r m d"] | None = None,
+            delta: Float[Tensor, "r m d_vocab"] | None = None) -> Float[Tensor, "r m"]:
+        """p . delta per row (row i a copy of sequence seq[i], or all of sequence `seq` when it is an int): from
+        the streams' difference delta_h with a linear readout, else from the logits' difference delta."""
+        if self.linear:
+            return (self.u[seq] * delta_h).sum(-1)
+        return (delta * self.p[seq]).sum(-1)
+
+
+def _matmul_fixed_order(a: Float[Tensor, "... k"], b: Float[Tensor, "k n"], block: int = 256) -> Float[Tensor, "... n"]:
+    """a @ b summed over k in blocks of `block`, added in a fixed order.
+
+    Written out because a single CPU GEMM with a long k (the vocabulary) and a small output splits k between threads,
+    so its rounding depends on the thread count, and frames computed with other thread counts (Ray workers) must be
+    bit-identical; blocks of 256 are not split (checked for 1 against 2 threads by tests/test_distributed.py)."""
+    out = a[..., :block] @ b[:block]
+    for k in range(block, a.shape[-1], block):
+        out += a[..., k:k + block] @ b[k:k + block]
+    return out
+
+
+LOG_PARTITION_RANGE = (-60.0, 60.0)
+"""`CleanDistribution.log_partition` results within this range are exact to float32 rounding (no term can have
+overflowed, and the largest, at least exp(-60) / d_vocab, is far above float32's subnormals); outside it they
+are recomputed with torch.logsumexp."""
 
 
 def ce_per_token(

@@ -49,8 +49,8 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from saenb import interventions as iv
 from saenb.data import non_special
-from saenb.kernels import SharedPrefix, fused_kernels
-from saenb.metrics import CleanDistribution, ce_per_token, geometry, kl_per_token
+from saenb.kernels import CLEAN_ATTENTION_HOOKS, CleanAttention, SharedPrefix, fused_kernels
+from saenb.metrics import LOG_PARTITION_RANGE, CleanDistribution, ce_per_token, geometry, kl_per_token
 from saenb.presets import Loaded, hook_family, sae_layer
 
 SINGLE_TOKEN_SPAN = 16
@@ -252,8 +252,8 @@ def perturb(loaded: Loaded, req: Request, hook: str, x: Float[Tensor, "b p d"], 
 
 def check_finite(patched: Tensor, keep: Tensor, req: Request, hook: str) -> None:
     """Patched activations where they will be spliced in must be finite (a zero-norm x makes NaNs)."""
-    mask = keep[:, None, :].expand(patched.shape[0], patched.shape[2], patched.shape[3])  # [b, n, p]
-    bad = [s.label for k, s in enumerate(req.specs) if not torch.isfinite(patched[:, k][mask]).all()]
+    finite = (torch.isfinite(patched).all(-1) | ~keep[:, None, None, :]).flatten(2).all(-1).all(0)  # [k]
+    bad = [s.label for s, ok in zip(req.specs, finite.tolist(), strict=True) if not ok]
     if bad:
         raise FloatingPointError(f"non-finite patched activations at {hook} from {bad}: an activation of zero norm? "
                                  "Leave that position out (measure_positions / positions) or use another intervention.")
@@ -360,10 +360,13 @@ def measure(
     clean_end = max(window[1], req.patch[-1] + 1)
     names = {*req.hooks, *(splice_point(h)[0] for h in req.hooks)}
     frames = []
-    with torch.inference_mode(), (fused_kernels(model) if fused else contextlib.nullcontext(False)) as shared:
+    kernels = fused_kernels(model, keep=req.hooks) if fused else contextlib.nullcontext(False)
+    with torch.inference_mode(), kernels as shared:
         if window[0] > 0:  # the clean prefix's keys (as attention consumes them: rotated, for a shared prefix)
             names |= {get_act_name(kind, layer) for kind in (_key_name(model, shared), "v")
                       for layer in range(model.cfg.n_layers)}
+        if shared:  # the clean z of blocks whose attention the patched rows need not recompute
+            names |= {get_act_name("z", sae_layer(h)) for h in req.hooks if _clean_attention(h)}
         unembed = _Unembed(model)
         for batch, seqs in _batches(tokens, batch_size, seq_offset, "measure", progress):
             batch = batch.to(loaded.device)
@@ -371,9 +374,9 @@ def measure(
             final, cache = model.run_with_cache(batch[:, :clean_end], names_filter=sorted(names),
                                                 stop_at_layer=model.cfg.n_layers)
             measured = torch.tensor(req.measured, device=batch.device)
-            clean = CleanDistribution(unembed(final[:, measured]).log_softmax(-1))  # [b, m, d_vocab]
-            ce_clean = _nan_last(ce_per_token(clean.logp, _targets(batch, measured), normalized=True),
-                                 measured, req.n_ctx)
+            h_clean = unembed.normalize(final[:, measured])  # [b, m, d_model]
+            clean = CleanDistribution(unembed.logits(h_clean), h_clean, unembed.weight if unembed.linear else None)
+            ce_clean = _nan_last(clean.ce(_targets(batch, measured)), measured, req.n_ctx)
             del final
             keep = req.keep(batch)[:, list(req.patch)]  # [b, p]
             for hook in req.hooks:
@@ -443,52 +446,77 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
                                    cache[get_act_name("v", i)][s0:s1, :w0]) for i in range(cfg.n_layers)]
             else:
                 kv = _prefix_cache(cache, idx, w0, cfg)
+            if shared and _clean_attention(hook):
+                kv = kv or [None] * cfg.n_layers
+                kv[layer] = CleanAttention(cache[get_act_name("z", layer)][s0:s1, w0:w1])
             with model.hooks(fwd_hooks=fwd_hooks) if fwd_hooks else contextlib.nullcontext():
                 out = model(inp, start_at_layer=layer, stop_at_layer=cfg.n_layers, past_kv_cache=kv)
             final[r0:r1] = out[:, measured - w0]
     kl_out = torch.empty(b * k * n, m, device=batch.device)
     ce_out = torch.empty_like(kl_out)
-    _reduce_logits(model, unembed, final, inverse, clean, seq_of_row, targets, kl_out, ce_out)
+    # a constant intervention spliced straight into the residual stream at every position (whose rows were
+    # deduplicated above) is far from the clean run everywhere
+    far = torch.tensor([inverse is not None and iv.is_constant(spec.name) for spec in req.specs], device=batch.device)
+    _reduce_logits(unembed, final, inverse, clean, seq_of_row, targets, kl_out, ce_out, memory_mb,
+                   far=far.repeat_interleave(n).repeat(b))
     shape = (b, k, n, len(req.measured))
     return kl_out.view(shape), ce_out.view(shape)
 
 
 LOGIT_BLOCK = 512
-"""Tokens unembedded at once: the block's full-vocabulary logits stay small enough to live in cache while
-they are reduced to KL and CE, and are freed before the next block."""
+"""Tokens unembedded at once on a CPU: the block's full-vocabulary logits stay small enough to live in cache
+while they are reduced, and are freed before the next block. (On a GPU, blocks fill the memory budget.)"""
 
 
-def _reduce_logits(model, unembed: _Unembed, final: Float[Tensor, "f m d_model"], source: Int[Tensor, "r"] | None,
+def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], source: Int[Tensor, "r"] | None,
                    clean: CleanDistribution, seq: Int[Tensor, "r"], targets: Int[Tensor, "b m"],
-                   kl_out: Float[Tensor, "r m"], ce_out: Float[Tensor, "r m"]) -> None:
-    """ln_final, unembed (`_Unembed`) and KL/CE of every row r, whose final residual stream is
-    `final[source[r]]` (`final[r]` when `source` is None), about LOGIT_BLOCK tokens at a time.
+                   kl_out: Float[Tensor, "r m"], ce_out: Float[Tensor, "r m"], memory_mb: int,
+                   far: Bool[Tensor, "r"] | None = None) -> None:
+    """ln_final, unembed and KL/CE (`CleanDistribution`) of every row r, a copy of sequence seq[r] whose final
+    residual stream is `final[source[r]]` (`final[r]` when `source` is None).
 
-    Rows of one sequence are contiguous (`seq` is sorted), so each block holds rows of a single sequence and
-    is compared with that sequence's clean distribution by broadcasting, with no per-token copy of it. A final
-    stream that several rows share (zero or mean ablation at a residual hook gives every sequence's row the
-    same one) is unembedded and normalised once, then compared with each of those rows' clean distributions.
-    """
-    if model.cfg.normalization_type is not None:
-        final = model.ln_final(final)
+    Rows of one sequence are contiguous (`seq` is sorted): blocks of them are compared with that sequence's clean
+    distribution by broadcasting, with no per-token copy of it. Rows marked `far` (zero and mean ablation of the
+    whole residual stream: far from the clean run at every position, and one stream shared by every sequence of
+    a batch) take the log-sum-exp of their stream's logits, once per distinct stream, less the clean one:
+    rounding of about 1e-6 of a logit, small against their KLs of nats. Which formula a row gets depends on the
+    request, not on the batch around it, so a measurement split into pieces is bit-identical to the whole."""
+    streams = unembed.normalize(final)  # [f, m, d_model]
+    source = torch.arange(len(seq), device=seq.device) if source is None else source
+    dlse, dot, dlt = (torch.empty_like(kl_out) for _ in range(3))  # lse(l) - lse(c), p . delta, delta at target
     rows = torch.arange(len(seq), device=seq.device)
-    if source is not None:
-        shared = torch.bincount(source, minlength=len(final))[source] > 1
-        for f in source[shared].unique().tolist():
-            logq = unembed(final[f:f + 1], normalized=True).log_softmax(-1)  # [1, m, d_vocab]
-            for r in rows[source == f].tolist():
-                s = int(seq[r])
-                kl_out[r], ce_out[r] = (t[0] for t in clean.kl_and_ce(s, logq, targets[s], normalized=True))
-        rows, final = rows[~shared], final[source[~shared]]
-    rows_per_block = max(1, LOGIT_BLOCK // final.shape[1])
+    if far is not None and unembed.linear and bool(far.any()):
+        r, s = rows[far], seq[far]
+        distinct, inverse = source[r].unique(return_inverse=True)
+        delta_h = streams[source[r]] - clean.h[s]
+        dlse[r] = unembed.logits(streams[distinct]).logsumexp(-1)[inverse] - clean.lse[s]
+        dot[r] = clean.dot(s, delta_h)
+        dlt[r] = unembed.delta_target(delta_h, targets[s])
+        rows = rows[~far]
+    h = streams[source[rows]]  # [rows, m, d_model], in row order
+    m, d_vocab = h.shape[1], unembed.weight.shape[1]
+    block = max(1, (memory_mb * 2**20 // (4 * d_vocab) if h.is_cuda else LOGIT_BLOCK) // m)
     seqs, counts = torch.unique_consecutive(seq[rows], return_counts=True)
-    r0 = 0
+    i0 = 0
     for s, count in zip(seqs.tolist(), counts.tolist(), strict=True):
-        for a in range(r0, r0 + count, rows_per_block):
-            z = min(a + rows_per_block, r0 + count)
-            logits = unembed(final[a:z], normalized=True)  # [rows, m, d_vocab]
-            kl_out[rows[a:z]], ce_out[rows[a:z]] = clean.kl_and_ce(s, logits, targets[s])
-        r0 += count
+        for a in range(i0, i0 + count, block):
+            z, idx = min(a + block, i0 + count), rows[a:min(a + block, i0 + count)]
+            if unembed.linear:
+                delta_h = h[a:z] - clean.h[s]
+                delta = delta_h @ unembed.weight  # [rows, m, d_vocab]: the bias cancels
+                dot[idx] = clean.dot(s, delta_h)
+            else:
+                delta = unembed.logits(h[a:z]).sub_(clean.logp[s]).sub_(clean.lse[s, :, None])
+                dot[idx] = clean.dot(s, delta=delta)
+            dlt[idx] = delta.gather(-1, targets[s].expand(z - a, -1).unsqueeze(-1)).squeeze(-1)
+            dlse[idx] = clean.log_partition(s, delta)
+        i0 += count
+    low, high = LOG_PARTITION_RANGE
+    bad = ((dlse <= low) | (dlse >= high) | dlse.isnan()).any(-1).nonzero().squeeze(-1)
+    if len(bad):  # a patched distribution far from the clean one: exp over- or underflowed; shift by the max
+        dlse[bad] = unembed.logits(streams[source[bad]]).logsumexp(-1) - clean.lse[seq[bad]]
+    torch.clamp_min(dlse - dot, 0, out=kl_out)
+    torch.sub(clean.ce(targets)[seq] + dlse, dlt, out=ce_out)
 
 
 class _Unembed:
@@ -502,14 +530,25 @@ class _Unembed:
         self.weight = model.unembed.W_U.detach()  # [d_model, d_vocab]
         bias = model.unembed.b_U.detach()
         self.bias = bias if bool(bias.any()) else None
+        self.linear = not model.cfg.output_logits_soft_cap > 0
+        """Whether the logits are h @ W_U + b_U (no soft-cap)."""
 
-    def __call__(self, final: Float[Tensor, "... d_model"], normalized: bool = False) -> Float[Tensor, "... d_vocab"]:
-        if not normalized and self.model.cfg.normalization_type is not None:
-            final = self.model.ln_final(final)
-        logits = torch.matmul(final, self.weight)
+    def normalize(self, final: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """ln_final: the readout's input h."""
+        return final if self.model.cfg.normalization_type is None else self.model.ln_final(final)
+
+    def logits(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        logits = torch.matmul(h, self.weight)
         if self.bias is not None:
             logits.add_(self.bias)
         return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
+
+    def __call__(self, final: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        return self.logits(self.normalize(final))
+
+    def delta_target(self, delta_h: Float[Tensor, "... d_model"], targets: Int[Tensor, "..."]) -> Float[Tensor, "..."]:
+        """The change of each position's target logit alone, delta_h . W_U[:, target] (linear readout)."""
+        return (delta_h * self.weight.T[targets]).sum(-1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -560,6 +599,11 @@ def _row_chunks(n_seqs: int, per_seq: int, chunk: int):
         for s in range(n_seqs):
             for a in range(0, per_seq, chunk):
                 yield s * per_seq + a, s * per_seq + min(a + chunk, per_seq), s, s + 1
+
+
+def _clean_attention(hook: str) -> bool:
+    """Whether a splice at `hook` leaves its block's attention clean (`kernels.CleanAttention`)."""
+    return hook.split(".", 2)[-1] in CLEAN_ATTENTION_HOOKS
 
 
 def _key_name(model, shared: bool) -> str:
