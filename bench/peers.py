@@ -23,7 +23,8 @@ from sae_lens import ActivationsStore, run_evals
 from sae_lens.evals import EvalConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 
-from saenb import load_preset, measure, metrics
+from saenb import load_preset, measure
+from saenb.engine import metrics
 
 
 def sae_lens_evals(loaded, tokens: torch.Tensor, batch: int) -> dict[str, dict[str, float]]:

@@ -1,4 +1,4 @@
-"""Benchmark: notebook 07's sweep evaluation (`saenb.proxy.evaluate`) against the plain way.
+"""Benchmark: notebook 07's sweep evaluation (`saenb.studies.proxy.evaluate`) against the plain way.
 
     python bench/proxy.py [--preset tiny-stdlib] [--seqs 32] [--device auto]
 
@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from saenb import load_preset, proxy
-from saenb.presets import resolve_device
+from saenb import load_preset
+from saenb.models.presets import resolve_device
+from saenb.studies import proxy
 
 
 @torch.inference_mode()

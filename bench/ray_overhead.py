@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from saenb import distributed, load_preset, store  # noqa: E402
+from saenb import load_preset
+from saenb.engine import distributed, store  # noqa: E402
 
 INTERVENTIONS = ["sae", "eps_random", "zero"]
 

@@ -1,9 +1,7 @@
 """saenb: how pathological are sparse-autoencoder reconstruction errors? The workbook's helper package."""
 
-from saenb import baselines, nfm  # noqa: F401  (register the fitted baselines and sae_nfm interventions)
-from saenb.pathology import score
-from saenb.patching import measure, measure_naive
-from saenb.presets import (
+from saenb.engine.patching import measure, measure_naive
+from saenb.models.presets import (
     Loaded,
     Preset,
     PresetError,
@@ -13,6 +11,8 @@ from saenb.presets import (
     load_preset,
     register_preset,
 )
+from saenb.studies import baselines, nfm  # noqa: F401  (register the fitted baselines and sae_nfm interventions)
+from saenb.studies.pathology import score
 
 __version__ = "0.3.1"
 

@@ -1,4 +1,5 @@
-"""Atomic file writes: a killed writer never leaves half a file where a reader (or a resumed run) looks."""
+"""Where the repository keeps its files, and atomic writes: a killed writer never leaves half a file where a reader
+(or a resumed run) looks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-RESULTS = Path(os.environ.get("SAENB_RESULTS", Path(__file__).resolve().parents[1] / "data" / "results"))
+REPO = Path(__file__).resolve().parents[1]
+"""The repository's root (data/, figures/, notebooks/ lie under it)."""
+RESULTS = Path(os.environ.get("SAENB_RESULTS", REPO / "data" / "results"))
 """Where computed results are cached (measurements, fitted parts, token contexts): SAENB_RESULTS, or data/results."""
 
 

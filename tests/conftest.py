@@ -34,7 +34,7 @@ def small_corpus() -> Path:
 
 
 def build_command(out: Path, work: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "saenb.bundle", "build", "--out", str(out), "--work", str(work),
+    return [sys.executable, "-m", "saenb.models.bundle", "build", "--out", str(out), "--work", str(work),
             "--corpus", str(small_corpus()), *SMALL_BUILD_ARGS, *extra]
 
 
@@ -65,7 +65,7 @@ def QUICK_RUNS(tmp: Path) -> Path:  # noqa: N802 (a path, like a constant, of th
 def run_notebooks(tmp_path_factory):
     """Notebooks 01-09 run by `reproduce` (papermill, --quick) with cold, temporary caches and figure folders (the
     notebook tests and the browser's report test read what it saved)."""
-    from saenb import reproduce as rep
+    from saenb.output import reproduce as rep
 
     tmp = tmp_path_factory.mktemp("nb01")
     env = {"SAENB_FIGURES": str(tmp / "figures"), "SAENB_RESULTS": str(tmp / "results")}

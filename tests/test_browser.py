@@ -22,7 +22,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from saenb import reproduce as rep
+from saenb.output import reproduce as rep
 
 from .conftest import QUICK_RUNS, REPO
 
@@ -208,7 +208,7 @@ def test_opening_a_notebook_in_jupyterlab_leaves_it_unmodified(lab, browser):
     version = json.loads(next(iter(stored.values())))["metadata"]["language_info"]["version"]
     assert version == platform.python_version(), (
         f"the notebooks were stored under Python {version}, this is {platform.python_version()}: JupyterLab "
-        "would mark every one modified; rewrite them with saenb.reproduce.store_notebooks()")
+        "would mark every one modified; rewrite them with saenb.output.reproduce.store_notebooks()")
     for name in stored:
         _open(browser, lab, name)
         time.sleep(1.0)  # kernel_info_reply -> language_info -> model: let JupyterLab apply it
@@ -222,7 +222,7 @@ def test_opening_a_notebook_in_jupyterlab_leaves_it_unmodified(lab, browser):
 def test_report_renders_at_desktop_and_phone_widths(run_notebooks, browser):
     from PIL import Image
 
-    from saenb.report import write_report
+    from saenb.output.report import write_report
 
     tmp, _ = run_notebooks
     md, html = write_report("tiny-stdlib", root=tmp / "figures", quick=True, runs=QUICK_RUNS(tmp))

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saenb import bundle_io, saes
-from saenb.bundle import BuildConfig
-from saenb.presets import TINY_STDLIB, Preset
+from saenb import saes
+from saenb.models import bundle_io
+from saenb.models.bundle import BuildConfig
+from saenb.models.presets import TINY_STDLIB, Preset
 from saenb.saes.quality import run_evals_figures
 
 from .conftest import REPO, SMALL_PRESET, build_command

@@ -16,8 +16,8 @@ import time
 import pandas as pd
 import pytest
 
-from saenb import distributed, store
-from saenb.presets import TINY_STDLIB, Preset, register_preset
+from saenb.engine import distributed, store
+from saenb.models.presets import TINY_STDLIB, Preset, register_preset
 
 try:
     import ray

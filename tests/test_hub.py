@@ -9,8 +9,8 @@ from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_direc
 from transformer_lens.loading_from_pretrained import get_official_model_name
 
 from saenb import load_preset
-from saenb.hub import HubUnavailableError, reachable
-from saenb.presets import GPT2_SMALL
+from saenb.models.hub import HubUnavailableError, reachable
+from saenb.models.presets import GPT2_SMALL
 
 
 def test_gpt2_small_names_exist_in_sae_lens_directory():
@@ -61,7 +61,7 @@ def test_sae_loading_filters_sae_lens_model_kwargs_warning_and_nothing_else():
 
     from sae_lens import SAE
 
-    from saenb.hub import sae_loading
+    from saenb.models.hub import sae_loading
 
     from .conftest import REPO
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saenb import interventions as iv
+from saenb.engine import interventions as iv
 
 D, D_SAE = 48, 192
 NEED_A_TRAINED_NFM = {"sae_nfm", "nfm_eps_random"}  # keyed by a trained NFM: tested in test_nfm.py
@@ -17,8 +17,8 @@ PARAMS = {"theta_random_cos": {"cos": 0.8}, "eps_random_like": {"of": "sae_scale
 
 
 def register_fit() -> None:
-    """A fitted-baselines entry (saenb.baselines) for the sites below (hook ""), so its interventions can run."""
-    from saenb import baselines
+    """A fitted-baselines entry (saenb.studies.baselines) for the sites below (hook ""): its interventions can run."""
+    from saenb.studies import baselines
 
     g = torch.Generator().manual_seed(5)
     q, _ = torch.linalg.qr(torch.randn(D, D, generator=g))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from saenb import metrics
+from saenb.engine import metrics
 
 
 @pytest.fixture(scope="module")

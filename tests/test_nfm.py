@@ -7,7 +7,9 @@ import itertools
 import pytest
 import torch
 
-from saenb import nfm, patching, score
+from saenb import score
+from saenb.engine import patching
+from saenb.studies import nfm
 
 HOOK = "blocks.3.hook_resid_pre"
 SMALL = nfm.NFMConfig(max_epochs=3, patience=1, batch_size=256)
@@ -98,5 +100,5 @@ def test_training_lowers_held_out_error_and_is_cached(tiny, tmp_path, monkeypatc
 
 def test_an_untrained_key_names_the_fix(tiny):
     spec = patching.iv.spec("sae_nfm", key="nope", variant="both")
-    with pytest.raises(ValueError, match="call saenb.nfm.fit"):
+    with pytest.raises(ValueError, match="call saenb.studies.nfm.fit"):
         patching.measure(tiny, HOOK, [spec], tiny.tokens(1), progress=False)

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from saenb import metrics
-from saenb import reproduce as rep
-from saenb.patching import NOTEBOOK1
-from saenb.report import write_report
+from saenb.engine import metrics
+from saenb.engine.patching import NOTEBOOK1
+from saenb.output import reproduce as rep
+from saenb.output.report import write_report
 
 from .conftest import QUICK_RUNS, REPO
 
@@ -71,7 +71,7 @@ def test_report_headline_equals_the_ratio_recomputed_from_the_measured_frame(run
     assert list(sections) == ["01_replication", "05_attention_saes, family z"]
     for section, family in zip(sections.values(), ["hook_resid_pre", "hook_z"], strict=True):
         df = measured_frame(tmp, family=family)
-        # independent of saenb.metrics: plain pandas sums over the tokens of each layer
+        # independent of saenb.engine.metrics: plain pandas sums over the tokens of each layer
         kl = df.groupby(["layer", "intervention"], observed=True).kl.sum().unstack()
         rows = re.findall(r"\|\s*(\d+)\s*\|\s*([\d.]+) \[([\d.]+), ([\d.]+)\]", section.split("\n## ")[0])
         assert len(rows) == df.layer.nunique()
@@ -129,7 +129,7 @@ def test_report_reads_as_a_post_with_the_notebooks_questions_readings_and_number
 def test_quick_runs_keep_their_figures_and_report_apart_from_full_runs(tmp_path):
     import matplotlib.pyplot as plt
 
-    from saenb import plots
+    from saenb.output import plots
 
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])

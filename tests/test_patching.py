@@ -11,9 +11,9 @@ from sae_lens import ActivationsStore, run_evals
 from sae_lens.evals import EvalConfig
 from sae_lens.training.activation_scaler import ActivationScaler
 
-from saenb import interventions as iv
-from saenb import patching
-from saenb.patching import NOTEBOOK1, distinct_rows, measure, measure_naive
+from saenb.engine import interventions as iv
+from saenb.engine import patching
+from saenb.engine.patching import NOTEBOOK1, distinct_rows, measure, measure_naive
 
 HOOKS = ["blocks.1.hook_resid_pre", "blocks.4.hook_resid_pre", "blocks.2.attn.hook_z"]
 EVERY = [*NOTEBOOK1, "identity", "latent_perturb", "sae_plus_random", iv.spec("feature_aligned", which="inactive"),
@@ -103,11 +103,11 @@ def test_seed_controls_the_draws(tiny, tokens):
 def test_split_measurement_equals_whole(tiny, tokens):
     kw = dict(hooks=HOOKS[2:], interventions=["eps_random", "mean"], progress=False)
     whole = measure(tiny, tokens=tokens, **kw)
-    from saenb.patching import hook_means
+    from saenb.engine.patching import hook_means
 
     means = hook_means(tiny, HOOKS[2:], tokens)
     parts = [measure(tiny, tokens=tokens[i:i + 2], seq_offset=i, means=means, **kw) for i in (0, 2)]
-    from saenb.patching import finish, make_request
+    from saenb.engine.patching import finish, make_request
 
     joined = finish(parts, make_request(tiny, HOOKS[2:], ["eps_random", "mean"], tokens))
     pd.testing.assert_frame_equal(whole, joined, check_exact=False, rtol=1e-5, atol=1e-7)
@@ -118,8 +118,8 @@ def test_split_measurement_equals_whole(tiny, tokens):
 def test_logit_reduction_equals_float64(tiny, monkeypatch, soft_cap, fallback):
     """`_reduce_logits` (KL from a log-partition and a d_model-long product, CE from the target's logit change)
     against float64 kl_div / log-softmax of the same streams: unchanged, slightly to wholly changed rows, and a
-    stream shared by every sequence (the `far` rows); with a soft-capped readout (the vocabulary-long product) and with every
-    changed row sent through the out-of-range fallback."""
+    stream shared by every sequence (the `far` rows); with a soft-capped readout (the vocabulary-long product) and
+    with every changed row sent through the out-of-range fallback."""
     monkeypatch.setattr(tiny.model.cfg, "output_logits_soft_cap", soft_cap)
     if fallback:  # a range nothing changed fits in: the log-partition is recomputed by torch.logsumexp
         monkeypatch.setattr(patching, "LOG_PARTITION_RANGE", (-1e-7, 1e-7))
@@ -284,7 +284,7 @@ def test_fused_kernels_swap_only_known_equals(tiny, llama):
     on its pattern keeps TransformerLens's forward, and then the engine gets no shared prefix."""
     import torch
 
-    from saenb.kernels import fused_kernels
+    from saenb.engine.kernels import fused_kernels
 
     def state(model):
         return [(type(m).__name__, getattr(m, "act_fn", None), "forward" in vars(m)) for m in model.modules()]
@@ -316,7 +316,7 @@ def test_shared_prefix_attention_equals_attention_over_copied_keys(heads, kv_hea
     import torch
     import torch.nn.functional as F
 
-    from saenb.kernels import SharedPrefix, _attend_with_prefix
+    from saenb.engine.kernels import SharedPrefix, _attend_with_prefix
 
     torch.manual_seed(0)
     seqs, prefix, window, d = 3, 11, 5, 8

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from saenb import score
-from saenb.store import measure_cached
+from saenb.engine.store import measure_cached
 
 from .conftest import REPO
 

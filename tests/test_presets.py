@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from saenb import Preset, PresetError, SAESource, bundle_io, load_preset
-from saenb.presets import TINY_STDLIB, Loaded, get_preset, hook_width, register_preset, validate
+from saenb import Preset, PresetError, SAESource, load_preset
+from saenb.models import bundle_io
+from saenb.models.presets import TINY_STDLIB, Loaded, get_preset, hook_width, register_preset, validate
 
 from .conftest import SMALL_PRESET
 
@@ -123,7 +124,7 @@ def test_corrupted_bundle_is_refused(tmp_path, rel):
     preset = bundle_copy(tmp_path, corrupt=rel)
     with pytest.raises(bundle_io.BundleError, match="sha256") as err:
         load_preset(preset, device="cpu")
-    assert rel in str(err.value) and "python -m saenb.bundle build" in str(err.value)
+    assert rel in str(err.value) and "python -m saenb.models.bundle build" in str(err.value)
 
 
 def test_missing_bundle_file_is_refused(tmp_path):
@@ -200,7 +201,7 @@ def test_presets_are_frozen_and_registry_rejects_duplicates():
 
 
 def test_small_bundle_from_the_pipeline_loads(small_bundle):
-    """A bundle built by `python -m saenb.bundle build` loads through the same preset code."""
+    """A bundle built by `python -m saenb.models.bundle build` loads through the same preset code."""
     preset = Preset(name=SMALL_PRESET, bundle=str(small_bundle), sae_sources=TINY_STDLIB.sae_sources, layers=(0, 1),
                     default_n_contexts=16)
     loaded = load_preset(preset, device="cpu")

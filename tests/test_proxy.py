@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from saenb import bundle_io, metrics, proxy
-from saenb.presets import TINY_STDLIB, Preset
+from saenb.engine import metrics
+from saenb.models import bundle_io
+from saenb.models.presets import TINY_STDLIB, Preset
+from saenb.studies import proxy
 
 from .conftest import SMALL_PRESET
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saenb import bundle_io, saes
-from saenb.data import non_special
-from saenb.metrics import kl_per_token
-from saenb.patching import clean_activations
-from saenb.presets import TINY_STDLIB, Preset, register_preset
+from saenb import saes
+from saenb.engine.metrics import kl_per_token
+from saenb.engine.patching import clean_activations
+from saenb.models import bundle_io
+from saenb.models.data import non_special
+from saenb.models.presets import TINY_STDLIB, Preset, register_preset
 from saenb.saes import activations, library, models, sets, train
 from saenb.saes.spec import FineTune, SAESpec
 

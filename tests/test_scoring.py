@@ -15,7 +15,7 @@ import pytest
 
 from saenb import measure, saes
 from saenb.__main__ import main
-from saenb.scoring import SCHEMA
+from saenb.studies.scoring import SCHEMA
 
 from .conftest import REPO
 
@@ -44,7 +44,7 @@ def test_local_sae_folder_scores_and_its_json_validates(tmp_path, capsys, tiny):
     assert m["sparsity"]["l0"] == pytest.approx(32, abs=1e-3) and m["token_stats"]["total_tokens_eval"] == 8 * 126  # positions 1..126 measured
     assert "kl_sae_norm" in m["pathology"]
     # the numbers are the engine's on the same contexts (tokenized again here from the same files)
-    from saenb.scoring import ScoreConfig, tokens_for
+    from saenb.studies.scoring import ScoreConfig, tokens_for
 
     tokens = tokens_for(tiny, ScoreConfig(n_tokens=1024), text=text)
     spliced = tiny.with_saes({TOPK32.hook: saes.load(TOPK32)}, {TOPK32.hook: "check"})

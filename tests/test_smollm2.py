@@ -8,9 +8,8 @@ import shutil
 import pytest
 import torch
 
-from saenb import pretrained
-from saenb.pretrained import PretrainedError
-
+from saenb.models import pretrained
+from saenb.models.pretrained import PretrainedError
 
 FETCHED = pretrained.source("smollm2-135m").path
 """The file `make smollm2` fetched (before any test moves the cache)."""
@@ -69,14 +68,14 @@ def test_converted_model_equals_transformers(smollm2):
     assert theirs.abs().max() > 5  # not two all-zero outputs
     # the tokenizer is the GGUF file's, with the document separator as BOS at the head of every context
     assert smollm2.model.tokenizer.bos_token == "<|endoftext|>" == hf_tokenizer.convert_ids_to_tokens(0)
-    # contexts start <|endoftext|><|im_start|> (see saenb.pretrained: no attention sink on an ordinary token)
+    # contexts start <|endoftext|><|im_start|> (see saenb.models.pretrained: no attention sink on an ordinary token)
     assert smollm2.separator_ids == [0, 1] and hf_tokenizer.convert_ids_to_tokens(1) == "<|im_start|>"
     assert (tokens[:, :2] == torch.tensor([0, 1])).all() and smollm2.model.to_tokens("import os")[0, 0] == 0
     assert smollm2.model.tokenizer.decode(tokens[0, 1:20]) == hf_tokenizer.decode(tokens[0, 1:20])
 
 
 def test_preset_saes_load_at_hooks_of_their_width(smollm2):
-    from saenb.presets import get_preset, hook_width
+    from saenb.models.presets import get_preset, hook_width
 
     preset = get_preset("smollm2-135m")
     assert sorted(smollm2.saes) == sorted(preset.hook_names())
@@ -92,7 +91,7 @@ def test_preset_saes_load_at_hooks_of_their_width(smollm2):
 
 
 def test_contexts_with_a_two_token_separator():
-    from saenb.data import chunk_contexts
+    from saenb.models.data import chunk_contexts
 
     docs = [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34]]
     got = chunk_contexts(docs, [0, 1], n_ctx=5)
@@ -103,10 +102,10 @@ def test_contexts_with_a_two_token_separator():
 
 
 def test_massive_activations_sit_on_special_tokens_only(smollm2):
-    """The reason for the separator pair (saenb.pretrained): at layer 15 the residual stream's attention sink (norm
-    ~20,000, about 130x the median) is a special token's, never an ordinary token's, in 32 held-out contexts."""
-    from saenb.data import non_special
-    from saenb.patching import clean_activations
+    """The reason for the separator pair (saenb.models.pretrained): at layer 15 the residual stream's attention sink
+    (norm ~20,000, about 130x the median) is a special token's, never an ordinary token's, in 32 held-out contexts."""
+    from saenb.engine.patching import clean_activations
+    from saenb.models.data import non_special
 
     tokens = smollm2.tokens(32)
     norms = clean_activations(smollm2.model, "blocks.15.hook_resid_pre", tokens).norm(dim=-1)

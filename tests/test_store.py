@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from saenb import patching, store
+from saenb.engine import patching, store
 
 HOOKS = ["blocks.2.hook_resid_pre", "blocks.0.attn.hook_z"]
 KW = dict(hooks=HOOKS, interventions=["sae", "eps_random", "mean"], seed=0, chunk_seqs=2, progress=False)

@@ -1,5 +1,5 @@
-"""The gpt2-small path end to end on a synthetic hub cache (`saenb.synthetic_hub`): the preset's real loading code
-(TransformerLens's from_pretrained("gpt2"), sae_lens's two release loaders, OpenWebText through `datasets`) runs
+"""The gpt2-small path end to end on a synthetic hub cache (`saenb.models.synthetic_hub`): the preset's real loading
+code (TransformerLens's from_pretrained("gpt2"), sae_lens's two release loaders, OpenWebText through `datasets`) runs
 offline on files of GPT-2's exact layout and shapes with random weights, and the engine and the score CLI run on it.
 
 Each check runs in a fresh interpreter with HF_HOME at the cache and the hub offline, as a user would run it (the
@@ -16,14 +16,14 @@ import textwrap
 import jsonschema
 import pytest
 
-from saenb.scoring import SCHEMA
+from saenb.studies.scoring import SCHEMA
 
 from .conftest import REPO
 
 
 @pytest.fixture(scope="session")
 def synthetic_hub(tmp_path_factory):
-    from saenb import synthetic_hub
+    from saenb.models import synthetic_hub
 
     root = tmp_path_factory.mktemp("hf-home")
     manifest = synthetic_hub.build(root, layers=[0], families=["resid", "z"], n_docs=50)

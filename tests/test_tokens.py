@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from saenb import patching
-from saenb import tokens as tk
+from saenb.engine import patching
+from saenb.studies import tokens as tk
 
 HOOK = "blocks.2.hook_resid_pre"
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from saenb import baselines, curvature, why
-from saenb import interventions as iv
-from saenb.patching import measure, measure_naive
+from saenb.engine import interventions as iv
+from saenb.engine.patching import measure, measure_naive
+from saenb.studies import baselines, curvature, why
 
 from .test_patching import assert_fast_equals_naive
 

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with build: train the specs on a Ray cluster, one spec per task ('auto': join a "
                              "running cluster or start one here)")
     args = parser.parse_args(argv)
-    from saenb.presets import PresetError, Preset, TINY_STDLIB, register_preset
+    from saenb.models.presets import TINY_STDLIB, Preset, PresetError, register_preset
 
     try:
         if args.bundle:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = set(args.groups.split(","))
         chosen = [n for n in chosen if n.group in groups]
     if args.command == "build" and args.ray:
-        from saenb import distributed
+        from saenb.engine import distributed
 
         distributed.build_specs([n.spec for n in chosen], address=args.ray)  # then the loop below finds them
     for named in chosen:

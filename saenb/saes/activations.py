@@ -30,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from saenb import files
-from saenb.patching import clean_activations_at
-from saenb.presets import hook_width
+from saenb.engine.patching import clean_activations_at
+from saenb.models.presets import hook_width
 from saenb.saes import models
 from saenb.saes.spec import SAESpec
 

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from saenb import bundle_io, hub
-from saenb.files import atomic_path, write_text
+from saenb.files import REPO, atomic_path, write_text
+from saenb.models import bundle_io, hub
 from saenb.saes import models
 from saenb.saes.spec import SAESpec
 
 SPECS_DIR = "specs"
-LOCAL = Path(os.environ.get("SAENB_RESULTS", Path(__file__).resolve().parents[2] / "data" / "results")) / "saes"
+LOCAL = Path(os.environ.get("SAENB_RESULTS", REPO / "data" / "results")) / "saes"
 WEIGHTS = "sae_weights.safetensors"
 
 

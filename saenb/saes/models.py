@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from saenb import bundle_io
-from saenb.presets import PresetError, get_preset
+from saenb.files import REPO
+from saenb.models import bundle_io
+from saenb.models.presets import PresetError, get_preset
 
 MODEL_FOLDERS = {"base": bundle_io.MODEL_DIR, "small": bundle_io.SMALL_MODEL_DIR}
-RUNS = Path(os.environ.get("SAENB_RUNS", Path(__file__).resolve().parents[2] / "data" / "runs"))
+RUNS = Path(os.environ.get("SAENB_RUNS", REPO / "data" / "runs"))
 """Generated work files (`SAENB_RUNS` moves them, e.g. for a test's own bundle)."""
 
 
@@ -47,7 +48,7 @@ def load_model(preset: str, key: str = "base", device: str = "cpu"):
 @cache
 def train_contexts(preset: str) -> np.ndarray:
     """The preset's training contexts [n, n_ctx] (int64), in corpus order."""
-    from saenb.bundle import train_contexts as make
+    from saenb.models.bundle import train_contexts as make
 
     return make(bundle_root(preset), work_dir(preset) / "contexts")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from saenb import bundle_io
+from saenb.models import bundle_io
 from saenb.saes import models
 from saenb.saes.spec import SAESpec
 

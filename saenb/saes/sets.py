@@ -35,8 +35,8 @@ class NamedSpec(NamedTuple):
 def _recipe(root: Path) -> tuple[Any, dict[str, Any]]:
     """The BuildConfig of the bundle at `root`, and the L1 coefficient each original SAE ended with (the old
     build raised some by its quality check; bundles built since have none)."""
-    from saenb import bundle_io
-    from saenb.bundle import BuildConfig
+    from saenb.models import bundle_io
+    from saenb.models.bundle import BuildConfig
 
     manifest = bundle_io.read_manifest(root)
     trained = {h: t["l1_coefficient"] for h, t in manifest.get("sae_training", {}).items()}
@@ -92,7 +92,7 @@ def recipe(preset) -> Any:
 def legacy_folder(spec: SAESpec, root: Path) -> Path | None:
     """The folder where a bundle built before specs existed keeps `spec` (saes/<hook>/ for its base SAEs,
     topk/<model>/<hook>/k<k>[-x<f>]/ for its TopK sweep), when it has it; such SAEs load from there unchanged."""
-    from saenb import bundle_io
+    from saenb.models import bundle_io
 
     if spec.finetune is not None or spec.objective != "mse":
         return None

@@ -29,10 +29,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saenb.data import non_special
-from saenb.metrics import kl_per_token
-from saenb.patching import clean_activations, flat, splice_point
-from saenb.presets import hook_width
+from saenb.engine.metrics import kl_per_token
+from saenb.engine.patching import clean_activations, flat, splice_point
+from saenb.models.data import non_special
+from saenb.models.presets import hook_width
 from saenb.saes import activations, models
 from saenb.saes.spec import SAESpec
 

@@ -30,10 +30,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saenb import files
-from saenb import interventions as iv
-from saenb.data import non_special
-from saenb.patching import hook_activations
-from saenb.presets import Loaded, sae_layer
+from saenb.engine import interventions as iv
+from saenb.engine.patching import hook_activations
+from saenb.models.data import non_special
+from saenb.models.presets import Loaded, sae_layer
 
 VARIANTS = ("both", "linear", "interaction", "linear_control")
 RESULTS = files.RESULTS / "nfm"
@@ -180,7 +180,7 @@ def train(loaded: Loaded, hook: str, tokens: Tensor, cfg: NFMConfig, *, progress
 
 
 # ------------------------------------------------------------------------------- cache and registry
-_TRAINED = iv.Fitted("trained NFM", "saenb.nfm.fit(loaded, hooks, tokens, cfg)")
+_TRAINED = iv.Fitted("trained NFM", "saenb.studies.nfm.fit(loaded, hooks, tokens, cfg)")
 """Trained NFMs the `sae_nfm` intervention can use: key -> hook -> model."""
 
 
@@ -207,7 +207,7 @@ def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: NFMConfig = NFMConfig(), *, 
         progress: bool = True) -> TrainedNFM:
     """An NFM per hook trained on `tokens` (read from the cache when this configuration was trained before;
     each hook is saved as soon as it is trained, so an interrupted run keeps what it finished)."""
-    from saenb import store  # store imports the package, which imports this module
+    from saenb.engine import store  # store imports the package, which imports this module
 
     def read(hook: str, tensors: dict[str, Tensor], info: dict) -> NFM:
         sae = loaded.saes[hook]

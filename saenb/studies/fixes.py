@@ -9,7 +9,7 @@ direction orthogonal to x at that part's size (the ratio without the shrinkage a
 LayerNorm largely undoes), CE deltas, and sae_lens's ce_loss_score against zero ablation (measured once per
 hook). Reconstruction figures (explained variance, L0, the error's energy along x, ||x_sae|| / ||x||) come
 from the SAE on the same tokens. The NFM of seed 003 and its linear part (a linear adapter x_sae + A z) are
-fixes that are not SAEs: they are measured as interventions on the base SAE (`saenb.nfm`), against eps-random
+fixes that are not SAEs: they are measured as interventions on the base SAE (`saenb.studies.nfm`), against eps-random
 at their own error size.
 """
 
@@ -22,11 +22,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from saenb import metrics, nfm, saes
-from saenb.patching import hook_activations
-from saenb.presets import Loaded
+from saenb import saes
+from saenb.engine import metrics
+from saenb.engine.patching import hook_activations
+from saenb.engine.store import measure_cached
+from saenb.models.presets import Loaded
 from saenb.saes.sets import NamedSpec
-from saenb.store import measure_cached
+from saenb.studies import nfm
 
 SPLICES = ("sae", "eps_random", "sae_orthogonal", "eps_random_orthogonal")
 NFM_FIXES = {"NFM": "both", "linear adapter": "linear"}

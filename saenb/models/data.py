@@ -18,8 +18,8 @@ from sae_lens.util import get_special_token_ids
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saenb import hub
 from saenb.files import RESULTS, atomic_path
+from saenb.models import hub
 
 TOKENS_CACHE = RESULTS / "tokens"
 

@@ -23,9 +23,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from saenb.files import atomic_path, write_text
+from saenb.files import REPO, atomic_path, write_text
 
-FIGURES = Path(os.environ.get("SAENB_FIGURES", Path(__file__).resolve().parents[1] / "figures"))
+FIGURES = Path(os.environ.get("SAENB_FIGURES", REPO / "figures"))
 """Where figures go (`SAENB_FIGURES` overrides it, e.g. for a test run in a temporary folder)."""
 
 COLORS = {

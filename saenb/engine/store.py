@@ -28,10 +28,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import saenb
-from saenb import files, patching
-from saenb import interventions as iv
+from saenb import files
+from saenb.engine import interventions as iv
+from saenb.engine import patching
 from saenb.files import atomic_path
-from saenb.presets import Loaded
+from saenb.models.presets import Loaded
 
 RESULTS = files.RESULTS / "measure"
 """The measurement cache (`SAENB_RESULTS` overrides data/results, e.g. for a cold-cache test run)."""
@@ -125,7 +126,7 @@ def measure_cached(
     """`patching.measure`, cached on disk and resumable; `engine_kwargs` (batch_size, memory_mb) do not
     change the result and are not part of the key.
 
-    `ray` ("auto" or a cluster address): the parts run as tasks on a Ray cluster (`saenb.distributed`); the frame
+    `ray` ("auto" or a cluster address): the parts run as tasks on a Ray cluster (`saenb.engine.distributed`); the frame
     is the same. `hooks_per_task` splits each chunk of contexts further into groups of hooks (one part each)."""
     tokens = loaded.tokens() if tokens is None else tokens
     req = patching.make_request(loaded, hooks, interventions, tokens, positions=positions,
@@ -154,7 +155,7 @@ def measure_cached(
               "include_special": include_special, **engine_kwargs}
     missing = [part for part in parts if not part.path.exists()]
     if ray is not None:
-        from saenb import distributed
+        from saenb.engine import distributed
 
         distributed.measure_parts(loaded, missing, specs, means, kwargs, address=ray, progress=progress)
     else:
@@ -179,7 +180,7 @@ class Part:
 
 
 def measure_part(loaded: Loaded, part: Part, specs, means: dict, kwargs: dict[str, Any]) -> None:
-    """Measure one part and write its parquet file (in this process, or in a Ray worker: `saenb.distributed`)."""
+    """Measure one part and write its parquet file (in this process, or in a Ray worker: `saenb.engine.distributed`)."""
     df = patching.measure(loaded, list(part.hooks), specs, part.tokens, seq_offset=part.start,
                           means={h: means[h] for h in part.hooks}, progress=False, **kwargs)
     write_parquet(df, part.path)

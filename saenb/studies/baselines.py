@@ -18,7 +18,7 @@ Per hook, from the activations x of the fit contexts (special tokens excluded) a
   (`interventions.eps_random_like`).
 
 The fit is cached under a key of its configuration, preset and fit contexts (`RESULTS`), and registered so that
-the interventions, which name it by that key, find it (as `saenb.nfm` does for its NFMs).
+the interventions, which name it by that key, find it (as `saenb.studies.nfm` does for its NFMs).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saenb import files
-from saenb import interventions as iv
-from saenb.nfm import activations
-from saenb.presets import Loaded
+from saenb.engine import interventions as iv
+from saenb.models.presets import Loaded
+from saenb.studies.nfm import activations
 
 RESULTS = files.RESULTS / "baselines"
 """Fitted statistics, one folder per configuration (`SAENB_RESULTS` overrides data/results)."""
@@ -120,7 +120,7 @@ def fit_hook(x: Float[Tensor, "n d"], x_sae: Float[Tensor, "n d"], cfg: Baseline
 
 
 # ------------------------------------------------------------------------------- cache and registry
-_FITTED = iv.Fitted("baseline fit", "saenb.baselines.fit(loaded, hooks, tokens)")
+_FITTED = iv.Fitted("baseline fit", "saenb.studies.baselines.fit(loaded, hooks, tokens)")
 """Fits the interventions can use: key -> hook -> fit."""
 
 
@@ -152,7 +152,7 @@ def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: BaselineConfig = BaselineCon
         ) -> Fitted:
     """Fit every hook on `tokens` (held-in contexts, disjoint from the evaluation ones), or read the fit from
     the cache; each hook is saved as soon as it is fitted (`store.load_or_fit`)."""
-    from saenb import store  # store imports the package, which imports this module
+    from saenb.engine import store  # store imports the package, which imports this module
 
     def make(hook: str) -> tuple[HookFit, dict[str, Tensor], dict]:
         t0 = time.time()

@@ -7,7 +7,8 @@ Inside `fused_kernels(model)`:
   causal mask by `where`, a NaN scrub, the softmax and the weighted sum as separate full-size tensors; the fused
   kernel never materialises the pattern. Where the attention has a clean prefix shared by many patched rows
   (single-token and many-sample modes), `SharedPrefix` holds its keys and values once per sequence and every row
-  of that sequence attends to them by broadcasting, instead of a copy per row in a key/value cache.
+  of that sequence attends to them by broadcasting, instead of a copy per row in a key/value cache; where it is
+  the clean run's (a splice later in the block), `CleanAttention` hands it the clean z and it is not recomputed.
 
 Only what the engine does not use is given up: the hook points on attention scores and patterns (and the norms'
 hook_scale / hook_normalized) do not fire; an attention module with a hook already attached there on entry, or with

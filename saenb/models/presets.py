@@ -22,13 +22,14 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from saenb import bundle_io, data, hub
+from saenb.files import REPO
+from saenb.models import bundle_io, data, hub
 
 if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
 
-BUNDLES_DIR = Path(__file__).resolve().parents[1] / "data" / "bundles"
+BUNDLES_DIR = REPO / "data" / "bundles"
 HOOK_FAMILIES = ("resid", "z")
 
 

@@ -3,7 +3,7 @@ layout, names and shapes, with random weights. With HF_HOME pointing at it and t
 loading code runs end to end (`HookedTransformer.from_pretrained("gpt2")`, `SAE.from_pretrained` for both releases,
 `datasets.load_dataset("Skylion007/openwebtext", streaming=True)`): only the weights are fake.
 
-    python -m saenb.synthetic_hub --out data/cache/synthetic-hub [--layers 0 6 11] [--families resid z]
+    python -m saenb.models.synthetic_hub --out data/cache/synthetic-hub [--layers 0 6 11] [--families resid z]
     HF_HOME=data/cache/synthetic-hub HF_HUB_OFFLINE=1 python -m saenb score --release gpt2-small-res-jb ...
 
 What it writes under `<out>` (HF_HOME):
@@ -131,7 +131,7 @@ def write_saes(hf_home: Path, layers: list[int], families: list[str], seed: int)
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
     from safetensors.torch import save_file
 
-    from saenb.presets import GPT2_SMALL
+    from saenb.models.presets import GPT2_SMALL
 
     directory = get_pretrained_saes_directory()
     written = []
@@ -209,7 +209,7 @@ def build(out: Path, layers: list[int], families: list[str], *, seed: int = 0, n
     times["dataset_s"] = time.perf_counter() - t0
     manifest = {
         "what": "synthetic Hugging Face cache for the gpt2-small preset (random weights)",
-        "command": "python -m saenb.synthetic_hub " + " ".join(sys.argv[1:]) if __name__ == "__main__" else None,
+        "command": "python -m saenb.models.synthetic_hub " + " ".join(sys.argv[1:]) if __name__ == "__main__" else None,
         "seed": seed, "layers": layers, "families": families, "saes": saes, "dataset_docs": docs,
         "corpus_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest(), "python": sys.version.split()[0],
         "times": {k: round(v, 1) for k, v in times.items()},
@@ -220,7 +220,7 @@ def build(out: Path, layers: list[int], families: list[str], *, seed: int = 0, n
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m saenb.synthetic_hub", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m saenb.models.synthetic_hub", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the folder to use as HF_HOME")
     parser.add_argument("--layers", type=int, nargs="+", default=list(range(12)))
     parser.add_argument("--families", nargs="+", default=["resid", "z"], choices=["resid", "z"])

@@ -20,8 +20,11 @@ the clean log-probs and the clean keys/values; patched forwards start at the hoo
 (`start_at_layer`) and, in single-token mode, only at the patched position, reading the clean prefix
 from a frozen key/value cache; interventions and samples are stacked along the batch and run in chunks
 sized to a memory budget, each chunk reduced to per-token scalars at once (blocks of one sequence's rows,
-compared with its clean distribution by broadcasting). Rows whose whole input is the same (zero and mean
-ablation at a residual hook, in every sequence of a batch) are forwarded once. LayerNorms, the MLP
+compared with its clean distribution by broadcasting; KL from one pass over the vocabulary and a d_model-long
+product, `metrics.CleanDistribution`). Rows whose whole input is the same (zero and mean ablation at a residual
+hook, in every sequence of a batch) are forwarded once. A splice after a block's attention (at `attn.hook_z`,
+`hook_attn_out`, ...) starts that block from its clean input, so the block's attention is the clean run's and is
+not recomputed (`kernels.CleanAttention`). LayerNorms, the MLP
 activation and attention run as torch's fused kernels for the same functions (`kernels.fused_kernels`);
 there the clean prefix's keys and values are held once per sequence and every patched row of it attends
 to them by broadcasting (`kernels.SharedPrefix`), instead of a key/value cache copied per row.
@@ -47,11 +50,11 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities.activation_functions import apply_softcap
 
-from saenb import interventions as iv
-from saenb.data import non_special
-from saenb.kernels import CLEAN_ATTENTION_HOOKS, CleanAttention, SharedPrefix, fused_kernels
-from saenb.metrics import LOG_PARTITION_RANGE, CleanDistribution, ce_per_token, geometry, kl_per_token
-from saenb.presets import Loaded, hook_family, sae_layer
+from saenb.engine import interventions as iv
+from saenb.engine.kernels import CLEAN_ATTENTION_HOOKS, CleanAttention, SharedPrefix, fused_kernels
+from saenb.engine.metrics import LOG_PARTITION_RANGE, CleanDistribution, ce_per_token, geometry, kl_per_token
+from saenb.models.data import non_special
+from saenb.models.presets import Loaded, hook_family, sae_layer
 
 SINGLE_TOKEN_SPAN = 16
 """Single-token mode measures the patched position and this many after it, by default."""
@@ -386,6 +389,7 @@ def measure(
                 kl, ce = _run_patched(loaded, req, hook, cache, patched, keep, clean, unembed, batch, window,
                                       memory_mb, shared)
                 frames.append(_frame(req, hook, seqs, batch, kl, ce_clean, _nan_last(ce, measured, req.n_ctx), geo))
+            del cache, clean  # before the next batch's clean run: two batches' worth is never held at once
     return finish(frames, req)
 
 

@@ -2,7 +2,7 @@
 
 Each intervention maps a `Site` (the clean activation `x`, its SAE reconstruction `x_sae`, the SAE
 latents, decoder and the hook's mean activation) and a `torch.Generator` to a new tensor shaped like `x`.
-Nothing here runs a model: `saenb.patching` splices the results in. Names follow DESIGN.md; the original
+Nothing here runs a model: `saenb.engine.patching` splices the results in. Names follow DESIGN.md; the original
 study's function names are given in each docstring.
 
 Random interventions draw their noise in a fixed order from the generator they are given, so two

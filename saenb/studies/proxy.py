@@ -27,9 +27,11 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 import saenb
-from saenb import bundle_io, files, metrics, store
-from saenb.data import non_special
-from saenb.presets import Preset, get_preset
+from saenb import files
+from saenb.engine import metrics, store
+from saenb.models import bundle_io
+from saenb.models.data import non_special
+from saenb.models.presets import Preset, get_preset
 
 RESULTS = files.RESULTS / "proxy"
 """`evaluate_cached`'s tables, one parquet per configuration (`SAENB_RESULTS` overrides data/results)."""

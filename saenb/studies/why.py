@@ -15,8 +15,8 @@ Explanations and the measurement each gets:
 - *the error's linear part is benign, or harmful* (Engels et al. 2024): x_sae + the linear part and x_sae + the
   nonlinear part, each against eps-random at its own error size;
 - *curvature* (no published account): the Fisher information F of the measured distributions in the patched
-  activation (`saenb.curvature`): the quadratic model's KL, the curvature quotient (its prediction of the ratio),
-  the error's energy in F's top eigenvectors and in the activations' top principal components.
+  activation (`saenb.studies.curvature`): the quadratic model's KL, the curvature quotient (its prediction of the
+  ratio), the error's energy in F's top eigenvectors and in the activations' top principal components.
 
 "Share of the gap" compares log ratios: a baseline whose ratio to the SAE is 1 accounts for all of the SAE's gap
 to eps-random (share 1), one equal to eps-random for none (share 0): share = 1 - log(r_baseline) / log(r_eps).
@@ -29,11 +29,11 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from saenb import baselines, curvature, metrics
-from saenb import interventions as iv
-from saenb import patching
-from saenb.presets import Loaded, sae_layer
-from saenb.store import measure_cached
+from saenb.engine import interventions as iv
+from saenb.engine import metrics, patching
+from saenb.engine.store import measure_cached
+from saenb.models.presets import Loaded, sae_layer
+from saenb.studies import baselines, curvature
 
 COS_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 """Cosines to x of the robustness curves (theta-random at the true norm)."""
@@ -106,7 +106,7 @@ def split_table(loaded: Loaded, fitted: baselines.Fitted, df: pd.DataFrame, toke
 
     Columns: hook, layer, r2_fit, r2_eval, linear_norm_share, norm_r2, error_norm, linear_error_norm,
     nonlinear_error_norm, then per part (linear / nonlinear restored): kl, kl_eps, ratio, ci_low, ci_high."""
-    from saenb.nfm import activations  # reconstruction of the evaluation tokens, as the fit computed it
+    from saenb.studies.nfm import activations  # reconstruction of the evaluation tokens, as the fit computed it
 
     rows = []
     for hook in df["hook"].cat.categories:

@@ -2,7 +2,7 @@
 
 Executed copies go to data/runs/<preset>/ (git-ignored; quick runs to data/runs/<preset>/quick/); a failing
 notebook is named with its failing cell and the others still run. The notebooks save their figures under
-figures/<preset>/ (quick runs: figures/<preset>/quick/); the report (`saenb.report`) is written from them and
+figures/<preset>/ (quick runs: figures/<preset>/quick/); the report (`saenb.output.report`) is written from them and
 from the executed copies' readings at the end. `measure` results are cached (data/results/), so a second run
 only redraws.
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
+from saenb.files import REPO
+
 NOTEBOOKS = REPO / "notebooks"
 RUNS = REPO / "data" / "runs"
 KERNEL = "saenb"
@@ -132,7 +133,7 @@ def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parame
         detail = f"\n       {o.error}" if o.error else ""
         print(f"{'ok    ' if o.ok else 'FAILED'} {o.notebook} ({o.seconds / 60:.1f} min) -> {o.output}{detail}")
     if report and any(o.ok for o in outcomes):
-        from saenb.report import write_report
+        from saenb.output.report import write_report
 
         md, html = write_report(preset, quick=quick, runs=out_dir)
         print(f"report: {md}\n        {html}")

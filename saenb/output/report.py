@@ -28,8 +28,8 @@ import nbformat
 import pandas as pd
 from markdown_it import MarkdownIt
 
-from saenb.files import write_text
-from saenb.plots import FIGURES, GPT2_RESID_RANGE, run_dir, short_title
+from saenb.files import REPO, write_text
+from saenb.output.plots import FIGURES, GPT2_RESID_RANGE, run_dir, short_title
 
 HEADLINES = {"01_replication": ("ratio_by_layer", {}), "05_attention_saes": ("ratio_by_layer", {"family": "z"})}
 """Per notebook, the saved figure whose frame (columns layer, metric, ratio, ci_low, ci_high), restricted to the
@@ -66,7 +66,7 @@ def _csv(folder: Path, notebook: str, name: str) -> pd.DataFrame | None:
 
 def _notebook(name: str, runs: Path | None) -> tuple[nbformat.NotebookNode | None, nbformat.NotebookNode | None]:
     """(the notebook as committed, its executed copy in `runs` or None)."""
-    from saenb.reproduce import NOTEBOOKS
+    from saenb.output.reproduce import NOTEBOOKS
 
     source = NOTEBOOKS / f"{name}.ipynb"
     executed = Path(runs) / f"{name}.ipynb" if runs else None
@@ -227,7 +227,7 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             continue
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                 capture_output=True, text=True, timeout=10).stdout.strip()
         if commit:
             found["saenb commit"] = commit
@@ -237,7 +237,7 @@ def versions() -> dict[str, str]:
 
 
 def methods(preset: str, facts: dict[str, dict]) -> list[str]:
-    from saenb.presets import get_preset
+    from saenb.models.presets import get_preset
 
     p = get_preset(preset)
     lines = ["## Methods", ""]
@@ -269,7 +269,7 @@ def methods(preset: str, facts: dict[str, dict]) -> list[str]:
 def build_markdown(preset: str, root: Path = FIGURES, *, quick: bool = False, runs: Path | None = None,
                    embed: bool = False) -> str:
     """The report as markdown; `embed` puts each PNG inline as a data URI (for the self-contained HTML)."""
-    from saenb.reproduce import REPO, runs_dir
+    from saenb.output.reproduce import REPO, runs_dir
 
     folder = run_dir(preset, root, quick=quick)
     runs = runs_dir(preset, quick=quick) if runs is None else Path(runs)
@@ -326,7 +326,7 @@ def build_markdown(preset: str, root: Path = FIGURES, *, quick: bool = False, ru
 def write_report(preset: str = "tiny-stdlib", root: Path = FIGURES, *, quick: bool = False,
                  runs: Path | None = None) -> tuple[Path, Path]:
     """Write report.md and the self-contained report.html beside the run's figures; returns both paths."""
-    from saenb.presets import get_preset
+    from saenb.models.presets import get_preset
 
     get_preset(preset)  # an unknown preset fails here, listing the known ones
     out = run_dir(preset, root, quick=quick)

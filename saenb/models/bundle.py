@@ -1,6 +1,6 @@
 """Build an offline bundle from local text: tokenizer, tokens and models trained from scratch.
 
-    python -m saenb.bundle build [--out data/bundles/tiny-stdlib] [--work data/runs/bundle-build]
+    python -m saenb.models.bundle build [--out data/bundles/tiny-stdlib] [--work data/runs/bundle-build]
 
 The default corpus is the running Python's standard-library sources (every `.py` file, site-packages
 excluded, sorted by path; files that are not valid UTF-8 are skipped and counted). Stages, each resumable:
@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saenb import bundle_io, data, files
-from saenb.bundle_io import BOS_TOKEN, write_json
+from saenb import files
+from saenb.models import bundle_io, data
+from saenb.models.bundle_io import BOS_TOKEN, write_json
 
-log = logging.getLogger("saenb.bundle")
+log = logging.getLogger("saenb.models.bundle")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class BuildConfig:
 
     seed: int = 0
     pretrained: str = ""
-    """A model of `saenb.pretrained` (e.g. "smollm2-135m") instead of models trained here: the tokenizer stage
+    """A model of `saenb.models.pretrained` (e.g. "smollm2-135m") instead of models trained here: the tokenizer stage
     fetches it (its own tokenizer tokenizes the corpus), the model stage checks it against transformers' model,
     and there is no second model."""
     separator: str = ""
@@ -283,7 +284,7 @@ class Build:
     def fetch(self) -> dict[str, Any]:
         """A pretrained model instead of a tokenizer and models trained here: its file fetched and checked,
         its reference (name, sha256) written to model/pretrained.json."""
-        from saenb import pretrained
+        from saenb.models import pretrained
 
         pretrained.fetch(self.cfg.pretrained)
         tok = self.pretrained_tokenizer
@@ -311,7 +312,7 @@ class Build:
     @functools.cached_property
     def pretrained_tokenizer(self):
         """The pretrained model's tokenizer, loaded once per build."""
-        from saenb import pretrained
+        from saenb.models import pretrained
 
         return pretrained.tokenizer(self.cfg.pretrained)
 
@@ -369,7 +370,7 @@ class Build:
     def check_pretrained(self, n_contexts: int = 4) -> dict[str, Any]:
         """The converted HookedTransformer against transformers' own model (dequantised from the same file):
         the largest logit difference on the first held-out contexts, and the time of a forward pass."""
-        from saenb import pretrained
+        from saenb.models import pretrained
 
         model = bundle_io.load_model(self.out)
         hf, _ = pretrained.load_hf(self.cfg.pretrained)
@@ -490,7 +491,7 @@ class Build:
                  "quality": stages["model_small_eval"]["result"]} if "model_small_eval" in stages else None
         manifest = {
             "name": self.out.name,
-            "build_command": "python -m saenb.bundle " + " ".join(argv),
+            "build_command": "python -m saenb.models.bundle " + " ".join(argv),
             "built_on": {"device": device, "machine": platform.machine(), "processor": platform.processor(),
                          "cpu_count": torch.get_num_threads(), "python": sys.version.split()[0]},
             "packages": {p: md.version(p) for p in ("torch", "transformer-lens", "sae-lens", "tokenizers", "datasets",
@@ -592,7 +593,7 @@ def _parse_bool(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m saenb.bundle", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m saenb.models.bundle", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build (or resume building) a bundle")

@@ -8,10 +8,10 @@ import math
 
 import pandas as pd
 
-from saenb import interventions as iv
-from saenb import metrics
-from saenb.presets import Loaded
-from saenb.store import measure_cached
+from saenb.engine import interventions as iv
+from saenb.engine import metrics
+from saenb.engine.store import measure_cached
+from saenb.models.presets import Loaded
 
 SCORE_INTERVENTIONS = ("sae", "eps_random", "zero")
 
@@ -23,7 +23,7 @@ def score(loaded: Loaded, hooks=None, n_tokens: int = 65_536, *, intervention: s
     reference), the CE losses behind them, and mean L0.
 
     `intervention` replaces the SAE splice in every column but eps-random's (e.g. an SAE + NFM splice,
-    `saenb.nfm.TrainedNFM.spec`); eps-random stays at the SAE's own error size. `extra` interventions are
+    `saenb.studies.nfm.TrainedNFM.spec`); eps-random stays at the SAE's own error size. `extra` interventions are
     measured too, as columns kl_<label>. All-token mode, BOS excluded; `tokens` (default: `n_tokens` rounded up
     to whole contexts of the preset's held-out set) are the contexts scored.
     """

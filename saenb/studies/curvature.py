@@ -31,8 +31,8 @@ from torch import Tensor
 from torch.func import jvp, vmap
 from transformer_lens.utilities import get_act_name
 
-from saenb import kernels, patching
-from saenb.presets import Loaded
+from saenb.engine import kernels, patching
+from saenb.models.presets import Loaded
 
 
 @dataclass

@@ -31,10 +31,11 @@ import pandas as pd
 import torch
 
 import saenb
-from saenb import data, hub, metrics, patching
-from saenb import interventions as iv
-from saenb.pathology import SCORE_INTERVENTIONS, score
-from saenb.presets import Loaded, Preset, PresetError, get_preset, list_presets, load_preset
+from saenb.engine import interventions as iv
+from saenb.engine import metrics, patching
+from saenb.models import data, hub
+from saenb.models.presets import Loaded, Preset, PresetError, get_preset, list_presets, load_preset
+from saenb.studies.pathology import SCORE_INTERVENTIONS, score
 
 SCHEMA = Path(__file__).parent / "schemas" / "pathology.schema.json"
 EVAL_TYPE = "pathology"
@@ -248,7 +249,7 @@ def sae_id_of(target: Target) -> str:
     if target.release:
         return f"{target.release}/{target.sae_id}"
     if target.path:
-        from saenb.bundle_io import sha256_file
+        from saenb.models.bundle_io import sha256_file
 
         return f"{target.path}@{sha256_file(Path(target.path) / 'sae_weights.safetensors')[:16]}"
     return f"own:{target.name}"  # the preset's own SAE (the bundle's sha256 is in every cache key)
@@ -257,7 +258,7 @@ def sae_id_of(target: Target) -> str:
 def score_targets(loaded: Loaded, targets: list[Target], tokens: torch.Tensor, cfg: ScoreConfig, *,
                   progress: bool = True, ray: str | None = None) -> pd.DataFrame:
     """One row per target: `pathology.score`'s columns, explained variance, and the target's origin. `ray`: the
-    measurement runs on that Ray cluster ("auto": join or start one), `saenb.distributed`."""
+    measurement runs on that Ray cluster ("auto": join or start one), `saenb.engine.distributed`."""
     frames = []
     for group in rounds(targets):
         spliced = loaded.with_saes({t.hook: t.sae for t in group}, {t.hook: sae_id_of(t) for t in group})
@@ -348,7 +349,7 @@ def write_outputs(table: pd.DataFrame, targets: list[Target], cfg: ScoreConfig, 
 
 def run(args) -> pd.DataFrame:
     """The CLI's work: resolve the SAEs and tokens, score, write (argparse namespace from `__main__`)."""
-    from saenb.presets import resolve_device
+    from saenb.models.presets import resolve_device
 
     device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]

@@ -6,7 +6,7 @@ A bundle is a folder:
     tokenizer.json                   a `tokenizers` byte-level BPE (a pretrained model's bundle uses its own)
     model/config.json                the HookedTransformerConfig keyword arguments (plain JSON)
     model/model.safetensors          the HookedTransformer state dict
-    model/pretrained.json            instead of the two above: a model of `saenb.pretrained` (name, sha256 of its
+    model/pretrained.json            instead of the two above: a model of `saenb.models.pretrained` (name, sha256 of its
                                      file), fetched into a git-ignored cache and never committed
     model_small/...                  the same for the second, half-width model (notebook 07), when built
     saes/<hook_name>/cfg.json ...    one sae_lens disk-format SAE per hook (`SAE.load_from_disk`)
@@ -17,7 +17,7 @@ A bundle is a folder:
     heldout_tokens.safetensors       "tokens": [n_contexts, n_ctx] held-out contexts, BOS first
     train_token_counts.safetensors   "counts": [d_vocab] occurrences of each token in the training contexts
 
-`saenb.bundle` writes it; `saenb.presets` reads it through `load_model` and `verify`, and its SAEs through
+`saenb.models.bundle` writes it; `saenb.models.presets` reads it through `load_model` and `verify`, and its SAEs through
 `saenb.saes` (the folders above are where `saes.sets.legacy_folder` finds the original ones).
 """
 
@@ -47,7 +47,7 @@ SAE_DIR = "saes"
 HELDOUT_TOKENS = "heldout_tokens.safetensors"
 TRAIN_TOKEN_COUNTS = "train_token_counts.safetensors"
 BOS_TOKEN = "<|endoftext|>"
-REBUILD_COMMAND = "python -m saenb.bundle build --out {path}"
+REBUILD_COMMAND = "python -m saenb.models.bundle build --out {path}"
 
 
 class BundleError(RuntimeError):
@@ -128,12 +128,12 @@ def load_model(root: Path, device: str | torch.device = "cpu", folder: str = MOD
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     if (root / folder / PRETRAINED).exists():
-        from saenb import pretrained
+        from saenb.models import pretrained
 
         ref = json.loads((root / folder / PRETRAINED).read_text())
         if ref["sha256"] != pretrained.source(ref["name"]).sha256:
             raise BundleError(f"bundle {root} was built on {ref['name']} with sha256 {ref['sha256'][:12]}..., which "
-                              "is not the file saenb.pretrained fetches: rebuild the bundle")
+                              "is not the file saenb.models.pretrained fetches: rebuild the bundle")
         return pretrained.load_model(ref["name"], device)
     kwargs = json.loads((root / folder / "config.json").read_text())
     cfg = HookedTransformerConfig(**kwargs, device=str(device))
