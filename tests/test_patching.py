@@ -130,18 +130,19 @@ def test_logit_reduction_equals_float64(tiny, monkeypatch, soft_cap, fallback):
         assert unembed.linear == (soft_cap == 0)
         clean_final = 4 * torch.randn(n_seqs, m, d, generator=g)
         h_clean = unembed.normalize(clean_final)
-        clean = patching.CleanDistribution(unembed.logits(h_clean), h_clean, unembed.weight if unembed.linear else None)
+        targets = torch.randint(tiny.model.cfg.d_vocab, (n_seqs, m), generator=g)
+        clean = patching.CleanDistribution(unembed.logits(h_clean), targets, h_clean,
+                                           unembed.weight if unembed.linear else None)
         streams = [clean_final[s] + 4 * x * torch.randn(m, d, generator=g) for s in range(n_seqs) for x in scales]
         final = torch.stack([*streams, 4 * torch.randn(m, d, generator=g)])  # the last one: shared by every sequence
         seq = torch.arange(n_seqs).repeat_interleave(len(scales) + 1)
         source = torch.tensor([s * len(scales) + i for s in range(n_seqs) for i in range(len(scales))] + [len(streams)])
         source = torch.cat([source[:-1].view(n_seqs, -1), torch.full((n_seqs, 1), len(streams))], 1).flatten()
-        targets = torch.randint(tiny.model.cfg.d_vocab, (n_seqs, m), generator=g)
         kl, ce = torch.empty(len(seq), m), torch.empty(len(seq), m)
         calls, logits = [], unembed.logits
         unembed.logits = lambda h: calls.append(len(h)) or logits(h)
         far = source == len(streams)  # the shared stream's rows: reduced by log-sum-exp (a linear readout's)
-        patching._reduce_logits(unembed, final, source, clean, seq, targets, kl, ce, memory_mb=64, far=far)
+        patching._reduce_logits(unembed, final, source, clean, seq, kl, ce, memory_mb=64, far=far)
         assert (calls[-1] >= 4 * n_seqs) == fallback  # the fallback's one call, over the changed rows
 
         def logp64(h):

@@ -38,12 +38,15 @@ class CleanDistribution:
     is clamped at 0.
     """
 
-    def __init__(self, logits: Float[Tensor, "b m d_vocab"], h: Float[Tensor, "b m d"] | None = None,
-                 weight: Float[Tensor, "d d_vocab"] | None = None):
-        """logits: the clean logits; h and weight (W_U): the readout's input and matrix, when the logits are
-        h @ weight + bias (omit them otherwise)."""
+    def __init__(self, logits: Float[Tensor, "b m d_vocab"], targets: Int[Tensor, "b m"],
+                 h: Float[Tensor, "b m d"] | None = None, weight: Float[Tensor, "d d_vocab"] | None = None):
+        """logits: the clean logits; targets: each position's next token; h and weight (W_U): the readout's
+        input and matrix, when the logits are h @ weight + bias (omit them otherwise)."""
         self.logp = logits.log_softmax(-1)  # as the naive path and kl_div take it
         self.lse = logits.logsumexp(-1)  # [b, m]
+        self.targets = targets
+        self.ce = ce_per_token(self.logp, targets, normalized=True)
+        """The clean cross-entropy of each position's target token [b, m]."""
         p = self.logp.exp()
         # log sum_v p_v, 0 up to rounding, computed as `log_partition` computes it, so that delta = 0 gives 0
         self.logz = p.sum(-1).log_()
@@ -53,10 +56,6 @@ class CleanDistribution:
             self.u = _matmul_fixed_order(p, weight.T)  # [b, m, d]
         else:
             self.p = p
-
-    def ce(self, targets: Int[Tensor, "b m"]) -> Float[Tensor, "b m"]:
-        """The clean cross-entropy of each position's target token."""
-        return ce_per_token(self.logp, targets, normalized=True)
 
     def log_partition(self, seq: int, delta: Float[Tensor, "r m d_vocab"]) -> Float[Tensor, "r m"]:
         """lse(c + delta) - lse(c) = log sum_v p_v exp(delta_v) for r patched copies of sequence `seq` (the clean

@@ -378,8 +378,9 @@ def measure(
                                                 stop_at_layer=model.cfg.n_layers)
             measured = torch.tensor(req.measured, device=batch.device)
             h_clean = unembed.normalize(final[:, measured])  # [b, m, d_model]
-            clean = CleanDistribution(unembed.logits(h_clean), h_clean, unembed.weight if unembed.linear else None)
-            ce_clean = _nan_last(clean.ce(_targets(batch, measured)), measured, req.n_ctx)
+            clean = CleanDistribution(unembed.logits(h_clean), _targets(batch, measured), h_clean,
+                                      unembed.weight if unembed.linear else None)
+            ce_clean = _nan_last(clean.ce, measured, req.n_ctx)
             del final
             keep = req.keep(batch)[:, list(req.patch)]  # [b, p]
             for hook in req.hooks:
@@ -409,7 +410,6 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
     b, k, n, p, d = patched.shape
     rel_patch = torch.tensor([req.patch[i] for i in kept], device=batch.device) - w0
     measured = torch.tensor(req.measured, device=batch.device)
-    targets = _targets(batch, measured)
     resid = cache[start][:, w0:w1]  # [b, w, d_model]
     clean_at_patch = flat(cache[hook], hook)[:, w0 + rel_patch]  # [b, p, d]
     # special tokens keep their clean activation: nothing is spliced there
@@ -461,7 +461,7 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
     # a constant intervention spliced straight into the residual stream at every position (whose rows were
     # deduplicated above) is far from the clean run everywhere
     far = torch.tensor([inverse is not None and iv.is_constant(spec.name) for spec in req.specs], device=batch.device)
-    _reduce_logits(unembed, final, inverse, clean, seq_of_row, targets, kl_out, ce_out, memory_mb,
+    _reduce_logits(unembed, final, inverse, clean, seq_of_row, kl_out, ce_out, memory_mb,
                    far=far.repeat_interleave(n).repeat(b))
     shape = (b, k, n, len(req.measured))
     return kl_out.view(shape), ce_out.view(shape)
@@ -473,8 +473,8 @@ while they are reduced, and are freed before the next block. (On a GPU, blocks f
 
 
 def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], source: Int[Tensor, "r"] | None,
-                   clean: CleanDistribution, seq: Int[Tensor, "r"], targets: Int[Tensor, "b m"],
-                   kl_out: Float[Tensor, "r m"], ce_out: Float[Tensor, "r m"], memory_mb: int,
+                   clean: CleanDistribution, seq: Int[Tensor, "r"], kl_out: Float[Tensor, "r m"],
+                   ce_out: Float[Tensor, "r m"], memory_mb: int,
                    far: Bool[Tensor, "r"] | None = None) -> None:
     """ln_final, unembed and KL/CE (`CleanDistribution`) of every row r, a copy of sequence seq[r] whose final
     residual stream is `final[source[r]]` (`final[r]` when `source` is None).
@@ -495,7 +495,7 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
         delta_h = streams[source[r]] - clean.h[s]
         dlse[r] = unembed.logits(streams[distinct]).logsumexp(-1)[inverse] - clean.lse[s]
         dot[r] = clean.dot(s, delta_h)
-        dlt[r] = unembed.delta_target(delta_h, targets[s])
+        dlt[r] = unembed.delta_target(delta_h, clean.targets[s])
         rows = rows[~far]
     h = streams[source[rows]]  # [rows, m, d_model], in row order
     m, d_vocab = h.shape[1], unembed.weight.shape[1]
@@ -512,7 +512,7 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
             else:
                 delta = unembed.logits(h[a:z]).sub_(clean.logp[s]).sub_(clean.lse[s, :, None])
                 dot[idx] = clean.dot(s, delta=delta)
-            dlt[idx] = delta.gather(-1, targets[s].expand(z - a, -1).unsqueeze(-1)).squeeze(-1)
+            dlt[idx] = delta.gather(-1, clean.targets[s].expand(z - a, -1).unsqueeze(-1)).squeeze(-1)
             dlse[idx] = clean.log_partition(s, delta)
         i0 += count
     low, high = LOG_PARTITION_RANGE
@@ -520,7 +520,7 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
     if len(bad):  # a patched distribution far from the clean one: exp over- or underflowed; shift by the max
         dlse[bad] = unembed.logits(streams[source[bad]]).logsumexp(-1) - clean.lse[seq[bad]]
     torch.clamp_min(dlse - dot, 0, out=kl_out)
-    torch.sub(clean.ce(targets)[seq] + dlse, dlt, out=ce_out)
+    torch.sub(clean.ce[seq] + dlse, dlt, out=ce_out)
 
 
 class _Unembed:
@@ -546,9 +546,6 @@ class _Unembed:
         if self.bias is not None:
             logits.add_(self.bias)
         return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
-
-    def __call__(self, final: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        return self.logits(self.normalize(final))
 
     def delta_target(self, delta_h: Float[Tensor, "... d_model"], targets: Int[Tensor, "..."]) -> Float[Tensor, "..."]:
         """The change of each position's target logit alone, delta_h . W_U[:, target] (linear readout)."""
