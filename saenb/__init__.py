@@ -14,7 +14,7 @@ from saenb.models.presets import (
 from saenb.studies import baselines, nfm  # noqa: F401  (register the fitted baselines and sae_nfm interventions)
 from saenb.studies.pathology import score
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
 
 __all__ = [
     "Loaded",

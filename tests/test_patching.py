@@ -115,12 +115,15 @@ def test_split_measurement_equals_whole(tiny, tokens):
 
 @pytest.mark.parametrize("soft_cap", [0.0, 30.0])
 @pytest.mark.parametrize("fallback", [False, True])
-def test_logit_reduction_equals_float64(tiny, monkeypatch, soft_cap, fallback):
+@pytest.mark.parametrize("block_tokens", [patching.LOGIT_BLOCK, 10])
+def test_logit_reduction_equals_float64(tiny, monkeypatch, soft_cap, fallback, block_tokens):
     """`_reduce_logits` (KL from a log-partition and a d_model-long product, CE from the target's logit change)
     against float64 kl_div / log-softmax of the same streams: unchanged, slightly to wholly changed rows, and a
-    stream shared by every sequence (the `far` rows); with a soft-capped readout (the vocabulary-long product) and
-    with every changed row sent through the out-of-range fallback."""
+    stream shared by every sequence (the `far` rows); with a soft-capped readout (the vocabulary-long product),
+    with every changed row sent through the out-of-range fallback, and with blocks of two rows (the logits
+    buffer reused across blocks, sequences and the far and fallback passes)."""
     monkeypatch.setattr(tiny.model.cfg, "output_logits_soft_cap", soft_cap)
+    monkeypatch.setattr(patching, "LOGIT_BLOCK", block_tokens)
     if fallback:  # a range nothing changed fits in: the log-partition is recomputed by torch.logsumexp
         monkeypatch.setattr(patching, "LOG_PARTITION_RANGE", (-1e-7, 1e-7))
     g = torch.Generator().manual_seed(0)
@@ -140,10 +143,11 @@ def test_logit_reduction_equals_float64(tiny, monkeypatch, soft_cap, fallback):
         source = torch.cat([source[:-1].view(n_seqs, -1), torch.full((n_seqs, 1), len(streams))], 1).flatten()
         kl, ce = torch.empty(len(seq), m), torch.empty(len(seq), m)
         calls, logits = [], unembed.logits
-        unembed.logits = lambda h: calls.append(len(h)) or logits(h)
+        unembed.logits = lambda h, out=None: calls.append(len(h)) or logits(h, out=out)
         far = source == len(streams)  # the shared stream's rows: reduced by log-sum-exp (a linear readout's)
         patching._reduce_logits(unembed, final, source, clean, seq, kl, ce, memory_mb=64, far=far)
-        assert (calls[-1] >= 4 * n_seqs) == fallback  # the fallback's one call, over the changed rows
+        main = 1 if unembed.linear else len(seq)  # rows unembedded whole: the far stream's, or every row
+        assert (sum(calls) - main >= 4 * n_seqs) == fallback  # the fallback's, over the changed rows
 
         def logp64(h):
             logits = h.double() @ unembed.weight.double() + tiny.model.unembed.b_U.double()

@@ -376,5 +376,5 @@ def feature_aligned(site: Site, *, generator: torch.Generator, which: str = "act
         allowed = torch.ones_like(active)
     pick = uniform_choice(allowed, generator, dense=which != "active")
     sign = _to(torch.randint(0, 2, pick.shape, generator=generator, device=generator.device), site.x.device)
-    directions = _unit(site.W_dec)[pick] * (2 * sign - 1).to(site.x.dtype).unsqueeze(-1)
+    directions = _unit(site.W_dec[pick]) * (2 * sign - 1).to(site.x.dtype).unsqueeze(-1)
     return site.x + site.eps.unsqueeze(-1) * directions

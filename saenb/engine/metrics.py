@@ -21,6 +21,11 @@ def kl_per_token(
     return F.kl_div(patched_logp, clean_logp, log_target=True, reduction="none").sum(-1)
 
 
+TEMPORARY_ELEMENTS = 2**22
+"""CleanDistribution works through a batch in groups of sequences whose vocabulary-long temporaries hold about
+this many elements (16 MB of float32): small enough for the allocator to reuse rather than map afresh."""
+
+
 class CleanDistribution:
     """The clean next-token distribution at the measured positions of a batch, prepared once and compared with
     many patched ones.
@@ -43,19 +48,28 @@ class CleanDistribution:
         """logits: the clean logits; targets: each position's next token; h and weight (W_U): the readout's
         input and matrix, when the logits are h @ weight + bias (omit them otherwise)."""
         self.logp = logits.log_softmax(-1)  # as the naive path and kl_div take it
-        self.lse = logits.logsumexp(-1)  # [b, m]
         self.targets = targets
         self.ce = ce_per_token(self.logp, targets, normalized=True)
         """The clean cross-entropy of each position's target token [b, m]."""
-        p = self.logp.exp()
-        # log sum_v p_v, 0 up to rounding, computed as `log_partition` computes it, so that delta = 0 gives 0
-        self.logz = p.sum(-1).log_()
         self.h = h
         self.linear = weight is not None
+        if not self.linear:
+            self.p = self.logp.exp()
+        # a few sequences at a time: the vocabulary-long temporaries of a whole batch (200 MB each for 8
+        # sequences at GPT-2's vocabulary) would be mapped and page-faulted in afresh for every batch
+        b, m = targets.shape
+        self.lse, self.logz = torch.empty(b, m, device=logits.device), torch.empty(b, m, device=logits.device)
         if self.linear:
-            self.u = _matmul_fixed_order(p, weight.T)  # [b, m, d]
-        else:
-            self.p = p
+            self.u = torch.empty(b, m, weight.shape[0], device=logits.device)  # [b, m, d]
+        group = max(1, TEMPORARY_ELEMENTS // logits[0].numel())
+        for i in range(0, b, group):
+            j = min(i + group, b)
+            self.lse[i:j] = logits[i:j].logsumexp(-1)
+            p = self.p[i:j] if not self.linear else self.logp[i:j].exp()
+            # log sum_v p_v, 0 up to rounding, computed as `log_partition` computes it, so that delta = 0 gives 0
+            self.logz[i:j] = p.sum(-1).log_()
+            if self.linear:
+                self.u[i:j] = _matmul_fixed_order(p, weight.T)
 
     def log_partition(self, seq: int, delta: Float[Tensor, "r m d_vocab"]) -> Float[Tensor, "r m"]:
         """lse(c + delta) - lse(c) = log sum_v p_v exp(delta_v) for r patched copies of sequence `seq` (the clean

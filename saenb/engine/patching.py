@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import math
 from typing import Literal
 
 import numpy as np
@@ -488,18 +489,35 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
     streams = unembed.normalize(final)  # [f, m, d_model]
     source = torch.arange(len(seq), device=seq.device) if source is None else source
     dlse, dot, dlt = (torch.empty_like(kl_out) for _ in range(3))  # lse(l) - lse(c), p . delta, delta at target
+    m, d_vocab = streams.shape[1], unembed.weight.shape[1]
+    block = max(1, (memory_mb * 2**20 // (4 * d_vocab) if streams.is_cuda else LOGIT_BLOCK) // m)
+    # every block's logits are written into one buffer: a fresh one per block (100 MB at GPT-2's vocabulary)
+    # would be mapped from the system and page-faulted in each time, which took a sixth of a CPU run
+    buffer = torch.empty(min(block, len(seq)) * m * d_vocab, device=streams.device)
+
+    def view(h: Float[Tensor, "r m d_model"]) -> Float[Tensor, "r m d_vocab"]:  # for at most `block` rows
+        return buffer[:h.numel() // h.shape[-1] * d_vocab].view(*h.shape[:-1], d_vocab)
+
+    def logsumexp(h: Float[Tensor, "r m d_model"]) -> Float[Tensor, "r m"]:
+        """lse of h's logits, block by block in the buffer (torch.logsumexp's steps, in place)."""
+        out = torch.empty(h.shape[:-1], device=h.device)
+        for a in range(0, len(h), block):
+            blk = unembed.logits(h[a:a + block], out=view(h[a:a + block]))
+            top = blk.amax(-1, keepdim=True)
+            top.masked_fill_(top.abs() == math.inf, 0)
+            out[a:a + block] = blk.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+        return out
+
     rows = torch.arange(len(seq), device=seq.device)
     if far is not None and unembed.linear and bool(far.any()):
         r, s = rows[far], seq[far]
         distinct, inverse = source[r].unique(return_inverse=True)
         delta_h = streams[source[r]] - clean.h[s]
-        dlse[r] = unembed.logits(streams[distinct]).logsumexp(-1)[inverse] - clean.lse[s]
+        dlse[r] = logsumexp(streams[distinct])[inverse] - clean.lse[s]
         dot[r] = clean.dot(s, delta_h)
         dlt[r] = unembed.delta_target(delta_h, clean.targets[s])
         rows = rows[~far]
     h = streams[source[rows]]  # [rows, m, d_model], in row order
-    m, d_vocab = h.shape[1], unembed.weight.shape[1]
-    block = max(1, (memory_mb * 2**20 // (4 * d_vocab) if h.is_cuda else LOGIT_BLOCK) // m)
     seqs, counts = torch.unique_consecutive(seq[rows], return_counts=True)
     i0 = 0
     for s, count in zip(seqs.tolist(), counts.tolist(), strict=True):
@@ -507,10 +525,10 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
             z, idx = min(a + block, i0 + count), rows[a:min(a + block, i0 + count)]
             if unembed.linear:
                 delta_h = h[a:z] - clean.h[s]
-                delta = delta_h @ unembed.weight  # [rows, m, d_vocab]: the bias cancels
+                delta = torch.matmul(delta_h, unembed.weight, out=view(delta_h))  # [rows, m, d_vocab]: no bias
                 dot[idx] = clean.dot(s, delta_h)
             else:
-                delta = unembed.logits(h[a:z]).sub_(clean.logp[s]).sub_(clean.lse[s, :, None])
+                delta = unembed.logits(h[a:z], out=view(h[a:z])).sub_(clean.logp[s]).sub_(clean.lse[s, :, None])
                 dot[idx] = clean.dot(s, delta=delta)
             dlt[idx] = delta.gather(-1, clean.targets[s].expand(z - a, -1).unsqueeze(-1)).squeeze(-1)
             dlse[idx] = clean.log_partition(s, delta)
@@ -518,7 +536,7 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
     low, high = LOG_PARTITION_RANGE
     bad = ((dlse <= low) | (dlse >= high) | dlse.isnan()).any(-1).nonzero().squeeze(-1)
     if len(bad):  # a patched distribution far from the clean one: exp over- or underflowed; shift by the max
-        dlse[bad] = unembed.logits(streams[source[bad]]).logsumexp(-1) - clean.lse[seq[bad]]
+        dlse[bad] = logsumexp(streams[source[bad]]) - clean.lse[seq[bad]]
     torch.clamp_min(dlse - dot, 0, out=kl_out)
     torch.sub(clean.ce[seq] + dlse, dlt, out=ce_out)
 
@@ -541,8 +559,8 @@ class _Unembed:
         """ln_final: the readout's input h."""
         return final if self.model.cfg.normalization_type is None else self.model.ln_final(final)
 
-    def logits(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        logits = torch.matmul(h, self.weight)
+    def logits(self, h: Float[Tensor, "... d_model"], out: Tensor | None = None) -> Float[Tensor, "... d_vocab"]:
+        logits = torch.matmul(h, self.weight, out=out)
         if self.bias is not None:
             logits.add_(self.bias)
         return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
