@@ -115,13 +115,14 @@ def test_split_measurement_equals_whole(tiny, tokens):
 
 @pytest.mark.parametrize("soft_cap", [0.0, 30.0])
 @pytest.mark.parametrize("fallback", [False, True])
-@pytest.mark.parametrize("block_tokens", [patching.LOGIT_BLOCK, 10])
-def test_logit_reduction_equals_float64(tiny, monkeypatch, soft_cap, fallback, block_tokens):
+@pytest.mark.parametrize("block_tokens, vocab_slice", [(patching.LOGIT_BLOCK, None), (10, 1000)])
+def test_logit_reduction_equals_float64(tiny, monkeypatch, soft_cap, fallback, block_tokens, vocab_slice):
     """`_reduce_logits` (KL from a log-partition and a d_model-long product, CE from the target's logit change)
     against float64 kl_div / log-softmax of the same streams: unchanged, slightly to wholly changed rows, and a
     stream shared by every sequence (the `far` rows); with a soft-capped readout (the vocabulary-long product),
-    with every changed row sent through the out-of-range fallback, and with blocks of two rows (the logits
-    buffer reused across blocks, sequences and the far and fallback passes)."""
+    with every changed row sent through the out-of-range fallback, and with blocks of two rows and vocabulary
+    slices of 1,000 words, the last one shorter (the logits buffer reused across blocks, slices, sequences and
+    the far and fallback passes)."""
     monkeypatch.setattr(tiny.model.cfg, "output_logits_soft_cap", soft_cap)
     monkeypatch.setattr(patching, "LOGIT_BLOCK", block_tokens)
     if fallback:  # a range nothing changed fits in: the log-partition is recomputed by torch.logsumexp
@@ -135,7 +136,7 @@ def test_logit_reduction_equals_float64(tiny, monkeypatch, soft_cap, fallback, b
         h_clean = unembed.normalize(clean_final)
         targets = torch.randint(tiny.model.cfg.d_vocab, (n_seqs, m), generator=g)
         clean = patching.CleanDistribution(unembed.logits(h_clean), targets, h_clean,
-                                           unembed.weight if unembed.linear else None)
+                                           unembed.weight if unembed.linear else None, vocab_slice=vocab_slice)
         streams = [clean_final[s] + 4 * x * torch.randn(m, d, generator=g) for s in range(n_seqs) for x in scales]
         final = torch.stack([*streams, 4 * torch.randn(m, d, generator=g)])  # the last one: shared by every sequence
         seq = torch.arange(n_seqs).repeat_interleave(len(scales) + 1)

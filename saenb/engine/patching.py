@@ -53,7 +53,8 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from saenb.engine import interventions as iv
 from saenb.engine.kernels import CLEAN_ATTENTION_HOOKS, CleanAttention, SharedPrefix, fused_kernels
-from saenb.engine.metrics import LOG_PARTITION_RANGE, CleanDistribution, ce_per_token, geometry, kl_per_token
+from saenb.engine.metrics import (LOG_PARTITION_RANGE, VOCAB_SLICE, CleanDistribution, ce_per_token, geometry,
+                                  kl_per_token)
 from saenb.models.data import non_special
 from saenb.models.presets import Loaded, hook_family, sae_layer
 
@@ -380,7 +381,8 @@ def measure(
             measured = torch.tensor(req.measured, device=batch.device)
             h_clean = unembed.normalize(final[:, measured])  # [b, m, d_model]
             clean = CleanDistribution(unembed.logits(h_clean), _targets(batch, measured), h_clean,
-                                      unembed.weight if unembed.linear else None)
+                                      unembed.weight if unembed.linear else None,
+                                      vocab_slice=None if batch.is_cuda else VOCAB_SLICE)
             ce_clean = _nan_last(clean.ce, measured, req.n_ctx)
             del final
             keep = req.keep(batch)[:, list(req.patch)]  # [b, p]
@@ -469,8 +471,9 @@ def _run_patched(loaded: Loaded, req: Request, hook: str, cache, patched: Float[
 
 
 LOGIT_BLOCK = 512
-"""Tokens unembedded at once on a CPU: the block's full-vocabulary logits stay small enough to live in cache
-while they are reduced, and are freed before the next block. (On a GPU, blocks fill the memory budget.)"""
+"""Tokens unembedded at once on a CPU: their logits over one vocabulary slice (`metrics.VOCAB_SLICE`, with a
+linear readout) or the whole vocabulary (soft-capped) are reduced at once. (On a GPU, blocks fill the memory
+budget.)"""
 
 
 def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], source: Int[Tensor, "r"] | None,
@@ -493,10 +496,15 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
     block = max(1, (memory_mb * 2**20 // (4 * d_vocab) if streams.is_cuda else LOGIT_BLOCK) // m)
     # every block's logits are written into one buffer: a fresh one per block (100 MB at GPT-2's vocabulary)
     # would be mapped from the system and page-faulted in each time, which took a sixth of a CPU run
-    buffer = torch.empty(min(block, len(seq)) * m * d_vocab, device=streams.device)
+    buffer = torch.empty(0, device=streams.device)
 
-    def view(h: Float[Tensor, "r m d_model"]) -> Float[Tensor, "r m d_vocab"]:  # for at most `block` rows
-        return buffer[:h.numel() // h.shape[-1] * d_vocab].view(*h.shape[:-1], d_vocab)
+    def view(h: Float[Tensor, "r m d_model"], width: int = d_vocab) -> Float[Tensor, "r m width"]:
+        """The buffer as h's logits (or a `width`-wide slice of them); h has at most `block` rows."""
+        nonlocal buffer
+        size = h.numel() // h.shape[-1] * width
+        if buffer.numel() < size:
+            buffer = torch.empty(min(block, len(seq)) * m * width, device=streams.device)
+        return buffer[:size].view(*h.shape[:-1], width)
 
     def logsumexp(h: Float[Tensor, "r m d_model"]) -> Float[Tensor, "r m"]:
         """lse of h's logits, block by block in the buffer (torch.logsumexp's steps, in place)."""
@@ -523,15 +531,16 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
     for s, count in zip(seqs.tolist(), counts.tolist(), strict=True):
         for a in range(i0, i0 + count, block):
             z, idx = min(a + block, i0 + count), rows[a:min(a + block, i0 + count)]
-            if unembed.linear:
+            if unembed.linear:  # delta = delta_h W_U: the bias cancels
                 delta_h = h[a:z] - clean.h[s]
-                delta = torch.matmul(delta_h, unembed.weight, out=view(delta_h))  # [rows, m, d_vocab]: no bias
+                dlse[idx] = clean.log_partition_linear(s, delta_h, view(delta_h, clean.vocab_slice).view(-1))
                 dot[idx] = clean.dot(s, delta_h)
+                dlt[idx] = unembed.delta_target(delta_h, clean.targets[s])
             else:
                 delta = unembed.logits(h[a:z], out=view(h[a:z])).sub_(clean.logp[s]).sub_(clean.lse[s, :, None])
                 dot[idx] = clean.dot(s, delta=delta)
-            dlt[idx] = delta.gather(-1, clean.targets[s].expand(z - a, -1).unsqueeze(-1)).squeeze(-1)
-            dlse[idx] = clean.log_partition(s, delta)
+                dlt[idx] = delta.gather(-1, clean.targets[s].expand(z - a, -1).unsqueeze(-1)).squeeze(-1)
+                dlse[idx] = clean.log_partition(s, delta)
         i0 += count
     low, high = LOG_PARTITION_RANGE
     bad = ((dlse <= low) | (dlse >= high) | dlse.isnan()).any(-1).nonzero().squeeze(-1)
