@@ -53,8 +53,14 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from saenb.engine import interventions as iv
 from saenb.engine.kernels import CLEAN_ATTENTION_HOOKS, CleanAttention, SharedPrefix, fused_kernels
-from saenb.engine.metrics import (LOG_PARTITION_RANGE, VOCAB_SLICE, CleanDistribution, ce_per_token, geometry,
-                                  kl_per_token)
+from saenb.engine.metrics import (
+    LOG_PARTITION_RANGE,
+    VOCAB_SLICE,
+    CleanDistribution,
+    ce_per_token,
+    geometry,
+    kl_per_token,
+)
 from saenb.models.data import non_special
 from saenb.models.presets import Loaded, hook_family, sae_layer
 
