@@ -21,7 +21,8 @@ the clean log-probs and the clean keys/values; patched forwards start at the hoo
 from a frozen key/value cache; interventions and samples are stacked along the batch and run in chunks
 sized to a memory budget, each chunk reduced to per-token scalars at once (blocks of one sequence's rows,
 compared with its clean distribution by broadcasting; KL from one pass over the vocabulary and a d_model-long
-product, `metrics.CleanDistribution`). Rows whose whole input is the same (zero and mean ablation at a residual
+product, `metrics.CleanDistribution`, on a CPU one vocabulary slice at a time while it is in cache, every
+block's logits written into one reused buffer). Rows whose whole input is the same (zero and mean ablation at a residual
 hook, in every sequence of a batch) are forwarded once. A splice after a block's attention (at `attn.hook_z`,
 `hook_attn_out`, ...) starts that block from its clean input, so the block's attention is the clean run's and is
 not recomputed (`kernels.CleanAttention`). LayerNorms, the MLP
