@@ -55,7 +55,7 @@ class CleanDistribution:
                  vocab_slice: int | None = None):
         """logits: the clean logits; targets: each position's next token; h and weight (W_U): the readout's
         input and matrix, when the logits are h @ weight + bias (omit them otherwise); vocab_slice: the width
-        of `log_partition_linear`'s slices (default: the whole vocabulary)."""
+        of `log_partition_linear`'s slices (default, and without `weight`: the whole vocabulary)."""
         self.logp = logits.log_softmax(-1)  # as the naive path and kl_div take it
         self.targets = targets
         self.ce = ce_per_token(self.logp, targets, normalized=True)
@@ -64,7 +64,8 @@ class CleanDistribution:
         self.weight = weight
         self.linear = weight is not None
         d_vocab = logits.shape[-1]
-        self.vocab_slice = min(vocab_slice or d_vocab, d_vocab)
+        # slices serve the linear readout only (a soft-capped one is reduced from whole-vocabulary logits)
+        self.vocab_slice = min(vocab_slice or d_vocab, d_vocab) if self.linear else d_vocab
         if not self.linear:
             self.p = self.logp.exp()
         # a few sequences at a time: the vocabulary-long temporaries of a whole batch (200 MB each for 8

@@ -514,7 +514,8 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
         return buffer[:size].view(*h.shape[:-1], width)
 
     def logsumexp(h: Float[Tensor, "r m d_model"]) -> Float[Tensor, "r m"]:
-        """lse of h's logits, block by block in the buffer (torch.logsumexp's steps, in place)."""
+        """lse of h's logits, block by block in the buffer: torch.logsumexp's steps, written out in place because
+        torch.logsumexp allocates its own vocabulary-long temporaries for every block."""
         out = torch.empty(h.shape[:-1], device=h.device)
         for a in range(0, len(h), block):
             blk = unembed.logits(h[a:a + block], out=view(h[a:a + block]))
