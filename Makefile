@@ -7,12 +7,13 @@ STAMP  := $(VENV)/.saenb-installed
 .PHONY: venv smollm2 browser test reproduce score bench bundle bundle-smollm2 clean-results
 
 # torch is installed first, pinned, then the package with the pin as a constraint, so that pip never
-# resolves another torch (a CUDA build of several GB).
+# resolves another torch (a CUDA build of several GB). The `saenb` kernel is registered inside the venv
+# (--sys-prefix): JupyterLab started from it lists the kernel, and another clone's `make` cannot redirect it.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,ray]'
-	$(BIN)/python -m ipykernel install --user --name saenb --display-name "saenb (.venv)"
+	$(BIN)/python -m ipykernel install --sys-prefix --name saenb --display-name "saenb (.venv)"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,7 +31,9 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "note: the browser tests skip without chromium: sudo apt-get install chromium chromium-driver"; fi
 
+# lint-imports holds the package's layers (pyproject.toml [tool.importlinter]; README: Layout) before the tests run.
 test: venv smollm2 browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 reproduce: venv

@@ -1,23 +1,34 @@
 """Benchmark: the fast engine (`saenb.measure`) against the naive reference (`saenb.measure_naive`).
 
-    python bench/engine.py [--shape tiny-stdlib | gpt2-small] [--seqs 8] [--samples 500] [--repeats 3]
+    python bench/engine.py [--shape tiny-stdlib | smollm2-135m | gpt2-small] [--seqs 8] [--samples 500] [--repeats 3]
 
 `--shape gpt2-small` runs GPT-2 small's exact shapes (vocabulary 50,257, d_model 768, 12 layers, residual SAEs of
 24,576 latents) with random weights: the gpt2-small preset loaded offline from a synthetic hub cache
 (`saenb.models.synthetic_hub`, built once into data/cache/synthetic-hub), its SAEs' encoder biases lowered to a
-trained SAE's sparsity (`sparsify`: L0 = 32).
+trained SAE's sparsity (`sparsify`: L0 = 32). `--shape smollm2-135m` runs the real model: SmolLM2-135M-Instruct's
+weights (the preset's GGUF file under data/cache/pretrained, `make smollm2`; 30 Llama blocks, d_model 576, a 49,152-word
+vocabulary) with its bundle's residual SAEs at layers 6, 15 and 24, and by default the interventions sae, eps_random
+and zero (`--interventions`; the other shapes run notebook 1's nine).
 
-Same tokens, same hooks (residual SAEs), the interventions of notebook 1. Per mode (all-token; single-token;
+Both paths get the same tokens, hooks (residual SAEs) and interventions. Per mode (all-token; single-token;
 many-sample: `--sample-seqs` contexts x `--samples` eps-random draws at position 48, measured at 48), the median
 time of `--repeats` alternating runs of each path and its spread (min-max), rows/s and their ratio; the fast path's
 peak memory at two token counts 4x apart (each in a fresh subprocess: resident memory above the loaded model's,
-sampled every millisecond); its achieved FLOP/s on the all-token run (torch's FlopCounterMode) against a plain
-matmul timed in the same run (1024^3 on a CPU, 8192^3 on a GPU); and from those FLOPs, the projected time of the
-original study's run (2M tokens x 12 layers x 9 interventions) on an H100, beside the time this device's own
-all-token rate gives it. Every ratio printed is measured in this one run. max |dKL| is absolute: a zero ablation's
-KL of 17 nats differs by about 5e-4 between the paths (fused kernels round differently), 3e-5 of itself.
+sampled every millisecond); each mode's achieved FLOP/s against a plain matmul timed in the same run (1024^3 on a
+CPU, 8192^3 on a GPU): the all-token and single-token runs' matmul FLOPs as torch's FlopCounterMode counts them, the
+many-sample run's as the work its rows need (`row_flops`: the blocks from the hooked layer on, at one position, and
+one unembedding per row); and from the all-token FLOPs, the projected time of the original study's run (2M tokens
+x 12 layers x 9 interventions) on an H100, beside the time this device's own all-token rate gives it. Every ratio
+printed is measured in this one run. max |dKL| is absolute: a zero ablation's KL of 17 nats differs by about 5e-4
+between the paths (fused kernels round differently), 3e-5 of itself.
 
     python bench/engine.py --shape gpt2-small --profile all-token   # where the fast path's time goes
+    python bench/engine.py --shape smollm2-135m --seqs 2 --sample-seqs 2 --samples 8 --repeats 1 --memory-seqs 1
+                                                                    # a smoke run (minutes), the real model's shapes
+
+`--profile` on a GPU also counts the run's kernel launches and the calls that make the host wait for the device
+(host syncs, by the saenb line that made them); `--graphs` runs the fast path with `measure(graphs=True)`
+(`saenb.engine.graphs`: blocks replayed as CUDA graphs; a no-op on a CPU).
 """
 
 from __future__ import annotations
@@ -133,7 +144,7 @@ def sparsify(loaded, l0: int):
     """Lower each SAE's encoder bias so that a median token fires `l0` latents (on 4 contexts). A random encoder
     fires half its latents (12,290 of 24,576 per token), which no trained SAE does, and the work of a choice among
     the active latents (feature_aligned) and of the geometry grows with it."""
-    from saenb.engine.patching import clean_activations
+    from saenb.hooks import clean_activations
 
     tokens = loaded.tokens(4)
     with torch.no_grad():
@@ -143,12 +154,12 @@ def sparsify(loaded, l0: int):
     return loaded
 
 
-def worker(shape: str, device: str, layers: list[int], n_seqs: int) -> None:
+def worker(args, n_seqs: int) -> None:
     """Run the fast all-token path on n_seqs sequences and print its peak memory (one subprocess each)."""
     from saenb import measure
-    from saenb.engine.patching import NOTEBOOK1, hook_means
+    from saenb.engine.patching import hook_means
 
-    loaded = load(shape, device, layers)
+    loaded = load(args.shape, args.device, args.layers)
     hooks = loaded.hooks("resid")
     tokens = loaded.tokens(n_seqs)
     means = hook_means(loaded, hooks, tokens)
@@ -158,7 +169,7 @@ def worker(shape: str, device: str, layers: list[int], n_seqs: int) -> None:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
-        df = measure(loaded, hooks, NOTEBOOK1, tokens, progress=False, means=means)
+        df = measure(loaded, hooks, interventions(args), tokens, progress=False, means=means, graphs=args.graphs)
     peak = torch.cuda.max_memory_allocated() - base if cuda else rss.extra
     print(json.dumps({"n_seqs": n_seqs, "peak_bytes": peak, "frame_bytes": int(df.memory_usage(deep=True).sum())}))
 
@@ -168,15 +179,35 @@ def arguments(loaded, hooks, args, name: str) -> dict:
     --sample-seqs contexts at the middle hook, the others on --seqs contexts at every hook; the mean-ablation
     reference is an input of both paths, computed once (as measure_cached does); --memory-mb when given (the
     naive path ignores it)."""
-    from saenb.engine.patching import NOTEBOOK1, hook_means
+    from saenb.engine.patching import hook_means
 
     kw = dict(modes(args.samples)[name])
     sample_mode = "sample" in name
     tokens = loaded.tokens(args.sample_seqs if sample_mode else args.seqs)
     use = hooks[len(hooks) // 2:len(hooks) // 2 + 1] if sample_mode else hooks
     budget = {} if args.memory_mb is None else {"memory_mb": args.memory_mb}
-    return {"hooks": use, "interventions": kw.pop("interventions", NOTEBOOK1), "tokens": tokens, "progress": False,
-            "means": hook_means(loaded, use, tokens), **budget, **kw}
+    return {"hooks": use, "interventions": kw.pop("interventions", interventions(args)), "tokens": tokens,
+            "progress": False, "means": hook_means(loaded, use, tokens), "graphs": args.graphs, **budget, **kw}
+
+
+def interventions(args) -> tuple[str, ...]:
+    """--interventions, or the shape's default: sae, eps_random and zero on smollm2-135m, notebook 1's elsewhere."""
+    from saenb.engine.patching import NOTEBOOK1
+
+    if args.interventions:
+        return tuple(args.interventions)
+    return ("sae", "eps_random", "zero") if args.shape == "smollm2-135m" else NOTEBOOK1
+
+
+def row_flops(cfg, start_layer: int, n_keys: int) -> int:
+    """Matmul FLOPs one patched row needs at one position: blocks start_layer.. (q, k, v and o projections, with
+    grouped key/value heads; scores and weighted sum over n_keys keys; the MLP's two matrices, three when gated)
+    and the unembedding."""
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    projections = 2 * cfg.d_model * cfg.d_head * 2 * (cfg.n_heads + n_kv)
+    attention = 4 * cfg.n_heads * cfg.d_head * n_keys
+    mlp = 2 * cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
+    return (cfg.n_layers - start_layer) * (projections + attention + mlp) + 2 * cfg.d_model * cfg.d_vocab
 
 
 def profile(loaded, hooks, args) -> None:
@@ -200,9 +231,19 @@ def profile(loaded, hooks, args) -> None:
                        max_name_column_width=60))
     if cuda:
         print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
-        print("where the host waits for the device (synchronising calls, by the saenb line that made them):")
-        for where, count in host_syncs(lambda: measure(loaded, **common)).most_common(15):
+        launches = sum(e.count for e in events if e.key in LAUNCHES)
+        syncs = host_syncs(lambda: measure(loaded, **common))
+        print(f"kernel launches: {launches} (CUDA graph replays among them: "
+              f"{sum(e.count for e in events if e.key == 'cudaGraphLaunch')}); host syncs: {sum(syncs.values())}, "
+              "by the saenb line that made them:")
+        for where, count in syncs.most_common(15):
             print(f"  {count:6d}  {where}")
+    else:
+        print("host syncs: none to count on a CPU (the host is the device)")
+
+
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+"""The profiler's names of the runtime calls that start work on a GPU."""
 
 
 def host_syncs(fn) -> collections.Counter:
@@ -245,6 +286,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=("all-token", "single-token", "sample"),
                         default=["all-token", "single-token", "sample"],
                         help="the modes timed (all-token always: the unfused run, memory and FLOP rate use it)")
+    parser.add_argument("--interventions", nargs="+", default=None,
+                        help="all-token and single-token interventions (default: sae eps_random zero on "
+                             "smollm2-135m, notebook 1's nine on the other shapes)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="measure(graphs=True): blocks replayed as CUDA graphs (a no-op on a CPU)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.shape == "gpt2-small" and os.environ.get("HF_HOME") != str(SYNTHETIC_HUB):
@@ -256,9 +302,10 @@ def main() -> None:
         env = {**os.environ, "HF_HOME": str(SYNTHETIC_HUB), "HF_HUB_OFFLINE": "1"}
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     if args.worker is not None:
-        return worker(args.shape, args.device, args.layers, args.worker)
+        return worker(args, args.worker)
 
     from saenb import measure, measure_naive
+    from saenb.hooks import splice_point
 
     loaded = load(args.shape, args.device, args.layers)
     hooks = loaded.hooks("resid")
@@ -268,8 +315,9 @@ def main() -> None:
     print(f"{args.shape} on {loaded.device}, {torch.get_num_threads()} threads; d_model {cfg.d_model}, "
           f"{cfg.n_layers} layers, vocabulary {cfg.d_vocab}; {len(hooks)} residual SAEs of "
           f"{next(iter(loaded.saes.values())).cfg.d_sae} latents"
-          f"{f' (L0 set to {SYNTHETIC_L0})' if args.shape == 'gpt2-small' else ''}; median of {args.repeats} [min-max]")
-    rows = []
+          f"{f' (L0 set to {SYNTHETIC_L0})' if args.shape == 'gpt2-small' else ''}; interventions "
+          f"{', '.join(interventions(args))}{'; graphs' if args.graphs else ''}; median of {args.repeats} [min-max]")
+    rows, flops = [], {}
     for name in modes(args.samples):
         if name != "all-token" and not any(m in name for m in args.modes):
             continue
@@ -287,10 +335,17 @@ def main() -> None:
         assert len(fast) == len(naive)
         err = (fast.kl - naive.kl).abs().max()
         rows.append((name, len(fast), t_naive, t_fast, err))
+        if sample_mode:  # the work its rows need: the blocks from the hooked layer on at one position, the unembedding
+            hook = common["hooks"][0]
+            flops[name] = len(fast) * row_flops(cfg, splice_point(hook)[1], common["positions"] + 1)
+        else:  # the matmuls the fast path runs
+            with FlopCounterMode(display=False) as counter:
+                measure(loaded, **common)
+            flops[name] = counter.get_total_flops()
     # how much of the all-token speed-up the fused kernels give (the rest is the engine's design)
     common = arguments(loaded, hooks, args, "all-token")
     tokens = common["tokens"]
-    unfused = [timed(lambda: measure(loaded, fused=False, **common))[1] for _ in range(args.repeats)]
+    unfused = [timed(lambda: measure(loaded, **{**common, "fused": False}))[1] for _ in range(args.repeats)]
     rows.append(("all-token, unfused", rows[0][1], rows[0][2], unfused, float("nan")))
     print(f"\n{'mode':<20}{'rows':>9}{'naive':>22}{'fast':>22}{'speed-up':>10}{'max |dKL|':>11}")
     for name, n_rows, t_naive, t_fast, err in rows:
@@ -307,23 +362,26 @@ def main() -> None:
     print(f"  {'sequences':>9} {'tokens':>7} {'peak MiB':>9} {'frame MiB':>10} {'peak - frame':>13}")
     for n in (args.memory_seqs, 4 * args.memory_seqs):
         out = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--device", args.device, "--layers",
-                              *map(str, args.layers), "--worker", str(n)], capture_output=True, text=True, check=True,
+                              *map(str, args.layers), "--interventions", *interventions(args), "--worker", str(n),
+                              *(["--graphs"] if args.graphs else [])], capture_output=True, text=True, check=True,
                              env=env)
         got = json.loads(out.stdout.strip().splitlines()[-1])
         peak, frame = got["peak_bytes"] / 2**20, got["frame_bytes"] / 2**20
         print(f"  {n:>9} {n * tokens.shape[1]:>7} {peak:>9.1f} {frame:>10.1f} {peak - frame:>13.1f}")
 
-    # achieved FLOP/s of the fast path (the all-token run above) vs a plain matmul, same run
-    with FlopCounterMode(display=False) as counter:
-        measure(loaded, **common)
-    flops = counter.get_total_flops()
-    t = statistics.median(rows[0][3])
+    # achieved FLOP/s of each mode's fast path (its median time above) vs a plain matmul, same run
     n = matmul_size(loaded.device)
-    achieved, peak = flops / t, matmul_flops_per_s(loaded.device, n)
-    print(f"\nfast path: {flops / 1e9:.1f} GFLOP (matmuls) in {t:.2f} s = {achieved / 1e9:.1f} GFLOP/s; "
-          f"plain {n}^3 matmul: {peak / 1e9:.1f} GFLOP/s; ratio {achieved / peak:.2f}")
+    peak = matmul_flops_per_s(loaded.device, n)
+    print(f"\nfast path's matmul rate against a plain {n}^3 float32 matmul in this run ({peak / 1e9:.1f} GFLOP/s):")
+    print(f"  {'mode':<18}{'GFLOP':>9}{'fast s':>9}{'GFLOP/s':>9}{'fraction':>10}")
+    for name, _, _, t_fast, _ in rows[:len(flops)]:
+        t = statistics.median(t_fast)
+        print(f"  {name:<18}{flops[name] / 1e9:>9.1f}{t:>9.2f}{flops[name] / t / 1e9:>9.1f}"
+              f"{flops[name] / t / peak:>10.2f}{'  (rows x row_flops)' if 'sample' in name else ''}")
+    t = statistics.median(rows[0][3])
+    achieved = flops["all-token"] / t
     # the study's run: every token of 2M patched by each of 9 interventions at each of 12 layers (all-token mode)
-    per_splice = flops / rows[0][1]  # per measured (token, hook, intervention) row
+    per_splice = flops["all-token"] / rows[0][1]  # per measured (token, hook, intervention) row
     splices = STUDY["tokens"] * STUDY["interventions"]  # per layer
     per_layer = per_splice * splices
     minutes = {name: per_layer / rate / 60 for name, rate in

@@ -16,9 +16,10 @@ import argparse
 import time
 
 import torch
+from transformer_lens.utilities import get_act_name
 
 from saenb import load_preset
-from saenb.models.presets import resolve_device
+from saenb.models.loaded import resolve_device
 from saenb.studies import proxy
 
 
@@ -27,7 +28,7 @@ def plain(sweep: proxy.Sweep, tokens: torch.Tensor, batch_size: int) -> dict:
     ce = {}
     for (model_key, layer, k, factor), sae in sweep.saes.items():
         model = sweep.models[model_key]
-        hook = f"blocks.{layer}.hook_resid_post"
+        hook = get_act_name("resid_post", layer)
 
         def splice(act, hook, sae=sae):  # BOS keeps its clean activation, as in the sweep
             return torch.cat([act[:, :1], sae.decode(sae.encode(act[:, 1:]))], dim=1)

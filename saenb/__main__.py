@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from saenb.files import BundleError
+from saenb.models.hub import HubUnavailableError
+from saenb.models.presets import get_preset, list_presets
+from saenb.output.report import write_report
+from saenb.output.reproduce import reproduce
+from saenb.saes.library import SpecError
+from saenb.studies import scoring
+from saenb.studies.pathology import format_table
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m saenb")
@@ -18,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--preset", default="tiny-stdlib")
     rp.add_argument("--quick", action="store_true", help="the quick run's report (figures/<preset>/quick/)")
     sc = sub.add_parser("score", help="the pathology score of SAEs: a preset's, a sae_lens release's, or folders",
-                        description=__import__("saenb.studies.scoring", fromlist=["x"]).__doc__,
+                        description=scoring.__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     src = sc.add_argument_group("which SAEs (one of)")
     src.add_argument("--preset", default="tiny-stdlib", help="every SAE of a preset (the default)")
@@ -47,20 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "presets":
-        from saenb.models.presets import get_preset, list_presets
-
         for name in list_presets():
             print(f"{name:14s} {get_preset(name).description}")
         return 0
     if args.command == "score":
-        from saenb.models.bundle_io import BundleError
-        from saenb.models.hub import HubUnavailableError
-        from saenb.saes.library import SpecError
-        from saenb.studies.pathology import format_table
-        from saenb.studies.scoring import run
-
         try:
-            table = run(args)
+            table = scoring.run(args)
         # user errors (ScoreError, PresetError and the engine's request checks are ValueErrors): the message
         # names the fix; argparse's convention, no traceback
         except (ValueError, HubUnavailableError, BundleError, SpecError, FileNotFoundError, ImportError) as exc:
@@ -71,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {len(table)} JSON files and pathology.csv to {args.output_dir}")
         return 0
     if args.command == "report":
-        from saenb.output.report import write_report
-
         try:
             paths = write_report(args.preset, quick=args.quick)
         except (ValueError, FileNotFoundError) as exc:  # unknown preset, nothing saved yet: the message names the fix
@@ -82,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         return 0
     if args.command == "reproduce":
-        from saenb.models.presets import get_preset
-        from saenb.output.reproduce import reproduce
-
         get_preset(args.preset)  # an unknown preset fails here, listing the known ones
         outcomes = reproduce(args.preset, args.only.split(",") if args.only else None, quick=args.quick)
         return 0 if all(o.ok for o in outcomes) else 1

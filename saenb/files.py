@@ -1,17 +1,33 @@
-"""Where the repository keeps its files, and atomic writes: a killed writer never leaves half a file where a reader
-(or a resumed run) looks."""
+"""Where the repository keeps its files, atomic writes (a killed writer never leaves half a file where a reader, or a
+resumed run, looks), file hashes, and the package's version."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+__version__ = "0.3.2"
+"""The package's version, kept equal to pyproject.toml's (a test holds them together); part of every cache key."""
+
 REPO = Path(__file__).resolve().parents[1]
-"""The repository's root (data/, figures/, notebooks/ lie under it)."""
+"""The repository's root (data/, figures/, notebooks/ lie under it); installed from a wheel, the site-packages
+folder, where no bundle lies: SAENB_BUNDLES then points at a clone's."""
+BUNDLES = Path(os.environ.get("SAENB_BUNDLES", REPO / "data" / "bundles"))
+"""Where a bundle preset's relative `bundle` folder is looked for: SAENB_BUNDLES, or data/bundles of this clone."""
+NOTEBOOKS = REPO / "notebooks"
+"""The numbered notebooks."""
+NOTEBOOK_RUNS = REPO / "data" / "runs"
+"""Where executed copies of the notebooks go (`runs_dir`)."""
 RESULTS = Path(os.environ.get("SAENB_RESULTS", REPO / "data" / "results"))
 """Where computed results are cached (measurements, fitted parts, token contexts): SAENB_RESULTS, or data/results."""
+
+
+def runs_dir(preset: str, *, quick: bool = False) -> Path:
+    """Where the executed copies of one kind of run go (quick runs apart from full ones, as their figures)."""
+    return NOTEBOOK_RUNS / preset / "quick" if quick else NOTEBOOK_RUNS / preset
 
 
 @contextlib.contextmanager
@@ -31,3 +47,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class BundleError(RuntimeError):
+    """A bundle (or a pretrained model's file) is missing, incomplete or corrupted; the message names the fix."""

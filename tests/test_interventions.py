@@ -6,26 +6,25 @@ import pytest
 import torch
 
 from saenb.engine import interventions as iv
+from saenb.studies import baselines
 
 D, D_SAE = 48, 192
-NEED_A_TRAINED_NFM = {"sae_nfm", "nfm_eps_random"}  # keyed by a trained NFM: tested in test_nfm.py
-FITTED_KEY = "test-interventions"
-PARAMS = {"theta_random_cos": {"cos": 0.8}, "eps_random_like": {"of": "sae_scaled", "scale": 0.5},
-          **{name: {"key": FITTED_KEY} for name in ("cov_random", "error_shuffled", "sae_plus_linear",
-                                                    "sae_plus_nonlinear")}}
-"""Keyword parameters the interventions without defaults need (the fitted baselines: a fit registered below)."""
+NEED_A_TRAINED_NFM = {"sae_nfm", "nfm_eps_random"}  # carry a trained NFM: tested in test_nfm.py
 
 
-def register_fit() -> None:
-    """A fitted-baselines entry (saenb.studies.baselines) for the sites below (hook ""): its interventions can run."""
-    from saenb.studies import baselines
-
+def baselines_fit() -> baselines.HookFit:
+    """A fitted-baselines part (saenb.studies.baselines) for the sites below: its interventions can run."""
     g = torch.Generator().manual_seed(5)
     q, _ = torch.linalg.qr(torch.randn(D, D, generator=g))
-    baselines._FITTED.add(FITTED_KEY, {"": baselines.HookFit(
+    return baselines.HookFit(
         mean=torch.zeros(D), components=q, variances=torch.linspace(2, 0.1, D),
         bank=torch.nn.functional.normalize(torch.randn(16, D, generator=g), dim=-1),
-        A=torch.randn(D, D, generator=g) * 0.05, b=torch.zeros(D), info={})})
+        A=torch.randn(D, D, generator=g) * 0.05, b=torch.zeros(D), info={})
+
+
+PARAMS = {"theta_random_cos": {"cos": 0.8}, "eps_random_like": {"of": "sae_scaled", "scale": 0.5},
+          **{name: {"key": "test", "fitted": baselines_fit()} for name in baselines.INTERVENTIONS}}
+"""Keyword parameters the interventions without defaults need (the fitted baselines: a fit made above)."""
 
 
 @pytest.fixture
@@ -47,7 +46,7 @@ def test_unknown_intervention_lists_known_ones():
     with pytest.raises(ValueError, match=r"unknown intervention 'sea'.*'eps_random'.*'sae'"):
         iv.get("sea")
     with pytest.raises(ValueError, match="unknown intervention"):
-        iv.Spec.of("sea")
+        iv.Intervention.of("sea")
     with pytest.raises(ValueError, match="already registered"):
         iv.register("sae")(lambda site, generator: site.x)
 
@@ -130,17 +129,16 @@ def test_random_draws_follow_the_generator(site):
 @pytest.mark.parametrize("name", [n for n in iv.names() if n not in NEED_A_TRAINED_NFM])
 def test_deterministic_flag_tells_which_ones_ignore_the_generator(site, name):
     """The engine applies deterministic interventions to a whole batch at once: the flag must be right."""
-    register_fit()
     params = PARAMS.get(name, {})
     a, b = iv.get(name)(site, generator=gen(1), **params), iv.get(name)(site, generator=gen(2), **params)
     assert torch.equal(a, b) == iv.is_deterministic(name)
 
 
 def test_spec_parameters_and_label(site):
-    s = iv.spec("latent_perturb", scale=0.3)
+    s = iv.intervention("latent_perturb", scale=0.3)
     assert s.label == "latent_perturb(scale=0.3)"
     torch.testing.assert_close(s(site, gen(1)), iv.get("latent_perturb")(site, generator=gen(1), scale=0.3))
-    assert iv.Spec.of("sae").label == "sae"
+    assert iv.Intervention.of("sae").label == "sae"
 
 
 def test_orthogonal_splices_remove_the_error_along_x(site):

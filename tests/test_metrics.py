@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -146,3 +148,68 @@ def test_rate_bits_entropy_codes_the_active_indices():
     # index frequencies 4/8, 2/8, 1/8, 1/8: entropy 1.75 bits; 2 active latents per token, 8 bits per value
     assert metrics.rate_bits(latents) == pytest.approx(2 * (1.75 + 8))
     assert metrics.alive_fraction(latents) == 0.5 and metrics.mse(latents, latents).sum() == 0
+
+
+def _seed_simulation(sd_between: float, sd_within: float, *, sd_shared: float = 0.0, n_seeds: int = 3,
+                     n_seqs: int = 64, sims: int = 400, truth: float = 2.0):
+    """Per-sequence sums of S seeds' SAE (num) and baseline (den): seed s's true ratio is truth + a_s, a_s ~
+    N(0, sd_between^2); each sequence adds noise of its own per seed (sd_within, in the seed's ratio) and, with
+    sd_shared, noise common to every seed (the seeds measured on the same sequences). Returns the CIs of
+    `seed_ratio_ci` and of a context-only CI of the pooled sequences, and the analytic Var(R)."""
+    out = {"covered": 0, "pooled_covered": 0, "boot_var": [], "width": []}
+    for sim in range(sims):
+        rng = np.random.default_rng(1000 + sim)
+        shared_den = rng.gamma(20, 0.05, n_seqs)  # mean 1
+        common = rng.normal(0, sd_shared * np.sqrt(n_seqs), n_seqs)
+        nums, dens = [], []
+        for _ in range(n_seeds):
+            den = shared_den if sd_shared else rng.gamma(20, 0.05, n_seqs)
+            a = rng.normal(0, sd_between)
+            nums.append((truth + a) * den + common + rng.normal(0, sd_within * np.sqrt(n_seqs), n_seqs))
+            dens.append(den)
+        r = metrics.seed_ratio_ci(nums, dens, same_seqs=sd_shared > 0, n_resamples=500, seed=sim)
+        out["covered"] += r["ci_low"] <= truth <= r["ci_high"]
+        out["boot_var"].append(((r["ci_high"] - r["ratio"]) / stats.t.ppf(0.975, r["df"])) ** 2)
+        out["width"].append(r["ci_high"] - r["ci_low"])
+        _, low, high = metrics.ratio_ci(np.concatenate(nums), np.concatenate(dens), n_resamples=500, seed=sim)
+        out["pooled_covered"] += low <= truth <= high
+    analytic = (sd_between ** 2 + sd_within ** 2) / n_seeds + sd_shared ** 2  # Var(R), R the seeds' mean ratio
+    return {k: v / sims if k.endswith("covered") else np.mean(v) for k, v in out.items()}, analytic
+
+
+def test_seed_ratio_ci_covers_with_known_between_and_within_seed_variance():
+    """Seeds that differ (between-seed sd 0.3, within 0.05): the two-level bootstrap's variance is Var(R) =
+    (0.3^2 + 0.05^2) / 3, its interval (Student's t at 2 degrees of freedom) covers the truth 95% of the time, as
+    a normal interval at 2 degrees of freedom would; the contexts alone (pooled) cover far less."""
+    got, analytic = _seed_simulation(0.3, 0.05)
+    assert got["boot_var"] == pytest.approx(analytic, rel=0.12), (got, analytic)
+    assert abs(got["covered"] - 0.95) < 0.035, got
+    assert got["pooled_covered"] < 0.5, got
+    # expected width: 2 t_2 E[sd*], E[sd*] = c4(3) sqrt(Var(R)) for a normal sample variance on 2 degrees of freedom
+    c4 = np.sqrt(2 / 2) * np.exp(math.lgamma(3 / 2) - math.lgamma(1))
+    assert got["width"] == pytest.approx(2 * stats.t.ppf(0.975, 2) * c4 * np.sqrt(analytic), rel=0.1)
+
+
+def test_seed_ratio_ci_without_seed_spread_is_the_contexts():
+    """Seeds that do not differ (within-seed sd 0.05 only): the bootstrap variance is max(b, v) / 3, v = 0.05^2 the
+    within part and b ~ v chi2_2 / 2 the seeds' sample variance, so its mean is (1 + 1/e) v / 3; the interval covers
+    at least 95% (Student's t where b exceeds v)."""
+    got, analytic = _seed_simulation(0.0, 0.05)
+    assert got["boot_var"] == pytest.approx((1 + np.exp(-1)) * analytic, rel=0.1), (got, analytic)
+    assert got["covered"] >= 0.93, got
+    num, den = np.random.default_rng(0).gamma(20, 0.1, (2, 30))
+    one = metrics.seed_ratio_ci([num], [den])
+    with pytest.raises(ValueError, match="same sequences"):
+        metrics.seed_ratio_ci([num, num[:5]], [den, den[:5]], same_seqs=True)
+    assert one["n_seeds"] == 1 and np.isnan(one["seed_sd"])
+    assert (one["ratio"], one["ci_low"], one["ci_high"]) == metrics.ratio_ci(num, den)
+
+
+def test_seed_ratio_ci_with_the_seeds_on_the_same_sequences():
+    """Seeds measured on the same sequences share their noise (sd 0.1, against 0.2 between seeds and 0.03 of their
+    own): their spread does not show the shared part, the joint resampling of sequences does. The bootstrap
+    variance is Var(R) = (0.2^2 + 0.03^2) / 3 + 0.1^2, and the interval covers 95% (Satterthwaite's degrees of
+    freedom); resampling each seed's sequences on their own would miss the shared part."""
+    got, analytic = _seed_simulation(0.2, 0.03, sd_shared=0.1)
+    assert got["boot_var"] == pytest.approx(analytic, rel=0.12), (got, analytic)
+    assert abs(got["covered"] - 0.95) < 0.035, got

@@ -65,15 +65,16 @@ def test_training_lowers_held_out_error_and_is_cached(tiny, tmp_path, monkeypatc
 
     # the splice is x_sae + NFM(z); fast and naive engine paths agree on it
     toks = tiny.tokens(2)
-    fast = patching.measure(tiny, HOOK, [trained.spec, "sae"], toks, progress=False)
-    naive = patching.measure_naive(tiny, HOOK, [trained.spec, "sae"], toks)
+    fast = patching.measure(tiny, HOOK, [trained.intervention, "sae"], toks, progress=False)
+    naive = patching.measure_naive(tiny, HOOK, [trained.intervention, "sae"], toks)
     torch.testing.assert_close(torch.tensor(fast.kl.to_numpy()), torch.tensor(naive.kl.to_numpy()), atol=5e-5,
                                rtol=1e-3)
     sae_rows = fast[fast.intervention == "sae"]
-    nfm_rows = fast[fast.intervention == trained.spec.label]
+    nfm_rows = fast[fast.intervention == trained.intervention.label]
     assert (nfm_rows.dist_sae.to_numpy() > 0).all() and (sae_rows.dist_sae.to_numpy() == 0).all()
     # score takes it in place of the SAE splice, against eps-random at the SAE's error size
-    table = score(tiny, [HOOK], n_tokens=2 * 128, intervention=trained.spec, progress=False, root=tmp_path / "m")
+    table = score(tiny, hooks=[HOOK], n_tokens=2 * 128, intervention=trained.intervention, progress=False,
+                  root=tmp_path / "m")
     eps = fast[fast.intervention == "sae"]  # same tokens: eps-random's KL is measured afresh, compare the numerator
     assert table.kl_sae.item() == pytest.approx(nfm_rows.kl.mean(), rel=1e-4) and len(eps) == table.n_tokens.item()
 
@@ -81,15 +82,15 @@ def test_training_lowers_held_out_error_and_is_cached(tiny, tmp_path, monkeypatc
     x, z, x_sae, _ = nfm.activations(tiny, HOOK, toks[:1])
     site = patching.iv.Site(x, x_sae, z, tiny.saes[HOOK].W_dec.detach(), None, HOOK)
     with torch.no_grad():
-        x_hat = patching.iv.get("sae_nfm")(site, generator=None, key=trained.key)
-        own = trained.eps_spec(site, torch.Generator().manual_seed(5))
-        sae_eps = patching.iv.spec("eps_random")(site, torch.Generator().manual_seed(5))
+        x_hat = patching.iv.get("sae_nfm")(site, generator=None, key=trained.key, fitted=trained.models[HOOK])
+        own = trained.eps_intervention(site, torch.Generator().manual_seed(5))
+        sae_eps = patching.iv.intervention("eps_random")(site, torch.Generator().manual_seed(5))
     torch.testing.assert_close((own - x).norm(dim=-1), (x_hat - x).norm(dim=-1))
-    for spec in (trained.spec, trained.eps_spec):  # the engine batches deterministic ones: the flag must be right
+    for splice in (trained.intervention, trained.eps_intervention):  # the engine batches deterministic ones
         with torch.no_grad():
-            one, two = (spec(site, torch.Generator().manual_seed(s)) for s in (1, 2))
+            one, two = (splice(site, torch.Generator().manual_seed(s)) for s in (1, 2))
         same = torch.equal(one, two)
-        assert same == patching.iv.is_deterministic(spec.name)
+        assert same == patching.iv.is_deterministic(splice.name)  # the flag must be right
     torch.testing.assert_close(torch.nn.functional.cosine_similarity(own - x, sae_eps - x, dim=-1),
                                torch.ones(len(x)))
 
@@ -98,7 +99,8 @@ def test_training_lowers_held_out_error_and_is_cached(tiny, tmp_path, monkeypatc
     assert row.mse_nfm < row.mse_sae and 0 < row.interaction_share < 1
 
 
-def test_an_untrained_key_names_the_fix(tiny):
-    spec = patching.iv.spec("sae_nfm", key="nope", variant="both")
-    with pytest.raises(ValueError, match="call saenb.studies.nfm.fit"):
-        patching.measure(tiny, HOOK, [spec], tiny.tokens(1), progress=False)
+def test_an_nfm_splice_without_its_nfms_names_the_fix(tiny):
+    with pytest.raises(ValueError, match=r"make it with saenb\.studies\.nfm\.fit\(loaded, hooks, tokens, cfg\)"):
+        patching.iv.intervention("sae_nfm", key="nope", variant="both")
+    with pytest.raises(ValueError, match=r"make it with saenb\.studies\.nfm\.fit"):
+        patching.measure(tiny, HOOK, ["sae_nfm"], tiny.tokens(1), progress=False)

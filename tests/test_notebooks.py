@@ -40,6 +40,16 @@ def test_notebook_is_stored_clean_with_literal_parameters(path):
     assert nb.cells[0].cell_type == "markdown" and "**Question.**" in nb.cells[0].source
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_thin(path):
+    """Like a TransformerLens demo: one call and one figure or table per cell, the computation (and the readings) in
+    saenb; the engine's store is reached through `saenb.measure_cached`."""
+    code = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    lines = [len(src.splitlines()) for src in code]
+    assert max(lines) <= 12 and sum(lines) <= 80, f"{path.name}: {sum(lines)} code lines, longest cell {max(lines)}"
+    assert not any("saenb.engine" in src for src in code), f"{path.name} reaches into saenb.engine"
+
+
 def test_notebook_01_runs_and_saves_every_figure(run_notebooks):
     tmp, outcomes = run_notebooks
     assert [o.ok for o in outcomes] == [True] * 9, outcomes
@@ -374,7 +384,7 @@ def test_notebook_08_scores_follow_from_the_measured_frames(run_notebooks):
         # float32 KLs: a float32 mean against the float64 sums of the table's bootstrap
         assert row.ratio == pytest.approx(kl["sae"] / kl["eps_random"], rel=1e-6)
         assert row.ratio_orthogonal == pytest.approx(kl["sae_orthogonal"] / kl["eps_random_orthogonal"], rel=1e-6)
-        assert row.ratio_low <= row.ratio <= row.ratio_high
+        assert row.ratio_ci_low <= row.ratio <= row.ratio_ci_high
         checked += 1
     assert checked == len(table) - 2, "every SAE (all but the two NFM fixes) measured and cached"
     arrows = pd.read_csv(folder / "fixes_arrows.csv")

@@ -14,7 +14,9 @@ import torch
 
 from saenb import Preset, PresetError, SAESource, load_preset
 from saenb.models import bundle_io
-from saenb.models.presets import TINY_STDLIB, Loaded, get_preset, hook_width, register_preset, validate
+from saenb.hooks import hook_width
+from saenb.models.loaded import Loaded, validate
+from saenb.models.presets import TINY_STDLIB, get_preset, register_preset
 
 from .conftest import SMALL_PRESET
 

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformer_lens.utilities import get_act_name
 
 from saenb.engine import metrics
 from saenb.models import bundle_io
@@ -27,7 +28,7 @@ def test_sweep_metrics_equal_the_naive_splice(sweep, small_bundle):
     assert len(table) == len(sweep.saes) == 10
     for row in table.itertuples():
         model, sae = sweep.models[row.model], sweep.saes[(row.model, row.layer, row.k, row.budget)]
-        hook = f"blocks.{row.layer}.hook_resid_post"
+        hook = get_act_name("resid_post", row.layer)
 
         def splice(act, hook, sae=sae):  # BOS keeps its clean activation, as in the sweep
             return torch.cat([act[:, :1], sae.decode(sae.encode(act[:, 1:]))], dim=1)

@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 
 from saenb import saes
 from saenb.engine.metrics import kl_per_token
-from saenb.engine.patching import clean_activations
+from saenb.files import sha256_file
+from saenb.hooks import clean_activations
 from saenb.models import bundle_io
 from saenb.models.data import non_special
 from saenb.models.presets import TINY_STDLIB, Preset, register_preset
-from saenb.saes import activations, library, models, sets, train
+from saenb.saes import activations, library, sets, sources, train
 from saenb.saes.spec import FineTune, SAESpec
 
 BASE = sets.FIXES_BASE
@@ -39,6 +40,11 @@ def test_spec_hash_is_stable_and_changes_with_every_field():
     for name, value in {"kind": "decoder", "tokens": 1000, "lr": 1.0, "seed": 3}.items():
         keys.add(dataclasses.replace(tuned, finetune=dataclasses.replace(tuned.finetune, **{name: value})).key)
     assert len(keys) == 1 + len(changed) + 4
+    # FineTune.options joined the hash later: empty, it is left out (old keys stay); set, it changes the key
+    assert "options" not in tuned.to_dict()["finetune"] and tuned.key == "1839a3d0c847c77d"
+    fisher = dataclasses.replace(BASE, finetune=FineTune("fisher"))
+    other = dataclasses.replace(BASE, finetune=FineTune("fisher", options=(("mse_weight", 0.5),)))
+    assert fisher.key != other.key and SAESpec.from_dict(json.loads(json.dumps(other.to_dict()))) == other
 
 
 def test_specs_reject_bad_values_naming_the_allowed_ones():
@@ -48,6 +54,8 @@ def test_specs_reject_bad_values_naming_the_allowed_ones():
         SAESpec(architecture="topk", sparsity=2.5)
     with pytest.raises(ValueError, match="kind='shrink' must be one of"):
         FineTune("shrink")
+    with pytest.raises(ValueError, match="takes no options \\['mse_weight'\\]"):
+        FineTune("scale", options=(("mse_weight", 0.5),))
     with pytest.raises(ValueError, match="unknown SAE set 'fix'"):
         sets.get("fix")
 
@@ -102,7 +110,7 @@ def small_preset(small_bundle, tmp_path_factory):
     name = f"small-specs-{tmp.parent.name}-{tmp.name}"
     register_preset(Preset(name=name, bundle=str(small_bundle), sae_sources=TINY_STDLIB.sae_sources, layers=(0, 1)))
     mp = pytest.MonkeyPatch()
-    mp.setattr(models, "RUNS", tmp / "runs")
+    mp.setattr(sources, "RUNS", tmp / "runs")
     mp.setattr(library, "LOCAL", tmp / "local")
     yield name
     mp.undo()
@@ -113,15 +121,15 @@ def test_runner_trains_specs_from_one_activation_cache(small_preset):
                    training_tokens=8192, batch_tokens=512, data_seed=7)
     relu = dataclasses.replace(topk, architecture="standard", sparsity=1.0)
     sae = saes.load(topk, progress=False)
-    cache = activations.cache_dir(topk)
+    cache = activations.activation_cache(topk, progress=False)  # made by load: the front shards it needs
     made = (cache / "state.json").stat().st_mtime_ns
     assert sae.cfg.d_in == 64 and sae.cfg.d_sae == 256
     # the cache holds the model's own activations for the contexts in data_seed's order (float16)
     from datasets import load_from_disk
 
     ds = load_from_disk(str(cache)).with_format("torch")
-    first = torch.from_numpy(models.train_contexts(small_preset)[activations.order(topk)[:3]])
-    expect = clean_activations(models.load_model(small_preset), topk.hook, first)
+    first = torch.from_numpy(sources.train_contexts(small_preset)[activations.order(topk)[:3]])
+    expect = clean_activations(sources.load_model(small_preset), topk.hook, first)
     torch.testing.assert_close(ds[:3][topk.hook].float(), expect, atol=2e-2, rtol=2e-3)
     assert torch.equal(ds[:3]["token_ids"].long(), first)
     # TopK keeps k latents per token; the second spec at the hook reads the same cache (not made again)
@@ -132,9 +140,34 @@ def test_runner_trains_specs_from_one_activation_cache(small_preset):
     # stored in half precision with a record; loading again reads the same bytes
     path = library.find(topk)
     rec = json.loads((path / "record.json").read_text())
-    assert rec["weights_sha256"] == bundle_io.sha256_file(path / library.WEIGHTS) and rec["training"]["steps"] == 16
+    assert rec["weights_sha256"] == sha256_file(path / library.WEIGHTS) and rec["training"]["steps"] == 16
     again = saes.load(topk, train=False)
     assert torch.equal(again.W_enc, sae.W_enc)
+
+
+def test_a_matryoshka_spec_trains_and_loads_for_the_engine(small_preset):
+    """sae_lens's matryoshka_batchtopk trains on the shared cache and is saved as a JumpReLU SAE, which the engine
+    splices like any other."""
+    from sae_lens import JumpReLUSAE
+
+    from saenb.assembly import from_model
+    from saenb.engine.patching import measure
+
+    spec = SAESpec(preset=small_preset, hook="blocks.1.hook_resid_pre", architecture="matryoshka_batchtopk",
+                   sparsity=8, training_tokens=8192, batch_tokens=512, data_seed=7)
+    assert spec.label == "matryoshka_batchtopk-k=8-x4-8.192k"
+    cfg = train.training_config(spec, 64)
+    assert cfg.architecture() == "matryoshka_batchtopk" and cfg.matryoshka_widths == [4, 16, 64, 256]
+    sae = saes.load(spec, progress=False)
+    assert isinstance(sae, JumpReLUSAE) and sae.cfg.d_sae == 256
+    model = sources.load_model(small_preset)
+    tokens = torch.from_numpy(sources.train_contexts(small_preset)[activations.order(spec)[-4:]])  # held out
+    x = clean_activations(model, spec.hook, tokens)[:, 1:].reshape(-1, 64)
+    l0 = (sae.encode(x) > 0).sum(-1).float().mean()
+    assert 1 <= l0 <= 128, l0  # sparse: the threshold it learned (k on average once converged; 16 steps here)
+    df = measure(from_model(model, {spec.hook: sae}, n_ctx=tokens.shape[1]), spec.hook, ["sae", "eps_random"],
+                 tokens, progress=False)
+    assert df.kl.notna().all() and (df.kl >= 0).all() and (df[df.intervention == "sae"].l0 > 0).any()
 
 
 # ----------------------------------------------------------------------------- the fixes' objectives
@@ -186,6 +219,42 @@ def test_kl_mse_fine_tune_lowers_its_objective(tiny, heldout):
     a = mse_b / kl_b  # Karvonen's weight, held at the base SAE's value so both are scored by one objective
     assert 0.5 * (mse_t + a * kl_t) < 0.5 * (mse_b + a * kl_b)
     assert kl_t < kl_b
+
+
+def test_curvature_objective_is_its_definition():
+    e = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    F = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    # e^T F e: 2 + 2 * 2 + 3 * 4 = 18 and 3; lambda tr(F) / d |e|^2: 0.5 * 5 / 2 * 5 = 6.25 and 0.5 * 5 / 2 * 1 = 1.25
+    torch.testing.assert_close(train.curvature_objective(e, F, 0.5), torch.tensor([24.25, 4.25]))
+    torch.testing.assert_close(train.curvature_objective(e, F, 0.0), torch.tensor([18.0, 3.0]))
+
+
+def test_fisher_fine_tune_keeps_every_active_set_and_lowers_its_objective_on_held_out_tokens(
+        tiny, heldout, tmp_path, monkeypatch):
+    """A short run of the curvature-aware fine-tune: F_bar computed once (then read from its cache), the encoder
+    untouched, and the objective with that F_bar lower on held-out tokens than the base SAE's."""
+    monkeypatch.setattr(train, "fisher_dir", lambda preset: tmp_path / "fisher-cache")
+    tokens, x, keep = heldout
+    base = saes.load(BASE, train=False)
+    ft = FineTune("fisher", tokens=16 * 1024, lr=1e-3, options=(("fisher_samples", 4), ("fisher_tokens", 128),
+                                                                   ("scale_lr", 1e-2)))
+    spec = dataclasses.replace(BASE, finetune=ft)
+    info = train.finetune(spec, base, tmp_path / "fisher", progress=False)
+    assert info["steps"] == 16 and info["fisher"]["tokens"] == 128
+    F, record = train.mean_fisher(spec, progress=False)  # read back, not recomputed
+    assert record == info["fisher"] and F.shape == (128, 128) and torch.linalg.eigvalsh(F).min() > -1e-6
+    from sae_lens import SAE
+
+    tuned = SAE.load_from_disk(tmp_path / "fisher")
+    assert torch.equal(tuned.encode(x) > 0, base.encode(x) > 0)
+    assert torch.equal(tuned.W_enc, base.W_enc) and torch.equal(tuned.b_dec, base.b_dec)
+
+    def objective(sae):
+        with torch.no_grad():
+            e = sae.decode(sae.encode(x)) - x
+        return float(train.curvature_objective(e, F.float(), 0.1)[keep].mean())
+
+    assert objective(tuned) < 0.97 * objective(base), (objective(tuned), objective(base))
 
 
 def test_end_to_end_training_lowers_kl(tiny, heldout, tmp_path):

@@ -75,7 +75,8 @@ def test_converted_model_equals_transformers(smollm2):
 
 
 def test_preset_saes_load_at_hooks_of_their_width(smollm2):
-    from saenb.models.presets import get_preset, hook_width
+    from saenb.hooks import hook_width
+    from saenb.models.presets import get_preset
 
     preset = get_preset("smollm2-135m")
     assert sorted(smollm2.saes) == sorted(preset.hook_names())
@@ -104,7 +105,7 @@ def test_contexts_with_a_two_token_separator():
 def test_massive_activations_sit_on_special_tokens_only(smollm2):
     """The reason for the separator pair (saenb.models.pretrained): at layer 15 the residual stream's attention sink
     (norm ~20,000, about 130x the median) is a special token's, never an ordinary token's, in 32 held-out contexts."""
-    from saenb.engine.patching import clean_activations
+    from saenb.hooks import clean_activations
     from saenb.models.data import non_special
 
     tokens = smollm2.tokens(32)
@@ -119,9 +120,9 @@ def test_one_activation_pass_fills_every_hook_of_the_recipe(tmp_path, monkeypatc
     """smollm2-135m's SAEs read the contexts in one order (sae_shared_data_seed), so the first spec's pass computes
     the caches of all five hooks (the TopK SAE shares the middle one); tiny-stdlib's hooks each have their own
     order, so its passes stay one hook each. The recipe caps the cache at 1.1M tokens."""
-    from saenb.saes import activations, models, sets
+    from saenb.saes import activations, sets, sources
 
-    monkeypatch.setattr(models, "RUNS", tmp_path)  # no cache exists yet
+    monkeypatch.setattr(sources, "RUNS", tmp_path)  # no cache exists yet
     base = sets.base("smollm2-135m")
     assert {s.data_seed for s in base.values()} == {0}
     first = base["blocks.24.hook_resid_pre"]

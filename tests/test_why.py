@@ -7,6 +7,7 @@ import copy
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from .test_patching import assert_fast_equals_naive
 
 
 def synthetic_fit(d: int = 16, seed: int = 0) -> tuple[str, baselines.HookFit, np.ndarray]:
-    """A fit with a known, strongly anisotropic covariance (eigenvalues 2^-k), registered under its own key."""
+    """A fit with a known, strongly anisotropic covariance (eigenvalues 2^-k), with a key of its own."""
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.normal(size=(d, d)))
     var = 2.0 ** -np.arange(d)
@@ -28,9 +29,7 @@ def synthetic_fit(d: int = 16, seed: int = 0) -> tuple[str, baselines.HookFit, n
                             variances=torch.tensor(var, dtype=torch.float32), bank=bank,
                             A=torch.randn(d, d, generator=torch.Generator().manual_seed(1)) * 0.1,
                             b=torch.randn(d, generator=torch.Generator().manual_seed(2)), info={})
-    key = f"synthetic-{d}-{seed}"
-    baselines._FITTED.add(key, {"h": fit})
-    return key, fit, cov
+    return f"synthetic-{d}-{seed}", fit, cov
 
 
 def site(n: int, d: int, seed: int = 0) -> iv.Site:
@@ -42,9 +41,9 @@ def site(n: int, d: int, seed: int = 0) -> iv.Site:
 
 def test_cov_random_is_at_eps_and_shaped_like_the_covariance():
     d, n = 16, 40_000
-    key, _, cov = synthetic_fit(d)
+    key, fit, cov = synthetic_fit(d)
     s = site(n, d)
-    patched = baselines.cov_random(s, generator=torch.Generator().manual_seed(0), key=key)
+    patched = iv.cov_random(s, generator=torch.Generator().manual_seed(0), key=key, fitted=fit)
     step = (patched - s.x).double()
     torch.testing.assert_close(step.norm(dim=-1), s.eps.double(), rtol=1e-5, atol=0)
     u = (step / step.norm(dim=-1, keepdim=True)).numpy()
@@ -65,7 +64,7 @@ def test_error_shuffled_and_linear_split():
     d = 16
     key, fit, _ = synthetic_fit(d)
     s = site(500, d, seed=3)
-    step = baselines.error_shuffled(s, generator=torch.Generator().manual_seed(0), key=key) - s.x
+    step = iv.error_shuffled(s, generator=torch.Generator().manual_seed(0), key=key, fitted=fit) - s.x
     torch.testing.assert_close(step.norm(dim=-1), s.eps, rtol=1e-5, atol=0)
     unit = step / step.norm(dim=-1, keepdim=True)
     nearest = (unit @ fit.bank.T).max(-1).values
@@ -73,9 +72,10 @@ def test_error_shuffled_and_linear_split():
     assert len(torch.unique((unit @ fit.bank.T).argmax(-1))) == len(fit.bank)  # drawn from the whole bank
     linear = fit.linear_part(s.x)
     n = (s.x - s.x_sae) - linear
-    torch.testing.assert_close(s.x - baselines.sae_plus_linear(s, generator=None, key=key), n)
-    torch.testing.assert_close(s.x - baselines.sae_plus_nonlinear(s, generator=None, key=key), linear)
-    like = iv.spec("eps_random_like", of="sae_plus_linear", key=key)(s, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(s.x - iv.sae_plus_linear(s, generator=None, key=key, fitted=fit), n)
+    torch.testing.assert_close(s.x - iv.sae_plus_nonlinear(s, generator=None, key=key, fitted=fit), linear)
+    like = iv.intervention("eps_random_like", of="sae_plus_linear", key=key, fitted={"h": fit})
+    like = like(s, torch.Generator().manual_seed(0))
     torch.testing.assert_close((like - s.x).norm(dim=-1), n.norm(dim=-1), rtol=1e-5, atol=1e-6)
 
 
@@ -92,8 +92,11 @@ def test_lstsq_equals_numpy():
 
 def test_bad_arguments_name_the_fix(tiny, tmp_path):
     s = site(4, 16)
-    with pytest.raises(ValueError, match="baselines.fit"):
-        baselines.cov_random(s, generator=torch.Generator(), key="never-fitted")
+    with pytest.raises(ValueError, match=r"baselines\.fit\(loaded, hooks, tokens\)\.intervention\('cov_random'\)"):
+        iv.intervention("cov_random", key="never-fitted")
+    key, fit, _ = synthetic_fit(16)
+    with pytest.raises(ValueError, match=r"no fit at hook 'h'.*fitted at \['other'\]"):
+        iv.intervention("cov_random", key=key, fitted={"other": fit})(s, torch.Generator())
     with pytest.raises(ValueError, match=r"cos=1.5 must lie in \[-1, 1\]"):
         iv.theta_random_cos(s, generator=torch.Generator(), cos=1.5)
     with pytest.raises(ValueError, match="deterministic"):
@@ -135,10 +138,10 @@ def test_fit_matches_torch_and_is_read_back(tiny, fitted, fit_root, monkeypatch)
 
 @pytest.mark.parametrize("mode", ["all", "single"])
 def test_new_interventions_fast_equals_naive(tiny, fitted, mode):
-    specs = [fitted.spec("cov_random"), fitted.spec("error_shuffled"), fitted.spec("sae_plus_linear"),
-             fitted.spec("sae_plus_nonlinear"), fitted.eps_spec("sae_plus_nonlinear"),
-             iv.spec("theta_random_cos", cos=0.9), iv.spec("sae_scaled", scale=0.5), iv.spec("eps_random", scale=0.5)]
-    kw = dict(hooks=list(fitted.hooks), interventions=specs, tokens=tiny.tokens(3), seed=5, progress=False)
+    interventions = [*(fitted.intervention(n) for n in baselines.INTERVENTIONS),
+                     fitted.eps_intervention("sae_plus_nonlinear"), iv.intervention("theta_random_cos", cos=0.9),
+                     iv.intervention("sae_scaled", scale=0.5), iv.intervention("eps_random", scale=0.5)]
+    kw = dict(hooks=list(fitted.hooks), interventions=interventions, tokens=tiny.tokens(3), seed=5, progress=False)
     if mode == "single":
         kw.update(positions=40, n_samples=3)
     fast, naive = measure(tiny, **kw), measure_naive(tiny, **kw)
@@ -231,3 +234,74 @@ def test_share_of_gap():
     assert why.share_of_gap(2.0, 2.0) == pytest.approx(0.0)
     assert why.share_of_gap(4.0, 2.0) == pytest.approx(0.5)
     assert np.isnan(why.share_of_gap(1.0, 1.2))
+
+
+def _gap_frame(n_seqs: int, seed: int = 0) -> pd.DataFrame:
+    """An all-token frame: per context, KL of the SAE ~2x eps-random's, cov-random between them (share ~0.6)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for seq in range(n_seqs):
+        base = rng.lognormal(-3, 0.5, 20)
+        for name, scale in (("sae", 2.0), ("eps_random", 1.0), ("cov_random", 1.5), ("error_shuffled", 2.2),
+                            ("theta_random_sae_norm", 1.0)):
+            rows.append(pd.DataFrame({"hook": "blocks.1.hook_resid_pre", "layer": 1, "seq": seq, "pos": range(20),
+                                      "intervention": name, "kl": base * scale * rng.lognormal(0, 0.3, 20)}))
+    df = pd.concat(rows, ignore_index=True)
+    return df.astype({"hook": "category", "intervention": "category"})
+
+
+def test_shares_of_the_gap_carry_bootstrap_cis_on_the_same_contexts():
+    df = _gap_frame(40)
+    gap = why.gap_table(df).set_index("baseline")
+    for b in ("cov_random", "error_shuffled", "theta_random_sae_norm"):
+        r = gap.loc[b]
+        # the point share is read against eps-random's ratio on the same contexts
+        assert r.share_of_gap == pytest.approx(why.share_of_gap(gap.loc["eps_random", "ratio"], r.ratio))
+        assert r.share_ci_low < r.share_of_gap < r.share_ci_high
+    assert 0.3 < gap.loc["cov_random", "share_of_gap"] < 0.9 and gap.loc["error_shuffled", "share_of_gap"] > 1
+    # resampling contexts moves both ratios together: by hand, the same draws give the same interval
+    sums = df.groupby(["intervention", "seq"], observed=True).kl.sum().unstack(0)
+    idx = np.random.default_rng(0).integers(0, 40, size=(2000, 40))
+    t = {c: sums[c].to_numpy()[idx].sum(-1) for c in ("sae", "eps_random", "cov_random")}
+    boot = 1 - np.log(t["sae"] / t["cov_random"]) / np.log(t["sae"] / t["eps_random"])
+    assert (gap.loc["cov_random", "share_ci_low"], gap.loc["cov_random", "share_ci_high"]) == pytest.approx(
+        tuple(np.quantile(boot, [0.025, 0.975])))
+    # four times the contexts: about half the width
+    wide = gap.loc["cov_random", "share_ci_high"] - gap.loc["cov_random", "share_ci_low"]
+    big = why.gap_table(_gap_frame(160, seed=1)).set_index("baseline").loc["cov_random"]
+    assert 0.3 < (big.share_ci_high - big.share_ci_low) / wide < 0.8
+
+
+def test_accounting_reads_each_share_against_its_own_mode_and_says_what_outside_zero_one_means():
+    gap = why.gap_table(_gap_frame(40))
+    split = pd.DataFrame({"hook": ["blocks.1.hook_resid_pre"], "linear_restored_ratio": [1.8],
+                          "nonlinear_only_share": [0.15], "nonlinear_only_share_ci_low": [0.05],
+                          "nonlinear_only_share_ci_high": [0.25]})
+    summary = pd.DataFrame({"hook": ["blocks.1.hook_resid_pre"], "measured_ratio": [1.17], "quadratic_ratio": [1.59],
+                            "curvature_share": [np.log(1.59) / np.log(1.17)], "curvature_share_ci_low": [1.5],
+                            "curvature_share_ci_high": [4.0]})
+    account = why.accounting(gap, split, summary).set_index("explanation")
+    curv = account.loc["curvature (quadratic model, single-token)"]
+    assert curv["mode"] == "single-token" and curv.ratio_eps == 1.17 and curv.share_of_gap == pytest.approx(2.95, 0.01)
+    assert "over-predicts" in curv.note  # issue 33's example: stated as what it is, not "all of the gap and more"
+    shuffled = account.loc["error directions in general (error_shuffled)"]
+    assert shuffled["mode"] == "all-token" and "more harmful than the SAE" in shuffled.note
+    assert account.loc["anisotropy (cov_random)", "note"] == ""
+    assert set(account.columns) >= {"share_ci_low", "share_ci_high", "ratio_eps", "ratio_left"}
+    assert "not separated" in why.largest_share(account.reset_index()) or "largest" in why.largest_share(
+        account.reset_index())
+
+
+def test_report_summary_names_the_largest_share_per_layer_only_where_cis_separate(tmp_path):
+    """Issue 33's example: no share averaged over layers, none called "all of the gap and more"."""
+    from saenb.output import report
+
+    (tmp_path / "09_why").mkdir()
+    rows = [(6, "anisotropy", 0.4, 0.2, 0.6, ""), (6, "curvature", 2.95, 1.5, 4.0, "the model over-predicts"),
+            (15, "anisotropy", 0.5, 0.3, 0.7, ""), (15, "curvature", 0.45, 0.1, 0.8, "")]
+    columns = ["layer", "explanation", "share_of_gap", "share_ci_low", "share_ci_high", "note"]
+    pd.DataFrame(rows, columns=columns).to_csv(tmp_path / "09_why" / "accounting.csv", index=False)
+    text = report._why(tmp_path)
+    assert "at layer 6 curvature 295% [150%, 400%]: the model over-predicts accounts for the largest share" in text
+    assert "at layer 15 the largest is not separated from the next (anisotropy 50% [30%, 70%]; curvature 45%" in text
+    assert "average" not in text and "and more" not in text

@@ -14,9 +14,7 @@ any other string is a cluster's address. Without `ray=` nothing changes.
   intervention) generators make every chunk's draws independent of where it runs), which writes the part into
   the store; the driver assembles the frame the local path
   would. Finished parts are skipped on a rerun. An actor that dies is restarted and its task retried.
-- **SAE specs** (`build_specs`): one spec per task (`saes.library.build`, into the library's folder). Activation
-  caches are filled first, in one task (two workers filling one cache would collide), then the bases that
-  fine-tunes start from, then everything else in parallel.
+- **SAE specs** (`saenb.saes.cluster.build_specs`, on this module's connection and workers): one spec per task.
 
 The store and the SAE library must be on storage every node sees (one machine: always; a cluster: a shared file
 system, e.g. SAENB_RESULTS=/shared/results), and every node needs this package (pip install, or Ray's
@@ -29,8 +27,7 @@ import dataclasses
 import os
 import time
 import uuid
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -46,7 +43,7 @@ last_run: dict[str, Any] = {}
 
 def require_ray():
     try:
-        import ray
+        import ray  # optional (the `ray` extra): imported where it is used
     except ImportError:
         raise ImportError("the Ray backend needs Ray: pip install -e '.[ray]' (or pip install 'ray[default]')") \
             from None
@@ -103,19 +100,21 @@ class _Measurer:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, part, specs, means, kwargs: dict[str, Any]) -> tuple[str, int]:
-        from saenb.engine import store
-
+    def run(self, measure_part: Callable, part, interventions, means, kwargs: dict[str, Any]) -> tuple[str, int]:
         means = {h: (None if m is None else m.to(self.loaded.device)) for h, m in means.items()}
-        store.measure_part(self.loaded, part, specs, means, kwargs)
+        interventions = [i.to(self.loaded.device) for i in interventions]
+        measure_part(self.loaded, part, interventions, means, kwargs)
         return str(part.path), os.getpid()
 
 
-def measure_parts(loaded, parts: Sequence, specs, means: dict, kwargs: dict[str, Any], *,
-                  address: str = "auto", cpus_per_worker: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Run `parts` (`store.Part`s) on the cluster, each written by the worker that ran it; returns what ran where."""
-    require_ray()
-    from ray.util import ActorPool
+def measure_parts(loaded, parts: Sequence, interventions, means: dict, kwargs: dict[str, Any],
+                  measure_part: Callable, *, address: str = "auto", cpus_per_worker: int = 1,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run `parts` (`store.Part`s) on the cluster, each by `measure_part(loaded, part, interventions, means, kwargs)`
+    (`store.measure_part`, which writes it) in the worker that ran it; returns what ran where. The interventions,
+    fitted parts included, go into the object store once."""
+    ray = require_ray()
+    from ray.util import ActorPool  # Ray is optional (the `ray` extra)
 
     connect(address)
     last_run.clear()
@@ -126,9 +125,11 @@ def measure_parts(loaded, parts: Sequence, specs, means: dict, kwargs: dict[str,
     n, resources = cluster_workers(cpus_per_worker)
     actors = _actors_for(loaded, n, resources)[:len(parts)]
     means = {h: (None if m is None else m.cpu()) for h, m in means.items()}
+    interventions_ref = ray.put(list(interventions))
     pids = []
     pool = ActorPool(actors)
-    results = pool.map_unordered(lambda actor, part: actor.run.remote(part, specs, means, kwargs), list(parts))
+    results = pool.map_unordered(
+        lambda actor, part: actor.run.remote(measure_part, part, interventions_ref, means, kwargs), list(parts))
     for _, pid in tqdm(results, total=len(parts), desc=f"measure on Ray ({len(actors)} workers)", unit="part",
                        disable=not progress):
         pids.append(pid)
@@ -172,61 +173,3 @@ def _actors_for(loaded, n: int, resources: dict[str, float]) -> list:
               .remote(loaded_ref, int(resources["num_cpus"])) for i in range(n)]
     _POOL.update({"fingerprint": fingerprint, "ref": loaded_ref, "actors": actors})
     return actors
-
-
-# ------------------------------------------------------------------------------------------------ SAE specs
-def _build_task(kind: str, specs: list, preset, local: Path, runs: Path) -> int:
-    """On a worker: the driver's SAE library and run folders, its preset registered, then fill the activation
-    caches of `specs` ("caches") or train each spec that is stored nowhere ("train")."""
-    from saenb.models.presets import _REGISTRY, register_preset
-    from saenb.saes import activations, library, models
-
-    library.LOCAL, models.RUNS = Path(local), Path(runs)
-    if preset is not None and preset.name not in _REGISTRY:
-        register_preset(preset)
-    for spec in specs:
-        if kind == "caches":
-            activations.activation_cache(spec, progress=False)
-        elif library.find(spec) is None:
-            library.build(spec, progress=False)
-    return os.getpid()
-
-
-def build_specs(specs: Sequence, *, address: str = "auto", cpus_per_task: int = 1, progress: bool = True) -> list[Path]:
-    """Train every spec that is stored nowhere on the cluster, one spec per task; returns each spec's folder."""
-    ray = require_ray()
-    from saenb.models.presets import get_preset
-    from saenb.saes import activations, library, models
-
-    connect(address)
-    release_workers()  # idle measure workers would hold the CPUs / GPUs the training tasks need
-    specs = list(dict.fromkeys(specs))
-    todo = [s for s in specs if library.find(s) is None]
-    bases = list(dict.fromkeys(s.base for s in todo if s.finetune is not None and library.find(s.base) is None))
-    runner = [s for s in [*bases, *todo] if s.finetune is None and s.objective == "mse"]
-    caches = list({activations.cache_dir(s): s for s in runner
-                   if not (activations.cache_dir(s) / "state.json").exists()}.values())
-    resources = cluster_workers(cpus_per_task)[1]
-    task = ray.remote(max_retries=MAX_RETRIES)(_build_task).options(**resources)
-    local, runs = library.LOCAL, models.RUNS
-    presets = {s.preset: _registered(get_preset(s.preset)) for s in specs}
-    waves = [("caches", [caches] if caches else []), ("train", [[s] for s in bases]),
-             ("train", [[s] for s in todo if s not in bases])]
-    last_run.clear()
-    last_run.update({"tasks": {}, "pids": []})
-    t0 = time.time()
-    for kind, groups in waves:
-        refs = [task.remote(kind, group, presets[group[0].preset], local, runs) for group in groups]
-        last_run["tasks"][kind] = last_run["tasks"].get(kind, 0) + len(refs)
-        for _ in tqdm(range(len(refs)), desc=f"SAE specs on Ray: {kind}", disable=not progress or not refs):
-            ready, refs = ray.wait(refs, num_returns=1)
-            last_run["pids"] += ray.get(ready)
-    last_run["seconds"] = time.time() - t0
-    return [library.find(s) for s in specs]
-
-
-def _registered(preset):
-    """The preset to register on workers: None for the package's own (registered at import everywhere)."""
-    from saenb.models import presets as p
-
-    return None if preset.name in {p.TINY_STDLIB.name, p.SMOLLM2_135M.name, p.GPT2_SMALL.name} else preset

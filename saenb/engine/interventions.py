@@ -3,7 +3,10 @@
 Each intervention maps a `Site` (the clean activation `x`, its SAE reconstruction `x_sae`, the SAE
 latents, decoder and the hook's mean activation) and a `torch.Generator` to a new tensor shaped like `x`.
 Nothing here runs a model: `saenb.engine.patching` splices the results in. Names follow DESIGN.md; the original
-study's function names are given in each docstring.
+study's function names are given in each docstring. What is spliced is an `Intervention`: a registered name, its
+parameters and, for the fitted ones (`cov_random`, `error_shuffled`, `sae_plus_linear`, `sae_plus_nonlinear`,
+`sae_nfm`, `nfm_eps_random`), the parts fitted at each hook (`saenb.studies.baselines`, `saenb.studies.nfm`), carried
+with it: no process holds fitted state of its own, so a Ray worker or a fresh kernel runs any of them.
 
 Random interventions draw their noise in a fixed order from the generator they are given, so two
 interventions called with equally seeded generators share their draws: `sae_plus_random` gets exactly the
@@ -12,8 +15,9 @@ latent perturbation that `latent_perturb` applied, and sampling is reproducible 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,20 +47,23 @@ class Site:
         return (self.x_sae - self.x).norm(dim=-1)
 
 
-Intervention = Callable[..., Act]
-_REGISTRY: dict[str, Intervention] = {}
+InterventionFn = Callable[..., Act]
+_REGISTRY: dict[str, InterventionFn] = {}
 _DETERMINISTIC: set[str] = set()
 _CONSTANT: set[str] = set()
+_NEEDS_FIT: dict[str, str] = {}
+"""Interventions that read a part fitted at each hook -> the call that fits it (named in errors)."""
 
 
-def register(name: str, *, deterministic: bool = False,
-             constant: bool = False) -> Callable[[Intervention], Intervention]:
+def register(name: str, *, deterministic: bool = False, constant: bool = False,
+             fitted_by: str | None = None) -> Callable[[InterventionFn], InterventionFn]:
     """Register an intervention under `name`; `deterministic` ones never draw from the generator (the engine
     may then apply them to many sequences at once); `constant` ones put the same activation at every token,
     whatever it was (the engine reduces their logits as those of streams far from the clean ones, which
-    several sequences may share)."""
+    several sequences may share). `fitted_by` marks one that reads a part fitted at each hook (its keyword
+    argument `fitted`), naming the call that fits it: it runs only as an `Intervention` carrying its fits."""
 
-    def wrap(fn: Intervention) -> Intervention:
+    def wrap(fn: InterventionFn) -> InterventionFn:
         if name in _REGISTRY:
             raise ValueError(f"an intervention named {name!r} is already registered")
         _REGISTRY[name] = fn
@@ -64,6 +71,8 @@ def register(name: str, *, deterministic: bool = False,
             _DETERMINISTIC.add(name)
         if constant:
             _CONSTANT.add(name)
+        if fitted_by is not None:
+            _NEEDS_FIT[name] = fitted_by
         return fn
 
     return wrap
@@ -79,7 +88,12 @@ def is_constant(name: str) -> bool:
     return name in _CONSTANT
 
 
-def get(name: str) -> Intervention:
+def needs_fit(name: str) -> bool:
+    get(name)
+    return name in _NEEDS_FIT
+
+
+def get(name: str) -> InterventionFn:
     if name not in _REGISTRY:
         raise ValueError(f"unknown intervention {name!r}. Known interventions: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
@@ -89,36 +103,32 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-class Fitted:
-    """Per-hook parts fitted outside the engine (NFMs, fitted baselines) that interventions name by a key:
-    key -> hook -> part. `what` and `fix` word the error for a key or hook never fitted."""
-
-    def __init__(self, what: str, fix: str):
-        self.what, self.fix = what, fix
-        self._parts: dict[str, dict[str, Any]] = {}
-
-    def add(self, key: str, parts: dict[str, Any]) -> None:
-        self._parts.setdefault(key, {}).update(parts)
-
-    def get(self, key: str, hook: str) -> Any:
-        if hook not in self._parts.get(key, {}):
-            raise ValueError(f"no {self.what} {key!r} for hook {hook!r}: call {self.fix} for it first (cached ones "
-                             f"load in seconds); known keys: { {k: sorted(v) for k, v in self._parts.items()} }")
-        return self._parts[key][hook]
-
-
 @dataclass(frozen=True)
-class Spec:
-    """An intervention with keyword parameters, e.g. `Spec("latent_perturb", {"scale": 0.3})`."""
+class Intervention:
+    """What is spliced at a hook: a registered intervention with keyword parameters, e.g.
+    `intervention("latent_perturb", scale=0.3)`, and for a fitted one (`needs_fit`) its fitted parts.
+
+    Everything it needs travels with it (pickled to a Ray worker, say): a fitted one carries `fitted`, hook -> the
+    part fitted there (an NFM, a baselines fit), and names it in `params` by its key, a hash of what decided the fit
+    (`saenb.engine.store.fit_key`); the label and every cache key hold that key, never the tensors."""
 
     name: str
     params: tuple[tuple[str, Any], ...] = ()
+    fitted: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    """hook -> fitted part, for the interventions that need one (None for the others)."""
+
+    def __post_init__(self):
+        get(self.name)  # an unknown name fails here, listing the known ones
+        of = dict(self.params).get("of")  # eps_random_like of a fitted splice needs that splice's fits
+        for name in (self.name, *([of] if isinstance(of, str) and of in _REGISTRY else [])):
+            if name in _NEEDS_FIT and self.fitted is None:
+                raise ValueError(f"intervention {name!r} splices parts fitted at each hook; make it with "
+                                 f"{_NEEDS_FIT[name]}")
 
     @classmethod
-    def of(cls, item: str | Spec) -> Spec:
-        if isinstance(item, Spec):
+    def of(cls, item: str | Intervention) -> Intervention:
+        if isinstance(item, Intervention):
             return item
-        get(item)  # an unknown name fails here, listing the known ones
         return cls(item)
 
     @property
@@ -127,13 +137,27 @@ class Spec:
             return self.name
         return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in self.params) + ")"
 
+    def part(self, hook: str) -> Any:
+        """The part fitted at `hook`."""
+        if hook not in self.fitted:
+            raise ValueError(f"{self.label} has no fit at hook {hook!r}; it was fitted at {sorted(self.fitted)}: fit "
+                             f"it at that hook too ({_NEEDS_FIT.get(self.name, 'the fit that made it')})")
+        return self.fitted[hook]
+
+    def to(self, device: torch.device | str) -> Intervention:
+        """The same intervention with its fitted parts on `device`."""
+        if self.fitted is None:
+            return self
+        return dataclasses.replace(self, fitted={h: p.to(device) for h, p in self.fitted.items()})
+
     def __call__(self, site: Site, generator: torch.Generator) -> Act:
-        return get(self.name)(site, generator=generator, **dict(self.params))
+        fitted = {} if self.fitted is None else {"fitted": self.part(site.hook)}
+        return get(self.name)(site, generator=generator, **dict(self.params), **fitted)
 
 
-def spec(name: str, **params: Any) -> Spec:
-    get(name)
-    return Spec(name, tuple(sorted(params.items())))
+def intervention(name: str, *, fitted: Mapping[str, Any] | None = None, **params: Any) -> Intervention:
+    """`Intervention(name, params)`, the parameters sorted by name; `fitted`: hook -> part, for a fitted one."""
+    return Intervention(name, tuple(sorted(params.items())), fitted)
 
 
 def _unit(v: Act) -> Act:
@@ -378,3 +402,53 @@ def feature_aligned(site: Site, *, generator: torch.Generator, which: str = "act
     sign = _to(torch.randint(0, 2, pick.shape, generator=generator, device=generator.device), site.x.device)
     directions = _unit(site.W_dec[pick]) * (2 * sign - 1).to(site.x.dtype).unsqueeze(-1)
     return site.x + site.eps.unsqueeze(-1) * directions
+
+
+# ---------------------------------------------------------------------- fitted (their parts carried in)
+_BASELINES = "saenb.studies.baselines.fit(loaded, hooks, tokens).intervention({name!r})"
+_NFM = "saenb.studies.nfm.fit(loaded, hooks, tokens, cfg).intervention"
+
+
+@register("cov_random", fitted_by=_BASELINES.format(name="cov_random"))
+def cov_random(site: Site, *, generator: torch.Generator, key: str, fitted) -> Act:
+    """x + eps * u, u ~ N(0, Sigma) scaled to length 1, Sigma the held-in activations' covariance at the hook
+    (`fitted.variances`, `fitted.components`: its eigendecomposition; `key` names the fit)."""
+    g = random_unit(site.x, generator)  # a Gaussian's direction; its length cancels in the normalisation
+    u = (g * fitted.variances.sqrt().to(g.dtype)) @ fitted.components.T.to(g.dtype)
+    return site.x + site.eps.unsqueeze(-1) * u / u.norm(dim=-1, keepdim=True)
+
+
+@register("error_shuffled", fitted_by=_BASELINES.format(name="error_shuffled"))
+def error_shuffled(site: Site, *, generator: torch.Generator, key: str, fitted) -> Act:
+    """x + eps * the unit SAE-error direction of a held-in token drawn uniformly from the fit's bank
+    (`fitted.bank`)."""
+    bank = fitted.bank
+    pick = torch.randint(0, len(bank), site.x.shape[:-1], generator=generator, device=generator.device)
+    return site.x + site.eps.unsqueeze(-1) * bank.to(site.x.dtype)[pick.to(bank.device)]
+
+
+@register("sae_plus_linear", deterministic=True, fitted_by=_BASELINES.format(name="sae_plus_linear"))
+def sae_plus_linear(site: Site, *, generator: torch.Generator | None, key: str, fitted) -> Act:
+    """x_sae + (x A + b): the error's linear part restored, its nonlinear part n left (`fitted.linear_part`)."""
+    return site.x_sae + fitted.linear_part(site.x)
+
+
+@register("sae_plus_nonlinear", deterministic=True, fitted_by=_BASELINES.format(name="sae_plus_nonlinear"))
+def sae_plus_nonlinear(site: Site, *, generator: torch.Generator | None, key: str, fitted) -> Act:
+    """x_sae + n = x - (x A + b): the error's nonlinear part restored, its linear part left."""
+    return site.x - fitted.linear_part(site.x)
+
+
+@register("sae_nfm", deterministic=True, fitted_by=_NFM)
+def sae_nfm(site: Site, *, generator: torch.Generator | None, key: str, fitted, variant: str = "both") -> Act:
+    """x_sae + NFM(latents) (seed 003's "feature integration"): `fitted` is the hook's NFM, `key` names the NFMs
+    trained together (`variant` is recorded in the label only)."""
+    return site.x_sae + fitted(site.latents).to(site.x_sae.dtype)
+
+
+@register("nfm_eps_random", fitted_by=_NFM)
+def nfm_eps_random(site: Site, *, generator: torch.Generator, key: str, fitted, variant: str = "both") -> Act:
+    """x + ||x_hat - x|| * u with x_hat = x_sae + NFM(latents): a random error as large as the SAE + NFM
+    splice's own (u is the direction `eps_random` draws from the same generator)."""
+    x_hat = sae_nfm(site, generator=None, key=key, fitted=fitted, variant=variant)
+    return site.x + (x_hat - site.x).norm(dim=-1, keepdim=True) * random_unit(site.x, generator)

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -215,11 +216,11 @@ def fused_kernels(model, keep=()):
             if (type(module) in FUSED_NORMS and model.cfg.dtype == torch.float32
                     and not fires(name, module, ("hook_scale", "hook_normalized"))):
                 swapped_fwd.append(module)
-                module.forward = functools.partial(_fused_norm, module)
+                module.forward = types.MethodType(_fused_norm, module)
             elif (isinstance(module, AbstractAttention) and supports_fused_attention(module)
                   and not fires(name, module, ("hook_attn_scores", "hook_pattern"))):
                 swapped_fwd.append(module)
-                module.forward = functools.partial(_attention, module)
+                module.forward = types.MethodType(_attention, module)
         yield bool(attention) and all("forward" in vars(m) for m in attention)
     finally:
         for module, fn in swapped_act:

@@ -26,9 +26,9 @@ TEMPORARY_ELEMENTS = 2**22
 this many elements (16 MB of float32): small enough for the allocator to reuse rather than map afresh."""
 
 VOCAB_SLICE = 4096
-"""Vocabulary slice of `CleanDistribution.log_partition_linear` on a CPU: a block of 512 tokens' logits over
+"""Vocabulary slice of `CleanDistribution.reduce` on a CPU: a block of 512 tokens' logit changes over
 4,096 words (8 MB, against 100 MB for GPT-2's whole vocabulary) is reduced while it is still in cache, so the
-log-partition's three passes cost little beside the matmul that wrote the block (at GPT-2's sizes, measured in
+passes over it cost little beside the matmul that wrote the block (at GPT-2's sizes, measured in
 one process: 122 against 135 ms per block, the matmul alone 117 ms; a whole all-token run 4% faster). On a GPU
 the whole vocabulary is one slice."""
 
@@ -37,88 +37,152 @@ class CleanDistribution:
     """The clean next-token distribution at the measured positions of a batch, prepared once and compared with
     many patched ones.
 
-    With clean logits c, patched logits l = c + delta, p = softmax(c) and lse the log-sum-exp over the vocabulary,
+    The readout is l = cap(h W + b) (cap: a soft-cap, or none). For a patched row the logits change by delta, and with
+    p = softmax(c) of the clean logits c, KL(p || softmax(c + delta)) is computed in the centred form
 
-        KL(p || softmax(l)) = sum_v p_v (log p_v - log q_v) = log sum_v p_v exp(delta_v)  -  p . delta
+        t = delta - D,   KL = log1p(A + B) - B,   A = sum_v p_v (expm1(t_v) - t_v),   B = sum_v p_v t_v,
 
-    (sum_v p_v = 1). The first term is one pass over the vocabulary per patched row (`log_partition`: add log p,
-    exp, sum, in place), where `kl_div` or a log-softmax followed by a weighted difference make five to seven,
-    three of them writing the vocabulary. When the logits are linear in the normalised final residual stream h
-    (l = h W_U + b, no soft-cap), delta = (h - h_c) W_U is computed from the difference of the streams (its
-    rounding scales with the change, not with the logits: an unchanged row gives 0), slice by slice of the
-    vocabulary (`log_partition_linear`), and p . delta = u . (h - h_c) with u = W_U p is a d_model-long product,
-    u computed once per clean position. A KL of -1e-7 left by rounding is clamped at 0.
+    D a centre: exactly p . delta = u . delta_h with a linear readout (u = W p, one d_model-long product per clean
+    position, so B = 0 there), its first-order part (W (p sech^2(c / cap))) . delta_h under a soft-cap. A's terms are
+    non-negative and of the size of t^2: nothing cancels, and float32 keeps float64's digits to about 4e-6 on every
+    token (where sum p exp(delta) - p . delta, or a log-softmax and kl_div, lose up to 1% on a KL of 1e-4: they subtract
+    numbers of size 1, or of the logits, to get the KL). Each term is expm1(t) - t, or its Taylor polynomial for the
+    (row, position)s whose |t| stays within `SMALL_T` over a vocabulary slice (after a single-token splice, positions
+    whose KL is 1e-10). delta = delta_h W (the bias cancels; capped: `_capped`) is computed from the difference of
+    the readout's inputs, slice by slice of the vocabulary (`reduce`). The clean distribution itself is taken in
+    float64 (`TOP_EXACT`).
     """
 
-    def __init__(self, logits: Float[Tensor, "b m d_vocab"], targets: Int[Tensor, "b m"],
-                 h: Float[Tensor, "b m d"] | None = None, weight: Float[Tensor, "d d_vocab"] | None = None,
-                 vocab_slice: int | None = None):
-        """logits: the clean logits; targets: each position's next token; h and weight (W_U): the readout's
-        input and matrix, when the logits are h @ weight + bias (omit them otherwise); vocab_slice: the width
-        of `log_partition_linear`'s slices (default, and without `weight`: the whole vocabulary)."""
-        self.logp = logits.log_softmax(-1)  # as the naive path and kl_div take it
-        self.targets = targets
-        self.ce = ce_per_token(self.logp, targets, normalized=True)
-        """The clean cross-entropy of each position's target token [b, m]."""
-        self.h = h
-        self.weight = weight
-        self.linear = weight is not None
-        d_vocab = logits.shape[-1]
-        # slices serve the linear readout only (a soft-capped one is reduced from whole-vocabulary logits)
-        self.vocab_slice = min(vocab_slice or d_vocab, d_vocab) if self.linear else d_vocab
-        if not self.linear:
-            self.p = self.logp.exp()
-        # a few sequences at a time: the vocabulary-long temporaries of a whole batch (200 MB each for 8
-        # sequences at GPT-2's vocabulary) would be mapped and page-faulted in afresh for every batch
+    def __init__(self, h: Float[Tensor, "b m d"], targets: Int[Tensor, "b m"], weight: Float[Tensor, "d d_vocab"],
+                 bias: Float[Tensor, "d_vocab"] | None = None, *, soft_cap: float = 0.0, vocab_slice: int | None = None):
+        """h: the readout's input at the measured positions; targets: each position's next token; weight, bias and
+        soft_cap: the readout (W_U, b_U, the logits' soft-cap or 0); vocab_slice: the width of `reduce`'s slices
+        (default: the whole vocabulary)."""
+        self.h, self.targets, self.weight, self.soft_cap = h, targets, weight, soft_cap
         b, m = targets.shape
-        self.lse, self.logz = torch.empty(b, m, device=logits.device), torch.empty(b, m, device=logits.device)
-        if self.linear:
-            self.u = torch.empty(b, m, weight.shape[0], device=logits.device)  # [b, m, d]
-        group = max(1, TEMPORARY_ELEMENTS // logits[0].numel())
+        d_vocab = weight.shape[1]
+        self.vocab_slice = min(vocab_slice or d_vocab, d_vocab)
+        device = h.device
+        self.p = torch.empty(b, m, d_vocab, device=device)
+        """p, scaled per position by up to e^80 so that no word's falls below float32's normal range."""
+        self.lse, self.z, self.ce = (torch.empty(b, m, device=device) for _ in range(3))
+        """The clean logits' log-sum-exp, sum_v p_v (p's scale), and the target's cross-entropy [b, m]."""
+        self.u = torch.empty(b, m, weight.shape[0], device=device)
+        self.w_target = weight.T[targets]  # [b, m, d]: the target's column of W
+        if soft_cap:
+            self.tanh_c, self.sech2_c = torch.empty_like(self.p), torch.empty_like(self.p)
+        # a few sequences at a time: their vocabulary-long float64 temporaries stay small
+        group = max(1, TEMPORARY_ELEMENTS // (m * d_vocab))
         for i in range(0, b, group):
             j = min(i + group, b)
-            self.lse[i:j] = logits[i:j].logsumexp(-1)
-            p = self.p[i:j] if not self.linear else self.logp[i:j].exp()
-            # log sum_v p_v, 0 up to rounding, summed as the log-partitions sum, so that delta = 0 gives 0
-            self.logz[i:j] = self._slice_sum(p).log_()
-            if self.linear:
-                self.u[i:j] = _matmul_fixed_order(p, weight.T)
+            logits = _top_exact(h[i:j], weight, bias)  # float64 [g, m, d_vocab], before the cap
+            if soft_cap:
+                x = logits / soft_cap
+                self.tanh_c[i:j], self.sech2_c[i:j] = x.tanh(), x.cosh().pow_(-2)
+                logits = x.tanh_().mul_(soft_cap)
+            logp = logits.log_softmax(-1)
+            self.lse[i:j] = logits[..., 0] - logp[..., 0]
+            self.ce[i:j] = -logp.gather(-1, targets[i:j, :, None]).squeeze(-1)
+            shift = (LOGP_FLOOR - logp.amin(-1, keepdim=True)).clamp_(0, 80)
+            p = self.p[i:j]
+            p.copy_(logp.add_(shift).exp_())
+            self.z[i:j] = p.sum(-1, dtype=torch.float64)
+            slope = p if not soft_cap else p * self.sech2_c[i:j]  # how the logits move with h, weighted by p
+            self.u[i:j] = _matmul_fixed_order(slope, weight.T).div_(self.z[i:j, :, None])
+        if soft_cap:
+            self.tanh_t, self.sech2_t = (x.gather(-1, targets[..., None]).squeeze(-1) for x in (self.tanh_c, self.sech2_c))
 
-    def _slice_sum(self, x: Float[Tensor, "... d_vocab"]) -> Float[Tensor, "..."]:
-        """The sum over the vocabulary, slice by slice in order (the order `log_partition_linear` adds in)."""
-        step = self.vocab_slice
-        total = x[..., :step].sum(-1)
-        for a in range(step, x.shape[-1], step):
-            total += x[..., a:a + step].sum(-1)
-        return total
-
-    def log_partition(self, seq: int, delta: Float[Tensor, "r m d_vocab"]) -> Float[Tensor, "r m"]:
-        """lse(c + delta) - lse(c) = log sum_v p_v exp(delta_v) for r patched copies of sequence `seq` (the clean
-        distribution broadcast over the copies, not copied); overwrites `delta`. Exact to float32 rounding
-        within `LOG_PARTITION_RANGE`; outside it exp may over- or underflow, and the caller recomputes."""
-        return self._slice_sum(delta.add_(self.logp[seq]).exp_()).log_().sub_(self.logz[seq])
-
-    def log_partition_linear(self, seq: int, delta_h: Float[Tensor, "r m d"], buffer: Float[Tensor, "n"]
-                             ) -> Float[Tensor, "r m"]:
-        """`log_partition` of delta = delta_h W_U (a linear readout's), computed one vocabulary slice at a time
-        into `buffer` (at least r * m * vocab_slice elements) and reduced while it is in cache."""
+    def reduce(self, seq: int, delta_h: Float[Tensor, "r m d"], buffer: Float[Tensor, "n"]
+               ) -> tuple[Float[Tensor, "r m"], Float[Tensor, "r m"], Float[Tensor, "r m"]]:
+        """KL(p || q), lse(l) - lse(c) and p . delta for r patched copies of sequence `seq` (the clean distribution
+        broadcast over the copies, not copied), from the change of the readout's input delta_h = h - h_c. Computed one
+        vocabulary slice at a time into `buffer` (at least 2 r m vocab_slice elements) and reduced while it is in
+        cache. A term of A that overflowed leaves an infinite KL (the caller recomputes those, `CENTRED_KL_MAX`)."""
         d_vocab, step = self.weight.shape[1], self.vocab_slice
-        total = None
-        for a in range(0, d_vocab, step):
-            n = min(step, d_vocab - a)
-            delta = torch.matmul(delta_h, self.weight[:, a:a + n],
-                                 out=buffer[:delta_h.numel() // delta_h.shape[-1] * n].view(*delta_h.shape[:-1], n))
-            part = delta.add_(self.logp[seq, :, a:a + n]).exp_().sum(-1)
-            total = part if total is None else total.add_(part)
-        return total.log_().sub_(self.logz[seq])
+        centre = (self.u[seq] * delta_h).sum(-1)  # [r, m]: D
+        a = torch.zeros_like(centre)
+        b = torch.zeros_like(centre) if self.soft_cap else None
+        size = delta_h.numel() // delta_h.shape[-1]
+        for lo in range(0, d_vocab, step):
+            n = min(step, d_vocab - lo)
+            t = torch.matmul(delta_h, self.weight[:, lo:lo + n],
+                             out=buffer[:size * n].view(*delta_h.shape[:-1], n))  # [r, m, n]
+            spare = buffer[size * n:2 * size * n].view_as(t)
+            p = self.p[seq, :, lo:lo + n]
+            if self.soft_cap:
+                self._capped(t, spare, seq, lo, n)
+            t.sub_(centre[..., None])
+            if b is not None:
+                b += torch.mul(t, p, out=spare).sum(-1)
+            a += _centred_terms(t, p, spare)
+        z = self.z[seq]
+        if b is None:  # D is p . delta itself: B = 0
+            log_ratio = a.div_(z).log1p_()
+            return log_ratio, centre + log_ratio, centre
+        b = b.div_(z)
+        log_ratio = a.div_(z).add_(b).log1p_()
+        return log_ratio - b, centre + log_ratio, centre + b
 
-    def dot(self, seq, delta_h: Float[Tensor, "r m d"] | None = None,
-            delta: Float[Tensor, "r m d_vocab"] | None = None) -> Float[Tensor, "r m"]:
-        """p . delta per row (row i a copy of sequence seq[i], or all of sequence `seq` when it is an int): from
-        the streams' difference delta_h with a linear readout, else from the logits' difference delta."""
-        if self.linear:
-            return (self.u[seq] * delta_h).sum(-1)
-        return (delta * self.p[seq]).sum(-1)
+    def _capped(self, dl: Float[Tensor, "r m n"], spare: Float[Tensor, "r m n"], seq: int, lo: int, n: int) -> None:
+        """The soft-capped logits' change, in place of the linear one dl: cap (tanh(a + x) - tanh(a)) with a = c / cap
+        and x = dl / cap, written as cap tanh(x) sech^2(a) / (1 + tanh(a) tanh(x)) (no difference of near numbers)."""
+        tanh_x = dl.div_(self.soft_cap).tanh_()
+        denominator = torch.mul(tanh_x, self.tanh_c[seq, :, lo:lo + n], out=spare).add_(1)
+        tanh_x.mul_(self.sech2_c[seq, :, lo:lo + n]).div_(denominator).mul_(self.soft_cap)
+
+    def delta_target(self, seq, delta_h: Float[Tensor, "r m d"]) -> Float[Tensor, "r m"]:
+        """The change of each position's target logit (row i a copy of sequence seq[i], or all of sequence `seq`)."""
+        dl = (self.w_target[seq] * delta_h).sum(-1)
+        if not self.soft_cap:
+            return dl
+        tanh_x = (dl / self.soft_cap).tanh_()
+        return tanh_x * self.sech2_t[seq] / (1 + tanh_x * self.tanh_t[seq]) * self.soft_cap
+
+    def dot(self, seq, delta_h: Float[Tensor, "r m d"]) -> Float[Tensor, "r m"]:
+        """p . delta per row (row i a copy of sequence seq[i]) of a linear readout, from the streams' difference."""
+        return (self.u[seq] * delta_h).sum(-1)
+
+
+def _top_exact(h: Float[Tensor, "g m d"], weight: Float[Tensor, "d d_vocab"], bias: Float[Tensor, "d_vocab"] | None
+               ) -> Float[Tensor, "g m d_vocab"]:
+    """h W + b in float64, the `TOP_EXACT` largest logits of each position computed in float64 and the rest in
+    float32 (their rounding, about 1e-6 of a logit, weighs nothing in the KL)."""
+    logits = torch.matmul(h, weight)
+    if bias is not None:
+        logits += bias
+    top = logits.topk(min(TOP_EXACT, logits.shape[-1]), dim=-1).indices  # [g, m, k]
+    exact = (weight.T[top].double() @ h.double()[..., None]).squeeze(-1)
+    if bias is not None:
+        exact += bias.double()[top]
+    return logits.double().scatter_(-1, top, exact)
+
+
+def _centred_terms(t: Float[Tensor, "r m n"], p: Float[Tensor, "m n"], spare: Float[Tensor, "r m n"]
+                   ) -> Float[Tensor, "r m"]:
+    """sum_v p_v (expm1(t_v) - t_v) per (row, position): from expm1, or, for the (row, position)s whose |t| stays
+    within SMALL_T, from the Taylor polynomial (float32's expm1 rounds at 6e-8 of |t|, large beside t^2 / 2 when t is
+    small). Overwrites t and spare."""
+    small = torch.maximum(t.amax(-1), t.amin(-1).neg_()) <= SMALL_T  # [r, m]
+    if not small.any():
+        return torch.expm1(t, out=spare).sub_(t).mul_(p).sum(-1)
+    if small.all():
+        return _taylor(t, spare).mul_(p).sum(-1)
+    out = torch.empty(small.shape, device=t.device)
+    pairs_t, position = t.reshape(-1, t.shape[-1]), torch.arange(small.shape[-1], device=t.device).expand_as(small)
+    for pick in (small, ~small):
+        idx = pick.flatten().nonzero().squeeze(1)
+        rows, weights = pairs_t[idx], p[position.flatten()[idx]]
+        terms = _taylor(rows, torch.empty_like(rows)) if pick is small else torch.expm1(rows).sub_(rows)
+        out.view(-1)[idx] = terms.mul_(weights).sum(-1)
+    return out
+
+
+def _taylor(t: Float[Tensor, "... n"], out: Float[Tensor, "... n"]) -> Float[Tensor, "... n"]:
+    """expm1(t) - t = t^2 (1/2! + t/3! + ... + t^6/8!) into `out`: relative error below 5e-8 for |t| <= 1/2."""
+    poly = torch.mul(t, 1 / 40320, out=out)
+    for k in (5040, 720, 120, 24, 6, 2):
+        poly.add_(1 / k).mul_(t)
+    return poly.mul_(t)
 
 
 def _matmul_fixed_order(a: Float[Tensor, "... k"], b: Float[Tensor, "k n"], block: int = 256) -> Float[Tensor, "... n"]:
@@ -133,10 +197,21 @@ def _matmul_fixed_order(a: Float[Tensor, "... k"], b: Float[Tensor, "k n"], bloc
     return out
 
 
-LOG_PARTITION_RANGE = (-60.0, 60.0)
-"""`CleanDistribution.log_partition` results within this range are exact to float32 rounding (no term can have
-overflowed, and the largest, at least exp(-60) / d_vocab, is far above float32's subnormals); outside it they
-are recomputed with torch.logsumexp."""
+TOP_EXACT = 32
+"""Words per clean position whose logits `CleanDistribution` recomputes in float64 (the most probable ones): the
+float32 readout rounds a logit by about 1e-6, which moved their probabilities enough to cost the KL up to 1e-5 of
+itself (measured: 16 already give float64's result)."""
+
+SMALL_T = 0.5
+"""The |t| up to which `CleanDistribution` sums the Taylor polynomial of expm1(t) - t instead of computing it."""
+
+LOGP_FLOOR = -80.0
+"""Clean log-probabilities are shifted (per position, by at most 80) to lie above this, within float32's normal range
+(from -87.3): a word of log-probability -100 whose logit rises by 90 still counts."""
+
+CENTRED_KL_MAX = 60.0
+"""A KL from `CleanDistribution.reduce` at or above this, or not finite (a term overflowed: a patched distribution
+far from the clean one), is recomputed from the two log-sum-exps, whose rounding is small beside such a KL."""
 
 
 def ce_per_token(
@@ -258,6 +333,60 @@ def ratio_ci(
     return float(num.mean() / den.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def seed_ratio_ci(num_per_seq: list[np.ndarray], den_per_seq: list[np.ndarray], *, same_seqs: bool = False,
+                  confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The ratio of one recipe trained at several seeds, with a two-level bootstrap CI: resample the seeds, then the
+    sequences (one draw shared by every seed when `same_seqs`: all were measured on the same sequences, in the same
+    order; one draw per seed otherwise).
+
+    num_per_seq[s], den_per_seq[s]: per-sequence sums of seed s's SAE and its baseline (`ratio_ci`'s inputs). Seed
+    s's ratio r_s is its ratio of means; the recipe's is their mean R. Var(R) = sigma_seed^2 / S + Var(e), e the
+    sequences' noise in R. The sample variance b of the r_s estimates sigma_seed^2 + w, w the part of the sequences'
+    noise that differs between seeds (all of it for independent sequences, less for shared ones); the sequence
+    resamples measure w (from each seed's deviation from the seeds' mean deviation) and Var(e) (from the mean
+    deviation). Resampling seeds and sequences would count w twice, so the seeds' deviations from R are shrunk by c,
+    c^2 = S / (S - 1) (1 - w / b) (0 when b <= w; Davison & Hinkley 1997, section 3.8): the bootstrap variance is
+    then (b - w) / S + Var(e), unbiased. With a handful of seeds it has few degrees of freedom (b's S - 1, by
+    Satterthwaite's rule, Var(e) taken as known), so the interval is R -/+ t sd* with sd* the bootstrap standard
+    deviation and t Student's quantile there (the normal one when b <= w: the seeds add nothing measurable). A
+    percentile interval of the same resamples would cover far less than its level with three seeds (a normal
+    interval on 2 degrees of freedom covers 81%, not 95%).
+
+    Returns ratio, ci_low, ci_high, seed_sd (the standard deviation of the r_s, ddof 1), context_sd (sqrt Var(e)),
+    df and n_seeds. With one seed: its `ratio_ci` (seed_sd NaN)."""
+    pairs = [(np.asarray(n, float), np.asarray(d, float)) for n, d in zip(num_per_seq, den_per_seq, strict=True)]
+    S = len(pairs)
+    if S == 1:
+        ratio, low, high = ratio_ci(*pairs[0], confidence=confidence, n_resamples=n_resamples, seed=seed)
+        return {"ratio": ratio, "ci_low": low, "ci_high": high, "seed_sd": float("nan"), "context_sd": float("nan"),
+                "df": float("nan"), "n_seeds": 1}
+    if same_seqs and len({len(n) for n, _ in pairs}) != 1:
+        lengths = [len(n) for n, _ in pairs]
+        raise ValueError(f"same_seqs: every seed must have the same sequences; got lengths {lengths}")
+    rng = np.random.default_rng(seed)
+    r = np.array([n.mean() / d.mean() for n, d in pairs])
+    R = float(r.mean())
+    # each seed's resampled ratio's deviation from its own [S, n_resamples]
+    shared = rng.integers(0, len(pairs[0][0]), size=(n_resamples, len(pairs[0][0]))) if same_seqs else None
+    dev = np.empty((S, n_resamples))
+    for s, (n, d) in enumerate(pairs):
+        idx = shared if same_seqs else rng.integers(0, len(n), size=(n_resamples, len(n)))
+        dev[s] = n[idx].mean(-1) / d[idx].mean(-1) - r[s]
+    mean_dev = dev.mean(0)
+    var_e = float(mean_dev.var())
+    w = float((dev - mean_dev).var(axis=1).mean()) * S / (S - 1)
+    b = float(r.var(ddof=1))
+    c = np.sqrt(S / (S - 1) * (1 - w / b)) if b > w else 0.0
+    drawn = rng.integers(0, S, size=(n_resamples, S))
+    boot = R + c * (r[drawn] - R).mean(-1) + mean_dev[rng.permutation(n_resamples)]
+    sd = float(boot.std(ddof=1))
+    estimate = max(b - w, 0.0) / S + var_e
+    df = (S - 1) * (estimate * S / b) ** 2 if b > w else float("inf")
+    t = float(stats.t.ppf(0.5 + confidence / 2, df))
+    return {"ratio": R, "ci_low": R - t * sd, "ci_high": R + t * sd, "seed_sd": float(np.sqrt(b)),
+            "context_sd": float(np.sqrt(var_e)), "df": float(df), "n_seeds": S}
+
+
 # ---------------------------------------------------------------------------------- tables of a frame
 def seq_sums(df: pd.DataFrame, value: str, by) -> pd.DataFrame:
     """Per group and sequence: the sum of `value` and the token count (NaNs, e.g. the last position's CE,
@@ -288,7 +417,7 @@ def ratio_table(df: pd.DataFrame, num: str = "sae", den: str = "eps_random", val
     """Ratio of token means of `num` and `den` interventions (e.g. SAE / eps-random KL) per group, with a
     paired bootstrap CI over sequences (`ratio_ci` on per-sequence sums over the same tokens).
 
-    Columns: *by, metric, ratio, ci_low, ci_high, num_mean, den_mean, n_seqs."""
+    Columns: *by, metric, ratio, ci_low, ci_high, num, den (the token means of `num` and `den`), n_seqs."""
     by = list(by)
     rows = []
     for value in values:
@@ -299,8 +428,8 @@ def ratio_table(df: pd.DataFrame, num: str = "sae", den: str = "eps_random", val
             ratio, low, high = ratio_ci(n, d, confidence=confidence, n_resamples=n_resamples, seed=seed)
             tokens = sub[("count", num)].to_numpy(float).sum()
             rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True)), "metric": value,
-                         "ratio": ratio, "ci_low": low, "ci_high": high, "num_mean": n.sum() / tokens,
-                         "den_mean": d.sum() / tokens, "n_seqs": len(n)})
+                         "ratio": ratio, "ci_low": low, "ci_high": high, "num": n.sum() / tokens,
+                         "den": d.sum() / tokens, "n_seqs": len(n)})
     return pd.DataFrame(rows)
 
 

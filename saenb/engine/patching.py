@@ -53,17 +53,19 @@ from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from saenb.engine import interventions as iv
+from saenb.engine.graphs import captured_blocks
 from saenb.engine.kernels import CLEAN_ATTENTION_HOOKS, CleanAttention, SharedPrefix, fused_kernels
 from saenb.engine.metrics import (
-    LOG_PARTITION_RANGE,
+    CENTRED_KL_MAX,
     VOCAB_SLICE,
     CleanDistribution,
     ce_per_token,
     geometry,
     kl_per_token,
 )
+from saenb.hooks import clean_activations, flat, sae_layer, splice_point
 from saenb.models.data import non_special
-from saenb.models.presets import Loaded, hook_family, sae_layer
+from saenb.models.loaded import Loaded
 
 SINGLE_TOKEN_SPAN = 16
 """Single-token mode measures the patched position and this many after it, by default."""
@@ -82,7 +84,7 @@ class Request:
     """A validated measurement request (what `measure` and `measure_naive` both compute)."""
 
     hooks: tuple[str, ...]
-    specs: tuple[iv.Spec, ...]
+    specs: tuple[iv.Intervention, ...]
     patch: tuple[int, ...]
     """Candidate positions to patch (the same in every sequence; special tokens are then skipped)."""
     measured: tuple[int, ...]
@@ -116,9 +118,9 @@ def make_request(
     for hook in hooks:
         if hook not in loaded.saes:
             raise ValueError(f"no SAE at hook {hook!r}; hooks with SAEs: {list(loaded.saes)}")
-    if isinstance(interventions, (str, iv.Spec)):
+    if isinstance(interventions, (str, iv.Intervention)):
         interventions = (interventions,)
-    specs = tuple(iv.Spec.of(i) for i in interventions)
+    specs = tuple(iv.Intervention.of(i) for i in interventions)
     if not specs:
         raise ValueError("interventions is empty; choose from " + str(iv.names()))
     validate_tokens(loaded, tokens)
@@ -173,25 +175,6 @@ def generator_for(seed: int, hook: str, seq: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def flat(act: Tensor, hook: str) -> Float[Tensor, "... d"]:
-    """hook_z activations with heads concatenated ([..., head_index, d_head] -> [..., head_index*d_head])."""
-    return act.flatten(-2) if hook_family(hook) == "z" else act
-
-
-def splice_point(hook: str) -> tuple[str, int, bool]:
-    """Where a patched forward starts for an SAE at `hook`: (the cached residual stream it starts from, the
-    block it starts at, whether the spliced activation *is* that residual stream).
-
-    `blocks.L.hook_resid_pre` is block L's input and `blocks.L.hook_resid_post` block L+1's (after the last
-    block, the forward only applies the final norm and unembedding): the spliced activation is fed in directly.
-    Any other hook of block L (`hook_resid_mid`, `hook_attn_out`, `hook_mlp_out`, `attn.hook_z`, ...) is spliced
-    by a forward hook while block L runs from its clean input."""
-    layer = sae_layer(hook)
-    if hook == get_act_name("resid_post", layer):
-        return hook, layer + 1, True
-    return get_act_name("resid_pre", layer), layer, hook == get_act_name("resid_pre", layer)
-
-
 def hook_means(loaded: Loaded, hooks, tokens: Tensor) -> dict[str, Float[Tensor, "d"]]:
     """Mean clean activation at each hook over the first MEAN_REFERENCE_SEQS sequences, special tokens excluded."""
     ref = tokens[:MEAN_REFERENCE_SEQS].to(loaded.device)
@@ -200,20 +183,6 @@ def hook_means(loaded: Loaded, hooks, tokens: Tensor) -> dict[str, Float[Tensor,
         _, cache = loaded.model.run_with_cache(ref, names_filter=list(hooks),
                                                stop_at_layer=max(sae_layer(h) for h in hooks) + 1)
     return {h: flat(cache[h], h)[keep].mean(0) for h in hooks}
-
-
-def clean_activations(model, hook: str, tokens: Int[Tensor, "b pos"]) -> Float[Tensor, "b pos d"]:
-    """Clean activations at `hook` (heads concatenated) for every position, float32, on the CPU; the forward
-    stops after the hook's block."""
-    return clean_activations_at(model, [hook], tokens)[hook]
-
-
-def clean_activations_at(model, hooks: list[str], tokens: Int[Tensor, "b pos"]) -> dict[str, Float[Tensor, "b pos d"]]:
-    """`clean_activations` at several hooks from one forward pass, which stops after the last hook's block."""
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=list(hooks),
-                                        stop_at_layer=max(sae_layer(h) for h in hooks) + 1)
-    return {hook: flat(cache[hook], hook).float().cpu() for hook in hooks}
 
 
 def hook_activations(loaded: Loaded, hook: str, tokens: Tensor, batch_size: int = 32) -> Float[Tensor, "n d"]:
@@ -341,7 +310,7 @@ def measure(
     loaded: Loaded, hooks=None, interventions=NOTEBOOK1, tokens: Tensor | None = None, *,
     positions: int | Literal["all"] = "all", measure_positions=None, n_samples: int = 1, seed: int = 0,
     include_special: bool = False, batch_size: int = 16, memory_mb: int = 256, seq_offset: int = 0,
-    means: dict[str, Tensor] | None = None, progress: bool = True, fused: bool = True,
+    means: dict[str, Tensor] | None = None, progress: bool = True, fused: bool = True, graphs: bool = False,
 ) -> pd.DataFrame:
     """Per-token KL and CE of every (hook, intervention, sample) splice; see the module docstring.
 
@@ -358,6 +327,9 @@ def measure(
     means:           mean activation per hook for mean ablation (default: `hook_means` of these tokens).
     fused:           run LayerNorms, MLP activations and attention as torch's fused kernels
                      (`kernels.fused_kernels`); same functions, rounding differs.
+    graphs:          on a CUDA device, run the patched forwards' blocks compiled and replayed as CUDA graphs
+                     (`graphs.captured_blocks`: fewer kernel launches; same functions, rounding differs); a no-op
+                     on a CPU.
     """
     tokens = loaded.tokens() if tokens is None else tokens
     req = make_request(loaded, hooks, interventions, tokens, positions=positions, measure_positions=measure_positions,
@@ -373,7 +345,7 @@ def measure(
     names = {*req.hooks, *(splice_point(h)[0] for h in req.hooks)}
     frames = []
     kernels = fused_kernels(model, keep=req.hooks) if fused else contextlib.nullcontext(False)
-    with torch.inference_mode(), kernels as shared:
+    with torch.inference_mode(), kernels as shared, captured_blocks(model, graphs):
         if window[0] > 0:  # the clean prefix's keys (as attention consumes them: rotated, for a shared prefix)
             names |= {get_act_name(kind, layer) for kind in (_key_name(model, shared), "v")
                       for layer in range(model.cfg.n_layers)}
@@ -387,8 +359,8 @@ def measure(
                                                 stop_at_layer=model.cfg.n_layers)
             measured = torch.tensor(req.measured, device=batch.device)
             h_clean = unembed.normalize(final[:, measured])  # [b, m, d_model]
-            clean = CleanDistribution(unembed.logits(h_clean), _targets(batch, measured), h_clean,
-                                      unembed.weight if unembed.linear else None,
+            clean = CleanDistribution(h_clean, _targets(batch, measured), unembed.weight, unembed.bias,
+                                      soft_cap=0.0 if unembed.linear else model.cfg.output_logits_soft_cap,
                                       vocab_slice=None if batch.is_cuda else VOCAB_SLICE)
             ce_clean = _nan_last(clean.ce, measured, req.n_ctx)
             del final
@@ -500,7 +472,7 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
     source = torch.arange(len(seq), device=seq.device) if source is None else source
     dlse, dot, dlt = (torch.empty_like(kl_out) for _ in range(3))  # lse(l) - lse(c), p . delta, delta at target
     m, d_vocab = streams.shape[1], unembed.weight.shape[1]
-    block = max(1, (memory_mb * 2**20 // (4 * d_vocab) if streams.is_cuda else LOGIT_BLOCK) // m)
+    block = max(1, (memory_mb * 2**20 // (8 * d_vocab) if streams.is_cuda else LOGIT_BLOCK) // m)
     # every block's logits are written into one buffer: a fresh one per block (100 MB at GPT-2's vocabulary)
     # would be mapped from the system and page-faulted in each time, which took a sixth of a CPU run
     buffer = torch.empty(0, device=streams.device)
@@ -531,7 +503,8 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
         delta_h = streams[source[r]] - clean.h[s]
         dlse[r] = logsumexp(streams[distinct])[inverse] - clean.lse[s]
         dot[r] = clean.dot(s, delta_h)
-        dlt[r] = unembed.delta_target(delta_h, clean.targets[s])
+        dlt[r] = clean.delta_target(s, delta_h)
+        kl_out[r] = dlse[r] - dot[r]
         rows = rows[~far]
     h = streams[source[rows]]  # [rows, m, d_model], in row order
     seqs, counts = torch.unique_consecutive(seq[rows], return_counts=True)
@@ -539,22 +512,15 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
     for s, count in zip(seqs.tolist(), counts.tolist(), strict=True):
         for a in range(i0, i0 + count, block):
             z, idx = min(a + block, i0 + count), rows[a:min(a + block, i0 + count)]
-            if unembed.linear:  # delta = delta_h W_U: the bias cancels
-                delta_h = h[a:z] - clean.h[s]
-                dlse[idx] = clean.log_partition_linear(s, delta_h, view(delta_h, clean.vocab_slice).view(-1))
-                dot[idx] = clean.dot(s, delta_h)
-                dlt[idx] = unembed.delta_target(delta_h, clean.targets[s])
-            else:
-                delta = unembed.logits(h[a:z], out=view(h[a:z])).sub_(clean.logp[s]).sub_(clean.lse[s, :, None])
-                dot[idx] = clean.dot(s, delta=delta)
-                dlt[idx] = delta.gather(-1, clean.targets[s].expand(z - a, -1).unsqueeze(-1)).squeeze(-1)
-                dlse[idx] = clean.log_partition(s, delta)
+            delta_h = h[a:z] - clean.h[s]  # delta = delta_h W_U (capped: `CleanDistribution._capped`): the bias cancels
+            kl_out[idx], dlse[idx], dot[idx] = clean.reduce(s, delta_h, view(delta_h, 2 * clean.vocab_slice).view(-1))
+            dlt[idx] = clean.delta_target(s, delta_h)
         i0 += count
-    low, high = LOG_PARTITION_RANGE
-    bad = ((dlse <= low) | (dlse >= high) | dlse.isnan()).any(-1).nonzero().squeeze(-1)
-    if len(bad):  # a patched distribution far from the clean one: exp over- or underflowed; shift by the max
+    bad = (~(kl_out < CENTRED_KL_MAX)).any(-1).nonzero().squeeze(-1)
+    if len(bad):  # a patched distribution far from the clean one (an expm1 term may have overflowed)
         dlse[bad] = logsumexp(streams[source[bad]]) - clean.lse[seq[bad]]
-    torch.clamp_min(dlse - dot, 0, out=kl_out)
+        kl_out[bad] = dlse[bad] - dot[bad]
+    kl_out.clamp_min_(0)
     torch.sub(clean.ce[seq] + dlse, dlt, out=ce_out)
 
 
@@ -581,10 +547,6 @@ class _Unembed:
         if self.bias is not None:
             logits.add_(self.bias)
         return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
-
-    def delta_target(self, delta_h: Float[Tensor, "... d_model"], targets: Int[Tensor, "..."]) -> Float[Tensor, "..."]:
-        """The change of each position's target logit alone, delta_h . W_U[:, target] (linear readout)."""
-        return (delta_h * self.weight.T[targets]).sum(-1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -668,7 +630,8 @@ def measure_naive(
 ) -> pd.DataFrame:
     """The plain reference, as the original study ran it: per hook a clean `run_with_cache`, then one full
     `run_with_hooks` forward from the embedding per intervention and sample, with full-vocabulary logits
-    and log-softmax in memory and torch's `kl_div`. Same arguments and frame as `measure`."""
+    and log-softmax in memory and torch's `kl_div`; the log-softmax and KL in float64 (in float32 they lose up to 1%
+    of a KL of 1e-4), so that the reference's digits are right. Same arguments and frame as `measure`."""
     tokens = loaded.tokens() if tokens is None else tokens
     req = make_request(loaded, hooks, interventions, tokens, positions=positions, measure_positions=measure_positions,
                        n_samples=n_samples, seed=seed, include_special=include_special)
@@ -684,7 +647,7 @@ def measure_naive(
             keep = req.keep(batch)[:, patch]
             for hook in req.hooks:
                 logits, cache = model.run_with_cache(batch, names_filter=[hook])
-                clean_logp = logits.log_softmax(-1)[:, measured]
+                clean_logp = logits[:, measured].double().log_softmax(-1)
                 ce_clean = _nan_last(ce_per_token(clean_logp, targets, normalized=True), measured, req.n_ctx)
                 x = flat(cache[hook], hook)[:, patch]
                 patched, geo = perturb(loaded, req, hook, x, seqs, means[hook])
@@ -695,7 +658,8 @@ def measure_naive(
                     for s in range(req.n_samples):
                         values = torch.where(keep[..., None], patched[:, k, s], x)
                         splice = functools.partial(_splice, rows=values, rel_patch=patch)
-                        out = model.run_with_hooks(batch, fwd_hooks=[(hook, splice)]).log_softmax(-1)[:, measured]
+                        logits = model.run_with_hooks(batch, fwd_hooks=[(hook, splice)])
+                        out = logits[:, measured].double().log_softmax(-1)
                         kl[:, k, s] = kl_per_token(clean_logp, out).cpu()
                         ce[:, k, s] = _nan_last(ce_per_token(out, targets, normalized=True), measured, req.n_ctx).cpu()
                 frames.append(_frame(req, hook, seqs, batch, kl, ce_clean, ce, geo))
@@ -709,7 +673,7 @@ def next_token_logprobs(
 ) -> dict[str, Float[Tensor, "d_vocab"]]:
     """The clean and patched next-token log-probs at one (sequence, position), all-token mode (every
     non-special position of `tokens[seq]` patched, as `measure` does, with the same random draws), by the
-    plain `run_with_hooks` path. Keys: "clean" and each intervention's label."""
+    plain `run_with_hooks` path, in float64. Keys: "clean" and each intervention's label."""
     if not 0 <= seq < len(tokens):
         raise ValueError(f"seq={seq} must be in 0..{len(tokens) - 1} (an index into tokens)")
     req = make_request(loaded, hook, interventions, tokens[seq:seq + 1], positions="all", measure_positions=[pos],
@@ -723,10 +687,10 @@ def next_token_logprobs(
         patched, _ = perturb(loaded, req, hook, x, [seq], means[hook])
         check_finite(patched, req.keep(batch), req, hook)
         keep = req.keep(batch)[..., None]
-        dists = {"clean": logits[0, pos].log_softmax(-1)}
+        dists = {"clean": logits[0, pos].double().log_softmax(-1)}
         for k, spec in enumerate(req.specs):
             splice = functools.partial(_splice, rows=torch.where(keep, patched[:, k, 0], x), rel_patch=list(req.patch))
-            dists[spec.label] = model.run_with_hooks(batch, fwd_hooks=[(hook, splice)])[0, pos].log_softmax(-1)
+            dists[spec.label] = model.run_with_hooks(batch, fwd_hooks=[(hook, splice)])[0, pos].double().log_softmax(-1)
     return dists
 
 

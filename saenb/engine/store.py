@@ -4,9 +4,11 @@
 
 The key covers everything that decides the frame: preset, bundle hash, model, hooks, interventions,
 the tokens' sha256, mode and positions, samples, seed and the package version. A run writes one parquet
-part per chunk of sequences (atomically: a temporary file, then `os.replace`); killed and started again,
-it reads the finished parts and computes only the rest, and the frame it returns equals an uninterrupted
-run's exactly.
+part per chunk of sequences (atomically: a temporary file, then `os.replace`), and beside it a small JSON file
+with the part's sha256 and the key of the configuration and part it belongs to; killed and started again, it reads
+the finished parts and computes only the rest, and the frame it returns equals an uninterrupted run's exactly. A
+part (or a finished result) that cannot be read, whose bytes do not match its checksum, or that belongs to another
+configuration is reported in one line (a `saenb.engine.store` log warning) and computed again.
 
 A request whose hooks and interventions are a subset of a finished result's (everything else equal) is
 read from that result: each (hook, intervention) draws from its own generator (`patching.perturb`), so its
@@ -18,21 +20,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-import saenb
 from saenb import files
+from saenb.engine import distributed, patching
 from saenb.engine import interventions as iv
-from saenb.engine import patching
 from saenb.files import atomic_path
-from saenb.models.presets import Loaded
+from saenb.models.loaded import Loaded
+
+log = logging.getLogger(__name__)
 
 RESULTS = files.RESULTS / "measure"
 """The measurement cache (`SAENB_RESULTS` overrides data/results, e.g. for a cold-cache test run)."""
@@ -49,7 +55,7 @@ def config_key(loaded: Loaded, config: dict[str, Any]) -> tuple[str, dict[str, A
         "bundle_sha256": loaded.bundle_sha256,
         "model": loaded.model.cfg.model_name,
         "sae_sources": [dataclasses.asdict(source) for source in loaded.preset.sae_sources],
-        "saenb_version": saenb.__version__,
+        "saenb_version": files.__version__,
         **({"sae_ids": loaded.sae_ids} if loaded.sae_ids is not None else {}),
         **config,
     }
@@ -99,22 +105,68 @@ SUBSET_KEYS = ("hooks", "interventions")
 
 
 def find_superset(root: Path, config: dict[str, Any]) -> Path | None:
-    """A finished result whose configuration equals `config` but for more hooks and/or interventions."""
+    """A finished, intact result whose configuration equals `config` but for more hooks and/or interventions."""
     rest = {k: v for k, v in config.items() if k not in SUBSET_KEYS}
     for path in sorted(root.glob("*/config.json")):
         final = path.parent / "result.parquet"
         if not final.exists():
             continue
-        cached = json.loads(path.read_text())
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
         if ({k: v for k, v in cached.items() if k not in SUBSET_KEYS} == json.loads(json.dumps(rest, default=str))
-                and all(set(config[k]) <= set(cached.get(k, ())) for k in SUBSET_KEYS)):
+                and all(set(config[k]) <= set(cached.get(k, ())) for k in SUBSET_KEYS)
+                and intact(final, digest(cached))):
             return final
     return None
 
 
-def write_parquet(df: pd.DataFrame, path: Path) -> None:
+def checksum_path(path: Path) -> Path:
+    """The JSON file beside a parquet file that records its sha256 and the key it was written under."""
+    return path.with_name(path.name + ".json")
+
+
+def write_parquet(df: pd.DataFrame, path: Path, key: str) -> None:
+    """`df` to `path` (atomically), then its checksum file: a parquet file without one was never finished."""
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
+        sha256 = files.sha256_file(tmp)
+    files.write_text(checksum_path(path), json.dumps({"key": key, "sha256": sha256}) + "\n")
+
+
+def problem(path: Path, key: str) -> str | None:
+    """Why the parquet file at `path` cannot be used as the one written under `key`, or None when it can."""
+    try:
+        record = json.loads(checksum_path(path).read_text())
+    except FileNotFoundError:
+        return "has no checksum file (its writer stopped before finishing, or an older saenb wrote it)"
+    except (OSError, ValueError) as exc:
+        return f"has an unreadable checksum file ({exc})"
+    if not isinstance(record, dict) or record.get("key") != key:
+        found = record.get("key") if isinstance(record, dict) else None
+        return f"belongs to another configuration (key {str(found)[:12]}..., expected {key[:12]}...)"
+    try:
+        if files.sha256_file(path) != record.get("sha256"):
+            return "does not match its checksum (corrupted, or cut short)"
+        pq.ParquetFile(path)  # its footer parses
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return f"cannot be read ({exc})"
+    return None
+
+
+def intact(path: Path, key: str) -> bool:
+    """Whether the parquet file at `path` is whole and was written under `key`; if not (and it exists), says why in
+    one line, removes it and its checksum file, and returns False: the caller computes it again."""
+    if not path.exists():
+        return False
+    why = problem(path, key)
+    if why is None:
+        return True
+    log.warning("%s %s: removed, it is computed again", path, why)
+    path.unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+    return False
 
 
 def measure_cached(
@@ -139,33 +191,31 @@ def measure_cached(
     })
     folder = Path(root) / key[:20]
     final = folder / "result.parquet"
-    if final.exists():
+    if intact(final, key):
         return pd.read_parquet(final)
     superset = find_superset(Path(root), config)
     if superset is not None:
         df = pd.read_parquet(superset, filters=[("hook", "in", config["hooks"]),
                                                 ("intervention", "in", config["interventions"])])
         return patching.finish([df], req)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    files.write_text(folder / "config.json", json.dumps(config, indent=2, default=str))
     means = patching.means_for(loaded, req, tokens)
-    specs = [iv.Spec.of(i) for i in req.specs]
-    parts = _parts(folder, tokens, list(req.hooks), chunk_seqs, hooks_per_task)
+    specs = [iv.Intervention.of(i) for i in req.specs]
+    parts = _parts(folder, key, tokens, list(req.hooks), chunk_seqs, hooks_per_task)
     kwargs = {"positions": positions, "measure_positions": measure_positions, "n_samples": n_samples, "seed": seed,
               "include_special": include_special, **engine_kwargs}
-    missing = [part for part in parts if not part.path.exists()]
+    missing = [part for part in parts if not intact(part.path, part.key)]
     if ray is not None:
-        from saenb.engine import distributed
-
-        distributed.measure_parts(loaded, missing, specs, means, kwargs, address=ray, progress=progress)
+        distributed.measure_parts(loaded, missing, specs, means, kwargs, measure_part, address=ray, progress=progress)
     else:
         for part in tqdm(missing, desc=f"measure {loaded.preset.name}", unit="part", disable=not progress):
             measure_part(loaded, part, specs, means, kwargs)
     df = pd.concat([pd.read_parquet(p.path) for p in parts], ignore_index=True)
     df = patching.finish([df], req)
-    write_parquet(df, final)
+    write_parquet(df, final, key)
     for part in parts:
         part.path.unlink()
+        checksum_path(part.path).unlink(missing_ok=True)
     return df
 
 
@@ -177,16 +227,18 @@ class Part:
     start: int
     tokens: torch.Tensor
     hooks: tuple[str, ...]
+    key: str
+    """The measurement's key extended by the part's place in it (what its checksum file must record)."""
 
 
 def measure_part(loaded: Loaded, part: Part, specs, means: dict, kwargs: dict[str, Any]) -> None:
     """Measure one part and write its parquet file (in this process, or in a Ray worker: `saenb.engine.distributed`)."""
     df = patching.measure(loaded, list(part.hooks), specs, part.tokens, seq_offset=part.start,
                           means={h: means[h] for h in part.hooks}, progress=False, **kwargs)
-    write_parquet(df, part.path)
+    write_parquet(df, part.path, part.key)
 
 
-def _parts(folder: Path, tokens: torch.Tensor, hooks: list[str], chunk_seqs: int,
+def _parts(folder: Path, key: str, tokens: torch.Tensor, hooks: list[str], chunk_seqs: int,
            hooks_per_task: int | None) -> list[Part]:
     """The parts of a measurement: every chunk of `chunk_seqs` contexts, times every group of `hooks_per_task`
     hooks (all hooks in one group by default), each with its file."""
@@ -195,5 +247,6 @@ def _parts(folder: Path, tokens: torch.Tensor, hooks: list[str], chunk_seqs: int
         raise ValueError(f"hooks_per_task={hooks_per_task} must be a positive integer")
     groups = [tuple(hooks[i:i + per]) for i in range(0, len(hooks), per)]
     return [Part(folder / (f"part-{start // chunk_seqs:05d}" + (f"-h{g:03d}" if len(groups) > 1 else "")
-                           + ".parquet"), start, tokens[start:start + chunk_seqs], group)
+                           + ".parquet"), start, tokens[start:start + chunk_seqs], group,
+                 digest({"measurement": key, "start": start, "hooks": list(group)}))
             for start in range(0, len(tokens), chunk_seqs) for g, group in enumerate(groups)]

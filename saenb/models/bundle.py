@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata as md
 import json
 import logging
 import math
@@ -41,10 +42,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.utilities import get_act_name
 
 from saenb import files
-from saenb.models import bundle_io, data
+from saenb.models import bundle_io, data, pretrained
 from saenb.models.bundle_io import BOS_TOKEN, write_json
 
 log = logging.getLogger("saenb.models.bundle")
@@ -137,8 +141,8 @@ class BuildConfig:
     def hooks(self) -> list[str]:
         """The hooks with a base SAE (`saenb.saes.sets.base`)."""
         every = list(range(self.n_layers))
-        return [f"blocks.{layer}.hook_resid_pre" for layer in (_ints(self.sae_resid_layers) or every)] + [
-            f"blocks.{layer}.attn.hook_z" for layer in (_ints(self.sae_z_layers) or every)
+        return [get_act_name("resid_pre", layer) for layer in (_ints(self.sae_resid_layers) or every)] + [
+            get_act_name("z", layer) for layer in (_ints(self.sae_z_layers) or every)
         ]
 
     def model_config_kwargs(self, small: bool = False) -> dict[str, Any]:
@@ -267,8 +271,6 @@ class Build:
     def tokenizer(self) -> dict[str, Any]:
         if self.cfg.pretrained:
             return self.fetch()
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -284,8 +286,6 @@ class Build:
     def fetch(self) -> dict[str, Any]:
         """A pretrained model instead of a tokenizer and models trained here: its file fetched and checked,
         its reference (name, sha256) written to model/pretrained.json."""
-        from saenb.models import pretrained
-
         pretrained.fetch(self.cfg.pretrained)
         tok = self.pretrained_tokenizer
         write_json(self.out / bundle_io.MODEL_DIR / bundle_io.PRETRAINED,
@@ -312,8 +312,6 @@ class Build:
     @functools.cached_property
     def pretrained_tokenizer(self):
         """The pretrained model's tokenizer, loaded once per build."""
-        from saenb.models import pretrained
-
         return pretrained.tokenizer(self.cfg.pretrained)
 
     @property
@@ -326,8 +324,6 @@ class Build:
         """Token ids of each text (no special tokens added), and the separator every context starts with."""
         if self.cfg.pretrained:
             return self.pretrained_tokenizer(texts, add_special_tokens=False)["input_ids"], self.separator_ids
-        from tokenizers import Tokenizer
-
         tok = Tokenizer.from_file(str(self.out / bundle_io.TOKENIZER))
         return [e.ids for e in tok.encode_batch(texts)], self.separator_ids
 
@@ -370,8 +366,6 @@ class Build:
     def check_pretrained(self, n_contexts: int = 4) -> dict[str, Any]:
         """The converted HookedTransformer against transformers' own model (dequantised from the same file):
         the largest logit difference on the first held-out contexts, and the time of a forward pass."""
-        from saenb.models import pretrained
-
         model = bundle_io.load_model(self.out)
         hf, _ = pretrained.load_hf(self.cfg.pretrained)
         tokens = bundle_io.load_tokens(self.out / bundle_io.HELDOUT_TOKENS)[:n_contexts]
@@ -388,8 +382,6 @@ class Build:
         return self._train_model(small=True)
 
     def _train_model(self, small: bool) -> dict[str, Any]:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = HookedTransformer(HookedTransformerConfig(**cfg.model_config_kwargs(small)))
@@ -480,8 +472,6 @@ class Build:
                 "ce_below_unigram_nats": round(unigram - ce, 4), "heldout_tokens": count}
 
     def manifest(self, argv: list[str]) -> dict[str, Any]:
-        import importlib.metadata as md
-
         stages = self.records["stages"]
         quality = {"model": stages["model_eval"]["result"]}
         device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -520,19 +510,22 @@ class Build:
     def sae_records(self) -> dict[str, Any] | str:
         """The SAEs committed under specs/ (`python -m saenb.saes build --set base --commit`, run after the model
         stages; the build command run again writes them here): training time, where, run_evals quality; and the
-        activation passes they were trained from (as recorded on the machine that made them)."""
-        from saenb.saes import activations
-        from saenb.saes.spec import SAESpec
-
+        activation passes they were trained from (as recorded on the machine that made them, in each spec's
+        activation_pass.json; a bundle committed before those files keeps the passes its manifest lists)."""
         records = {p.parent.name: json.loads(p.read_text())
                    for p in sorted((self.out / "specs").glob("*/record.json"))}
         if not records:
             return ("specs (saenb.saes.sets.base / topk_sweep, from this config); each stored SAE's record.json has "
                     "its training and quality")
         passes = []
-        for rec in records.values():
-            cache = activations.cache_record(SAESpec.from_dict(rec["spec"]))
+        for folder in records:
+            path = self.out / "specs" / folder / bundle_io.ACTIVATION_PASS
+            cache = json.loads(path.read_text()) if path.exists() else None
             if cache is not None and cache not in passes:
+                passes.append(cache)
+        listed = (self.out / bundle_io.MANIFEST).exists() and bundle_io.read_manifest(self.out).get("saes")
+        for cache in listed.get("activation_passes", []) if isinstance(listed, dict) else []:
+            if cache not in passes:
                 passes.append(cache)
         return {"activation_passes": passes, "specs": {
             folder: {"hook": rec["spec"]["hook"], "architecture": rec["spec"]["architecture"],

@@ -13,7 +13,8 @@ A bundle is a folder:
     topk/<model>/<hook_name>/k<k>[-x<f>]/   TopK SAEs of the sweep (notebook 07), sae_lens disk format
     specs/<label>-<key>/             SAEs declared as specs (`saenb.saes`), each with its own record.json and
                                      sha256 (not listed in the manifest: adding one leaves the manifest, and every
-                                     cache keyed on it, as it was)
+                                     cache keyed on it, as it was), and activation_pass.json when it was trained
+                                     from an activation cache
     heldout_tokens.safetensors       "tokens": [n_contexts, n_ctx] held-out contexts, BOS first
     train_token_counts.safetensors   "counts": [d_vocab] occurrences of each token in the training contexts
 
@@ -23,7 +24,6 @@ A bundle is a folder:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,12 @@ import torch
 from jaxtyping import Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import PreTrainedTokenizerFast
 
 from saenb import files
+from saenb.files import BundleError, sha256_file
+from saenb.models import pretrained
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -44,22 +48,12 @@ MODEL_WEIGHTS = f"{MODEL_DIR}/model.safetensors"
 PRETRAINED = "pretrained.json"
 TOPK_DIR = "topk"
 SAE_DIR = "saes"
+ACTIVATION_PASS = "activation_pass.json"
+"""Beside a committed spec's record.json: how the activation cache it was trained from was made."""
 HELDOUT_TOKENS = "heldout_tokens.safetensors"
 TRAIN_TOKEN_COUNTS = "train_token_counts.safetensors"
 BOS_TOKEN = "<|endoftext|>"
 REBUILD_COMMAND = "python -m saenb.models.bundle build --out {path}"
-
-
-class BundleError(RuntimeError):
-    """A bundle is missing, incomplete or corrupted."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -68,6 +62,12 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
+    if not Path(root).is_dir() and not files.BUNDLES.is_dir():
+        raise BundleError(
+            f"No bundle at {root}: the bundles folder {files.BUNDLES} does not exist (saenb is installed outside a "
+            "clone of its repository, whose data/bundles/ holds them). Point SAENB_BUNDLES at a clone's bundles "
+            "(`export SAENB_BUNDLES=/path/to/saenb/data/bundles`), or give the preset an absolute bundle= folder."
+        )
     if not path.exists():
         raise BundleError(
             f"No bundle at {root}: {MANIFEST} is missing. Build it with "
@@ -112,8 +112,6 @@ def save_model(root: Path, config_kwargs: dict[str, Any], state_dict: dict[str, 
 
 def hf_tokenizer(path: Path):
     """The bundle's `tokenizer.json` wrapped for transformers, so `model.to_str_tokens` works."""
-    from transformers import PreTrainedTokenizerFast
-
     # add_bos_token=True makes the tokenizer prepend BOS itself; TransformerLens's set_tokenizer would
     # otherwise try to re-load it from the hub by `name_or_path` to get such a tokenizer.
     return PreTrainedTokenizerFast(
@@ -125,11 +123,7 @@ def hf_tokenizer(path: Path):
 def load_model(root: Path, device: str | torch.device = "cpu", folder: str = MODEL_DIR):
     """The bundle's HookedTransformer (`folder`: MODEL_DIR or SMALL_MODEL_DIR), in eval mode, with its
     tokenizer attached."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     if (root / folder / PRETRAINED).exists():
-        from saenb.models import pretrained
-
         ref = json.loads((root / folder / PRETRAINED).read_text())
         if ref["sha256"] != pretrained.source(ref["name"]).sha256:
             raise BundleError(f"bundle {root} was built on {ref['name']} with sha256 {ref['sha256'][:12]}..., which "

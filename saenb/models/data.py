@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import torch
+from datasets import load_dataset
 from jaxtyping import Bool, Int
 from sae_lens.util import get_special_token_ids
 from torch import Tensor
@@ -54,8 +55,6 @@ def hub_contexts(dataset: str, tokenizer, n: int, n_ctx: int, *, column: str = "
         cached = torch.load(path)
         if len(cached) >= n:
             return cached[:n].clone()
-    from datasets import load_dataset
-
     hub.require(f"token contexts from {dataset}",
                 [] if hub.dataset_cached(dataset) else [f"dataset {dataset} (not yet cached in {path.parent})"])
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

@@ -13,6 +13,9 @@ import time
 import warnings
 from urllib.parse import urlparse
 
+from datasets.load import CachedDatasetModuleFactory
+from huggingface_hub import constants, try_to_load_from_cache
+
 PROBE_TIMEOUT_S = 3.0
 FIX = (
     "Fix: run once with network access (the files are then cached), or fill the HF cache (HF_HOME) from a "
@@ -67,8 +70,6 @@ def reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 def cached(repo_id: str, filename: str, repo_type: str = "model") -> bool:
-    from huggingface_hub import constants, try_to_load_from_cache
-
     # read the cache folder at call time (constants.HF_HUB_CACHE), not at import time
     found = try_to_load_from_cache(repo_id, filename, cache_dir=constants.HF_HUB_CACHE, repo_type=repo_type)
     return isinstance(found, str)
@@ -76,8 +77,6 @@ def cached(repo_id: str, filename: str, repo_type: str = "model") -> bool:
 
 def dataset_cached(name: str) -> bool:
     """Whether `datasets` holds a prepared copy of hub dataset `name` (what it loads when the hub is offline)."""
-    from datasets.load import CachedDatasetModuleFactory
-
     try:
         CachedDatasetModuleFactory(name).get_module()
         return True

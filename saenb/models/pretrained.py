@@ -46,9 +46,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.loading_from_pretrained import convert_hf_model_config
+from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from saenb import files
-from saenb.models.bundle_io import BundleError, sha256_file
+from saenb.files import BundleError, sha256_file
 
 CACHE = Path(os.environ.get("SAENB_PRETRAINED", files.REPO / "data" / "cache" / "pretrained"))
 N_CTX = 2048
@@ -148,8 +153,6 @@ def _converted_dir(src: GGUFSource) -> Path:
 
 def load_hf(name: str):
     """transformers' model and tokenizer, dequantised from the GGUF file (float32), for equality checks."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = gguf_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -157,10 +160,6 @@ def load_hf(name: str):
 
 
 def _convert(src: GGUFSource, out: Path) -> None:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.loading_from_pretrained import convert_hf_model_config
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-
     hf, tokenizer = load_hf(src.name)
     # TransformerLens refuses a config that names a quantisation (its converters read weights directly); the
     # weights here are already dequantised to float32, and the GGUF config names no architecture.
@@ -181,8 +180,6 @@ def _convert(src: GGUFSource, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "config.json").write_text(json.dumps(_jsonable(kwargs), indent=2))
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     tokenizer.bos_token = src.separator
     tokenizer.save_pretrained(tmp / "tokenizer")
@@ -205,8 +202,6 @@ def _converted(name: str) -> Path:
 
 def tokenizer(name: str):
     """The GGUF file's tokenizer with BOS = the document separator (see the module docstring)."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(_converted(name) / "tokenizer")
     assert tok.bos_token == source(name).separator, tok.bos_token
     return tok
@@ -214,9 +209,6 @@ def tokenizer(name: str):
 
 def load_model(name: str, device: str | torch.device = "cpu"):
     """The HookedTransformer converted from the GGUF file, eval mode, tokenizer attached."""
-    from safetensors.torch import load_file
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     out = _converted(name)
     kwargs = json.loads((out / "config.json").read_text())
     model = HookedTransformer(HookedTransformerConfig(**kwargs, device=str(device)), tokenizer=tokenizer(name),

@@ -32,9 +32,16 @@ import sysconfig
 import time
 from pathlib import Path
 
+import datasets
 import torch
+from datasets.packaged_modules.parquet.parquet import Parquet
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from saenb.files import atomic_path
+from saenb.models.presets import GPT2_SMALL
 
 MODEL_REPO = "gpt2"
 DATASET = "Skylion007/openwebtext"
@@ -88,9 +95,6 @@ def stdlib_sources(limit: int = CORPUS_CHARS) -> list[str]:
 def write_tokenizer(folder: Path, texts: list[str]) -> None:
     """A GPT-2-style byte-level BPE: 50,256 tokens trained on `texts` (no prefix space, byte-level decoder),
     then <|endoftext|> (id 50256: GPT-2's BOS, EOS and unknown token), saved as GPT-2's repo holds it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -108,8 +112,6 @@ def write_tokenizer(folder: Path, texts: list[str]) -> None:
 
 def write_model(folder: Path, seed: int) -> None:
     """GPT-2 small's config and random weights of its exact shapes (transformers' own initialisation)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config())
     model.save_pretrained(folder, safe_serialization=True)
@@ -128,11 +130,6 @@ def _sae_tensors(d_in: int, d_sae: int, generator: torch.Generator) -> dict[str,
 
 def write_saes(hf_home: Path, layers: list[int], families: list[str], seed: int) -> list[str]:
     """Each layer's SAE of the gpt2-small preset's releases, where sae_lens's directory points."""
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-    from safetensors.torch import save_file
-
-    from saenb.models.presets import GPT2_SMALL
-
     directory = get_pretrained_saes_directory()
     written = []
     for source in GPT2_SMALL.sae_sources:
@@ -166,9 +163,6 @@ def write_saes(hf_home: Path, layers: list[int], families: list[str], seed: int)
 def write_dataset(hf_home: Path, texts: list[str]) -> int:
     """A prepared `datasets` copy of DATASET (config plain_text, a `text` column, split train) where `datasets`
     finds a cached dataset offline (HF_HOME/datasets/<namespace>___<name>/<config>/<version>/<hash>/)."""
-    import datasets
-    from datasets.packaged_modules.parquet.parquet import Parquet
-
     staging = hf_home / "staging"
     staging.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict({"text": texts}).to_parquet(staging / "train.parquet")

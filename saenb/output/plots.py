@@ -1,9 +1,8 @@
 """Figures in one house style, built from tidy DataFrames, and saved with the data behind them.
 
-    plots.set_style()
-    fig = plots.ratio_by_layer(ratios)
-    plots.save_figure(fig, ratios, "ratio_by_layer", notebook="01_replication", preset="tiny-stdlib",
-                      caption="SAE / eps-random ratio per layer ...")
+    out = plots.Notebook("01_replication", "tiny-stdlib")       # the house style, and where this notebook saves
+    out.figure(plots.ratio_by_layer(ratios), ratios, "ratio_by_layer", caption="SAE / eps-random ratio per layer ...")
+    plots.reading(verdicts)                                     # a study's readings as the notebook's paragraph
 
 `save_figure` writes `figures/<preset>/<notebook>/<name>.{png,svg,csv}` and records the caption in that
 folder's `figures.json` (the report reads it). Every plotting function takes a DataFrame and column names;
@@ -21,9 +20,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from IPython.display import HTML, Markdown
 from matplotlib.figure import Figure
 
 from saenb.files import REPO, atomic_path, write_text
+from saenb.studies import literature, readings
 
 FIGURES = Path(os.environ.get("SAENB_FIGURES", REPO / "figures"))
 """Where figures go (`SAENB_FIGURES` overrides it, e.g. for a test run in a temporary folder)."""
@@ -117,11 +118,6 @@ NAMES = {
     "clean": "clean",
 }
 
-GPT2_RESID_RANGE = (2.2, 4.5)
-"""The original study's SAE / eps-random KL ratio range on GPT-2 small's residual stream (Gurnee, 2024)."""
-GPT2_Z_RANGE = (0.9, 1.7)
-"""The same on GPT-2 small's attention outputs (hook_z SAEs, heads concatenated)."""
-
 
 def base(label: str) -> str:
     return label.split("(")[0]
@@ -193,6 +189,42 @@ def save_table(df: pd.DataFrame, name: str, *, notebook: str, preset: str, capti
     return folder / f"{name}.html"
 
 
+class Notebook:
+    """One notebook's output: the house style set once, then `figure` and `table` save under
+    figures/<preset>/<notebook>/ (`save_figure`, `save_table`) and show what they saved. `captions` maps a figure
+    or table name to its caption (a study's fixed captions), used where none is passed."""
+
+    def __init__(self, name: str, preset: str, quick: bool = False, root: Path = FIGURES,
+                 captions: dict[str, str] | None = None):
+        self.name, self.preset, self.quick, self.root = name, preset, quick, root
+        self.captions = captions or {}
+        set_style()
+
+    def figure(self, fig: Figure, df: pd.DataFrame, name: str, *, caption: str = "", title: str = "") -> None:
+        """Save the figure with the frame behind it, then show it."""
+        save_figure(fig, df, name, notebook=self.name, preset=self.preset, quick=self.quick, root=self.root,
+                    caption=caption or self.captions.get(name, ""), title=title)
+        plt.show()
+
+    def table(self, df: pd.DataFrame, name: str, *, caption: str = "", title: str = "", escape: bool = True,
+              fmt: dict | str | None = None, precision: int | None = None):
+        """Save the table; returns it for display: as HTML when `escape` is off, else styled with `fmt` (a format
+        string, or one per column) or `precision` (digits of every float) when given."""
+        save_table(df, name, notebook=self.name, preset=self.preset, quick=self.quick, root=self.root,
+                   caption=caption or self.captions.get(name, ""), title=title, escape=escape)
+        if not escape:
+            return HTML(df.to_html(index=False, escape=False, float_format="{:.4f}".format))
+        if fmt is None and precision is None:
+            return df
+        return df.style.format(fmt, precision=precision).hide(axis="index")
+
+
+def reading(verdicts: pd.DataFrame, lead: str = ""):
+    """A study's readings (`saenb.studies.readings`) as the notebook's "**Reading.**" paragraph (the report
+    collects these from the executed notebooks)."""
+    return Markdown(readings.markdown(verdicts, lead))
+
+
 def short_title(caption: str, name: str = "") -> str:
     """A heading from a caption: its first clause without parentheses ("Mean KL of each intervention per layer
     (token means, ...), log scale." -> "Mean KL of each intervention per layer"); the figure's file name, humanised,
@@ -214,10 +246,11 @@ def _record(folder: Path, name: str, entry: dict) -> None:
 
 
 # -------------------------------------------------------------------------------------------- figures
-def grouped_bars(df: pd.DataFrame, *, x: str, y: str, hue: str, low: str, high: str, log: bool = False,
-                 ylabel: str | None = None, title: str = "", annotate: pd.Series | None = None, ax=None) -> Figure:
-    """Bars of `y` per `x`, grouped by `hue`, with the given CI as error bars; `annotate` maps an `x` value to a
-    text written above its group (e.g. a ratio).
+def grouped_bars(df: pd.DataFrame, *, x: str, y: str, hue: str, low: str, high: str, logy: bool = False,
+                 hline: float | None = None, ylabel: str | None = None, title: str = "",
+                 annotate: pd.Series | None = None, ax=None) -> Figure:
+    """Bars of `y` per `x`, grouped by `hue`, with the given CI as error bars, and a dashed line at `hline` (e.g.
+    ratio 1); `annotate` maps an `x` value to a text written above its group (e.g. a ratio).
 
     Drawn with matplotlib: seaborn's barplot computes its own CIs from raw rows (over tokens), while
     these CIs are bootstrapped over sequences beforehand.
@@ -240,10 +273,26 @@ def grouped_bars(df: pd.DataFrame, *, x: str, y: str, hue: str, low: str, high: 
     ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs])
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel or y)
-    if log:
-        ax.set_yscale("log")
+    _axes_style(ax, logx=False, logy=logy, hline=hline)
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def bar_panels(df: pd.DataFrame, *, panel: str, x: str, y: str, hue: str, low: str, high: str,
+               annotate: str | None = None, fmt: str = "{:.2f}x", ylabel: str | None = None, logy: bool = False,
+               hline: float | None = None, titles: dict | None = None) -> Figure:
+    """`grouped_bars` side by side, one panel per `panel` value (titled "<panel> <value>", or by `titles`);
+    `annotate` names a column with one value per `x` (e.g. a ratio), written above each group with `fmt`."""
+    panels = list(pd.unique(df[panel]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 3.8), layout="constrained", squeeze=False)
+    for ax, p in zip(axes[0], panels, strict=True):
+        sub = df[df[panel] == p]
+        notes = sub.drop_duplicates(x).set_index(x)[annotate].map(fmt.format) if annotate else None
+        grouped_bars(sub, x=x, y=y, hue=hue, low=low, high=high, logy=logy, hline=hline, ylabel=ylabel,
+                     title=(titles or {}).get(p, f"{panel} {p}"), annotate=notes, ax=ax)
+    for ax in axes[0, :-1]:
+        ax.get_legend().remove()
     return fig
 
 
@@ -270,7 +319,8 @@ def histograms(df: pd.DataFrame, *, hue: str, col: str, notes: dict | None = Non
 
 
 def lines(df: pd.DataFrame, *, x: str, y: str, hue: str, col: str | None = None, low: str | None = None,
-          high: str | None = None, log: bool = False, ylabel: str | None = None, col_wrap: int = 3) -> Figure:
+          high: str | None = None, logy: bool = False, ylabel: str | None = None, xlabel: str | None = None,
+          col_wrap: int = 3) -> Figure:
     """One line of `y` against `x` per `hue` (a CI band when `low`/`high` are given), one panel per `col`."""
     panels = list(pd.unique(df[col])) if col else [None]
     fig, axes = _panels(len(panels), col_wrap, (3.6, 2.6) if col else (7.0, 3.4))
@@ -281,13 +331,13 @@ def lines(df: pd.DataFrame, *, x: str, y: str, hue: str, col: str | None = None,
             ax.plot(sub[x], sub[y], color=color(str(h)), label=name(str(h)), lw=1.2)
             if low and high:
                 # a band reaching below zero cannot be drawn on a log axis: its bottom is cut at y / 10 there
-                bottom = sub[low].where(sub[low] > 0, sub[y] / 10) if log else sub[low]
+                bottom = sub[low].where(sub[low] > 0, sub[y] / 10) if logy else sub[low]
                 ax.fill_between(sub[x], bottom, sub[high], color=color(str(h)), alpha=0.2, lw=0)
-        if log:
+        if logy:
             ax.set_yscale("log")
         if panel is not None:
             ax.set_title(f"{col} {panel}")
-    _label(axes, len(panels), x, ylabel or y)
+    _label(axes, len(panels), xlabel or x, ylabel or y)
     axes.flat[0].legend(fontsize=8)
     return fig
 
@@ -317,7 +367,8 @@ def grid(df: pd.DataFrame, *, x: str, y: str, hue: str, row: str, col: str, logx
 
 
 def ratio_by_layer(df: pd.DataFrame, *, x: str = "layer", y: str = "ratio", hue: str = "metric",
-                   low: str = "ci_low", high: str = "ci_high", reference: tuple[float, float] | None = GPT2_RESID_RANGE,
+                   low: str = "ci_low", high: str = "ci_high",
+                   reference: tuple[float, float] | None = literature.GURNEE_RESID.value,
                    reference_label: str = "GPT-2 small residual, original study", title: str = "",
                    ylabel: str = "SAE / eps-random", ax=None) -> Figure:
     """Ratios with CIs per layer, one marker series per `hue`, a line at 1 (no pathology) and the original
@@ -338,6 +389,19 @@ def ratio_by_layer(df: pd.DataFrame, *, x: str = "layer", y: str = "ratio", hue:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
+    return fig
+
+
+def ratio_panels(df: pd.DataFrame, *, panel: str, titles: dict, references: dict | None = None,
+                 ylabel: str = "SAE / eps-random") -> Figure:
+    """`ratio_by_layer` side by side, one panel per key of `titles` (a `panel` value -> its title), sharing y;
+    `references` maps a panel value to its published (low, high) band (none drawn without it)."""
+    fig, axes = plt.subplots(1, len(titles), figsize=(6.0 * len(titles), 3.8), layout="constrained", sharey=True,
+                             squeeze=False)
+    for ax, (p, title) in zip(axes[0], titles.items(), strict=True):
+        band = (references or {}).get(p)
+        ratio_by_layer(df[df[panel] == p], hue="metric", reference=band, title=title, ax=ax, ylabel=ylabel,
+                       reference_label=f"GPT-2 small, original study ({band[0]}-{band[1]}x)" if band else "")
     return fig
 
 
@@ -381,6 +445,16 @@ def next_token_logprobs(df: pd.DataFrame, *, title: str = "", ax=None) -> Figure
     return fig
 
 
+def next_token_panels(df: pd.DataFrame, titles: dict) -> Figure:
+    """`next_token_logprobs` for each (seq, pos) of the frame, one panel above the other; `titles` maps a
+    (seq, pos) to its panel's title."""
+    picks = list(titles)
+    fig, axes = plt.subplots(len(picks), 1, figsize=(9, 3.3 * len(picks)), layout="constrained", squeeze=False)
+    for ax, (seq, pos) in zip(axes[:, 0], picks, strict=True):
+        next_token_logprobs(df[(df.seq == seq) & (df.pos == pos)], ax=ax, title=titles[(seq, pos)])
+    return fig
+
+
 def heatmap(df: pd.DataFrame, *, x: str, y: str, value: str, fmt: str = "{:.2f}", title: str = "",
             cmap: str = "RdBu_r", limits: tuple[float, float] = (-1.0, 1.0), ax=None) -> Figure:
     """A grid of `value` (long form: one row per (y, x) cell), each cell printed, a diverging colour scale."""
@@ -401,9 +475,10 @@ def heatmap(df: pd.DataFrame, *, x: str, y: str, value: str, fmt: str = "{:.2f}"
 
 
 def binned_panels(df: pd.DataFrame, *, titles: dict | None = None, ylabel: str = "", col_wrap: int = 3,
-                  log_x: tuple[str, ...] = ()) -> Figure:
+                  logx: tuple[str, ...] = (), title: str = "") -> Figure:
     """`tokens.binned_table`'s frame: one panel per predictor, its binned means with CIs against the bins'
-    median predictor values; `titles` maps a predictor to its panel title (e.g. its Spearman rho)."""
+    median predictor values; `titles` maps a predictor to its panel title (e.g. its Spearman rho), `title` heads
+    the figure."""
     predictors = list(pd.unique(df["predictor"]))
     fig, axes = _panels(len(predictors), col_wrap, (3.5, 2.6), sharex=False, sharey=True)
     for ax, predictor in zip(axes.flat, predictors, strict=False):
@@ -411,7 +486,7 @@ def binned_panels(df: pd.DataFrame, *, titles: dict | None = None, ylabel: str =
         ax.errorbar(sub["x"], sub["mean"], yerr=np.vstack([sub["mean"] - sub["ci_low"], sub["ci_high"] - sub["mean"]]),
                     marker="o", ms=3.5, lw=1.2, capsize=2, color=color("sae"))
         ax.axhline(0.0, color="#555555", lw=0.8, ls="--")
-        if predictor in log_x:
+        if predictor in logx:
             ax.set_xscale("log")
         ax.set_xlabel(predictor)
         ax.set_title((titles or {}).get(predictor, predictor), fontsize=9)
@@ -419,16 +494,18 @@ def binned_panels(df: pd.DataFrame, *, titles: dict | None = None, ylabel: str =
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel)
+    if title:
+        fig.suptitle(title)
     return fig
 
 
-def scatter(df: pd.DataFrame, *, x: str, y: str, log_x: bool = False, title: str = "", xlabel: str | None = None,
+def scatter(df: pd.DataFrame, *, x: str, y: str, logx: bool = False, title: str = "", xlabel: str | None = None,
             ylabel: str | None = None) -> Figure:
     """Points of `y` against `x`, with a dashed line at y = 0."""
     fig, ax = _axes(None, figsize=(5.5, 3.6))
     ax.scatter(df[x], df[y], s=8, alpha=0.5, color=color("sae"), lw=0)
     ax.axhline(0.0, color="#555555", lw=0.8, ls="--")
-    if log_x:
+    if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
@@ -535,18 +612,19 @@ def _figure_legend(fig, axes, **kw) -> None:
     fig.legend(handles, labels, loc="outside right upper", fontsize=7, **kw)
 
 
-def points_ci(df: pd.DataFrame, *, x: str, y: str, low: str, high: str, hue: str, col: str | None = None,
-              logx: bool = False, logy: bool = False, hline: float | None = None, xlabel: str | None = None,
-              ylabel: str | None = None, notes: dict | None = None, col_wrap: int = 3) -> Figure:
-    """Points of `y` against `x` with CI bars, joined per `hue` in order of `x`; a panel per `col`; an optional
-    horizontal reference line and a note (text) per panel."""
+def points_ci(df: pd.DataFrame, *, x: str, y: str, hue: str, low: str | None = "ci_low", high: str | None = "ci_high",
+              col: str | None = None, logx: bool = False, logy: bool = False, hline: float | None = None,
+              xlabel: str | None = None, ylabel: str | None = None, notes: dict | None = None,
+              col_wrap: int = 3) -> Figure:
+    """Points of `y` against `x` with CI bars (none when `low` is None), joined per `hue` in order of `x`; a panel
+    per `col`; an optional horizontal reference line and a note (text) per panel."""
     panels = list(pd.unique(df[col])) if col else [None]
     fig, axes = _panels(len(panels), col_wrap, (4.2, 3.2), sharex=False, sharey=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
         sub_panel = df if panel is None else df[df[col] == panel]
         for h in pd.unique(sub_panel[hue]):
             sub = sub_panel[sub_panel[hue] == h].sort_values(x)
-            err = np.vstack([(sub[y] - sub[low]).clip(lower=0), (sub[high] - sub[y]).clip(lower=0)])
+            err = np.vstack([(sub[y] - sub[low]).clip(lower=0), (sub[high] - sub[y]).clip(lower=0)]) if low else None
             ax.errorbar(sub[x], sub[y], yerr=err, color=color(str(h)), label=name(str(h)), marker="o", ms=3.5,
                         lw=1.1, capsize=2)
         _finish_panel(ax, panel, notes, logx=logx, logy=logy, hline=hline, note_at="right")

@@ -28,8 +28,11 @@ import nbformat
 import pandas as pd
 from markdown_it import MarkdownIt
 
-from saenb.files import REPO, write_text
-from saenb.output.plots import FIGURES, GPT2_RESID_RANGE, run_dir, short_title
+from saenb.files import NOTEBOOKS, REPO, runs_dir, write_text
+from saenb.models.presets import get_preset
+from saenb.output.plots import FIGURES, run_dir, short_title
+from saenb.studies import literature
+from saenb.studies import readings as rd
 
 HEADLINES = {"01_replication": ("ratio_by_layer", {}), "05_attention_saes": ("ratio_by_layer", {"family": "z"})}
 """Per notebook, the saved figure whose frame (columns layer, metric, ratio, ci_low, ci_high), restricted to the
@@ -66,8 +69,6 @@ def _csv(folder: Path, notebook: str, name: str) -> pd.DataFrame | None:
 
 def _notebook(name: str, runs: Path | None) -> tuple[nbformat.NotebookNode | None, nbformat.NotebookNode | None]:
     """(the notebook as committed, its executed copy in `runs` or None)."""
-    from saenb.output.reproduce import NOTEBOOKS
-
     source = NOTEBOOKS / f"{name}.ipynb"
     executed = Path(runs) / f"{name}.ipynb" if runs else None
     read = lambda p: nbformat.read(p, as_version=4) if p is not None and p.exists() else None  # noqa: E731
@@ -121,7 +122,7 @@ def _replication(folder: Path) -> str | None:
     if r is None:
         return None
     r = r[r.metric == "kl"]
-    low, high = GPT2_RESID_RANGE
+    low, high = literature.GURNEE_RESID.value
     return (f"Splicing an SAE's reconstruction into the residual stream moves the next-token distribution "
             f"**{_span(r.ratio)}x** as far (KL divergence) as a random error of the same size, across "
             f"{len(r)} layers; the 95% CI excludes 1 at {(r.ci_low > 1).sum()} of them (the original study: "
@@ -164,14 +165,31 @@ def _fixes(folder: Path) -> str | None:
 
 
 def _why(folder: Path) -> str | None:
+    """Per layer, the explanation with the largest share of the gap, named only where its CI clears the others'
+    ("not separated" otherwise); shares with their CIs and, outside [0, 100%], what that means. Never averaged
+    over layers (each layer's shares are read against that layer's ratio)."""
     account = _csv(folder, "09_why", "accounting")
-    if account is None or not {"explanation", "share_of_gap"} <= set(account.columns):
+    need = {"layer", "explanation", "share_of_gap", "share_ci_low", "share_ci_high", "note"}
+    if account is None or not need <= set(account.columns):
         return None
-    shares = account.groupby("explanation").share_of_gap.mean().sort_values(ascending=False)
-    top = shares.index[0]
-    how = "all of the (log) gap and more" if shares.iloc[0] >= 1 else "the largest share of the (log) gap"
-    return (f"Of the explanations tested for why, {top} accounts for {how}: {shares.iloc[0]:.0%} on average over "
-            f"layers (next: {shares.index[1]}, {shares.iloc[1]:.0%}).")
+    account = account.assign(note=account.note.fillna(""))
+    parts = []
+    for layer, shares in account.groupby("layer", sort=True):
+        est = shares.set_index("explanation")
+        top, others = rd.largest(est.share_of_gap, est.share_ci_low, est.share_ci_high)
+
+        def text(name: str) -> str:
+            r = est.loc[name]
+            note = f": {r.note}" if r.note else ""
+            return f"{name} {r.share_of_gap:.0%} [{r.share_ci_low:.0%}, {r.share_ci_high:.0%}]{note}"
+
+        if others:
+            listed = "; ".join(map(text, [top, *others]))
+            parts.append(f"at layer {layer} the largest is not separated from the next ({listed})")
+        else:
+            parts.append(f"at layer {layer} {text(top)} accounts for the largest share, its CI clear of the others'")
+    return ("Of the explanations tested for why (each a share of the log gap to eps-random on the same tokens, "
+            f"95% CIs, per layer): {'; '.join(parts)}.")
 
 
 FINDINGS: tuple[Callable[[Path], str | None], ...] = (_replication, _single_token, _hypersphere, _attention, _fixes,
@@ -237,8 +255,6 @@ def versions() -> dict[str, str]:
 
 
 def methods(preset: str, facts: dict[str, dict]) -> list[str]:
-    from saenb.models.presets import get_preset
-
     p = get_preset(preset)
     lines = ["## Methods", ""]
     where = f"bundle `data/bundles/{p.bundle}`" if p.is_bundle else f"`{p.model_name}` from the Hugging Face hub"
@@ -269,8 +285,6 @@ def methods(preset: str, facts: dict[str, dict]) -> list[str]:
 def build_markdown(preset: str, root: Path = FIGURES, *, quick: bool = False, runs: Path | None = None,
                    embed: bool = False) -> str:
     """The report as markdown; `embed` puts each PNG inline as a data URI (for the self-contained HTML)."""
-    from saenb.output.reproduce import REPO, runs_dir
-
     folder = run_dir(preset, root, quick=quick)
     runs = runs_dir(preset, quick=quick) if runs is None else Path(runs)
     folders = notebook_dirs(folder)
@@ -326,8 +340,6 @@ def build_markdown(preset: str, root: Path = FIGURES, *, quick: bool = False, ru
 def write_report(preset: str = "tiny-stdlib", root: Path = FIGURES, *, quick: bool = False,
                  runs: Path | None = None) -> tuple[Path, Path]:
     """Write report.md and the self-contained report.html beside the run's figures; returns both paths."""
-    from saenb.models.presets import get_preset
-
     get_preset(preset)  # an unknown preset fails here, listing the known ones
     out = run_dir(preset, root, quick=quick)
     md_path, html_path = out / "report.md", out / "report.html"

@@ -15,24 +15,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
+import papermill as pm
+from ipykernel.ipkernel import IPythonKernel
+from jupyter_client import AsyncKernelManager
+from jupyter_client.kernelspec import KernelSpec
 from tqdm.auto import tqdm
+from traitlets.config import Config
 
-from saenb.files import REPO
+from saenb.files import NOTEBOOKS, runs_dir
+from saenb.output.report import write_report
 
-NOTEBOOKS = REPO / "notebooks"
-RUNS = REPO / "data" / "runs"
 KERNEL = "saenb"
-
-
-def runs_dir(preset: str, *, quick: bool = False) -> Path:
-    """Where the executed copies of one kind of run go (quick runs apart from full ones, as their figures)."""
-    return RUNS / preset / "quick" if quick else RUNS / preset
-
 
 def kernel_language_info() -> dict:
     """The `language_info` the kernel reports and JupyterLab writes into a notebook when it opens one."""
-    from ipykernel.ipkernel import IPythonKernel
-
     return dict(IPythonKernel.language_info)
 
 
@@ -40,8 +37,6 @@ def stored_form(nb) -> str:
     """A notebook as it is committed: without outputs or execution counts, with the kernel's `language_info`
     (which JupyterLab fills in on opening: a notebook stored with less is marked modified as soon as it is
     opened), serialised as Jupyter's contents manager writes it (nbformat, one-space indent, sorted keys)."""
-    import nbformat
-
     nb = nbformat.from_dict(nb)
     for cell in nb.cells:
         if cell.cell_type == "code":
@@ -53,8 +48,6 @@ def stored_form(nb) -> str:
 
 def store_notebooks() -> list[Path]:
     """Rewrite the numbered notebooks in their stored form; returns those that changed."""
-    import nbformat
-
     changed = []
     for path in notebooks():
         text = stored_form(nbformat.read(path, as_version=nbformat.NO_CONVERT))
@@ -77,18 +70,23 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     return found
 
 
-def kernel_name() -> str:
-    """The `saenb` kernel when it is registered for this very interpreter (make venv registers it), else
-    ipykernel's built-in `python3`, which runs the current interpreter: a `saenb` kernel registered by
-    another checkout must not run these notebooks with that checkout's package."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+def this_kernel() -> KernelSpec:
+    """The `saenb` kernel as this very interpreter runs it (what `make venv` registers inside the virtual
+    environment, `ipykernel install --sys-prefix`)."""
+    return KernelSpec(name=KERNEL, argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                      display_name="saenb (.venv)", language="python")
 
-    try:
-        argv = KernelSpecManager().get_kernel_spec(KERNEL).argv
-    except NoSuchKernel:
-        return "python3"
-    ours = os.path.exists(argv[0]) and os.path.samefile(argv[0], sys.executable)
-    return KERNEL if ours else "python3"
+
+class ThisInterpreterKernelManager(AsyncKernelManager):
+    """Starts `this_kernel()` whatever kernel name it is given, without looking in any Jupyter folder: a `saenb` (or
+    `python3`) kernelspec that another checkout, or another Python, registered for the user must not run these
+    notebooks with that checkout's package and write into its folders."""
+
+    @property
+    def kernel_spec(self) -> KernelSpec:
+        if self._kernel_spec is None:
+            self._kernel_spec = this_kernel()
+        return self._kernel_spec
 
 
 @dataclass
@@ -103,18 +101,13 @@ class Outcome:
 def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parameters: dict | None = None, *,
               quick: bool = False, report: bool = True) -> list[Outcome]:
     """Run the notebooks (`quick`: each with its `quick` parameter on: a few contexts, for smoke runs and CI)."""
-    import papermill as pm
-
     todo = notebooks(only)
     if not todo:
         print(f"No numbered notebooks in {NOTEBOOKS} yet: nothing to run.")
         return []
-    from traitlets.config import Config
-
     out_dir = runs_dir(preset, quick=quick)
     out_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
-    kernel = kernel_name()
     params = {"preset": preset, **({"quick": True} if quick else {}), **(parameters or {})}
     # the kernel on Unix-domain sockets (IPC): nothing listens on a TCP port, and ipykernel has nothing to warn
     # about (over TCP it logs "Kernel is running over TCP without encryption" into every run's log)
@@ -123,8 +116,8 @@ def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parame
         output = out_dir / path.name
         t0 = time.time()
         try:
-            pm.execute_notebook(str(path), str(output), parameters=params, kernel_name=kernel, cwd=str(NOTEBOOKS),
-                                progress_bar=False, config=config)
+            pm.execute_notebook(str(path), str(output), parameters=params, kernel_name=KERNEL, cwd=str(NOTEBOOKS),
+                                progress_bar=False, config=config, kernel_manager_class=ThisInterpreterKernelManager)
             outcomes.append(Outcome(path.name, True, output, seconds=time.time() - t0))
         except pm.PapermillExecutionError as exc:
             outcomes.append(Outcome(path.name, False, output, f"cell {exc.exec_count}: {exc.ename}: {exc.evalue}",
@@ -133,8 +126,6 @@ def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parame
         detail = f"\n       {o.error}" if o.error else ""
         print(f"{'ok    ' if o.ok else 'FAILED'} {o.notebook} ({o.seconds / 60:.1f} min) -> {o.output}{detail}")
     if report and any(o.ok for o in outcomes):
-        from saenb.output.report import write_report
-
         md, html = write_report(preset, quick=quick, runs=out_dir)
         print(f"report: {md}\n        {html}")
     return outcomes

@@ -2,10 +2,9 @@
 (`train`, on activations computed once per hook: `activations`) and where they are stored and loaded
 (`library`).
 
-    from saenb import saes
-    spec = saes.sets.FIXES_BASE                 # an SAESpec
-    sae = saes.load(spec)                       # committed bundle, else local cache, else trained here
-    [s.name for s in saes.sets.get("fixes")]    # notebook 08's SAEs
+    spec = saenb.saes.sets.FIXES_BASE                # an SAESpec
+    sae = saenb.saes.load(spec)                      # committed bundle, else local cache, else trained here
+    [s.name for s in saenb.saes.sets.get("fixes")]   # notebook 08's SAEs
 
 `python -m saenb.saes build --set fixes` trains a set's missing SAEs (resumable: each is stored as it finishes).
 """

@@ -15,7 +15,9 @@ import argparse
 import sys
 import time
 
-from saenb.saes import library, sets
+from saenb.models.presets import TINY_STDLIB, Preset, PresetError, register_preset
+from saenb.saes import cluster, library, sets
+from saenb.saes.quality import evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="with build: train the specs on a Ray cluster, one spec per task ('auto': join a "
                              "running cluster or start one here)")
     args = parser.parse_args(argv)
-    from saenb.models.presets import TINY_STDLIB, Preset, PresetError, register_preset
 
     try:
         if args.bundle:
@@ -46,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = set(args.groups.split(","))
         chosen = [n for n in chosen if n.group in groups]
     if args.command == "build" and args.ray:
-        from saenb.engine import distributed
-
-        distributed.build_specs([n.spec for n in chosen], address=args.ray)  # then the loop below finds them
+        cluster.build_specs([n.spec for n in chosen], address=args.ray)  # then the loop below finds them
     for named in chosen:
         where = library.find(named.spec)
         if args.command == "list":
@@ -58,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
             if where is None:
                 where = library.build(named.spec)
             if args.evaluate and "quality" not in library.record(named.spec) and (where / "record.json").exists():
-                from saenb.saes.quality import evaluate
-
                 library.add_quality(named.spec, evaluate(named.spec))
             if args.commit and library.committed_dir(named.spec) is None:
                 where = library.commit(named.spec)

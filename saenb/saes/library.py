@@ -20,12 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens import SAE
 from safetensors.torch import load_file, save_file
 
-from saenb.files import REPO, atomic_path, write_text
+from saenb.files import REPO, atomic_path, sha256_file, write_text
 from saenb.models import bundle_io, hub
-from saenb.saes import models
+from saenb.saes import activations, sources
+from saenb.saes.sets import legacy_folder
 from saenb.saes.spec import SAESpec
+from saenb.saes.train import estimate_seconds
+from saenb.saes.train import train as train_spec
 
 SPECS_DIR = "specs"
 LOCAL = Path(os.environ.get("SAENB_RESULTS", REPO / "data" / "results")) / "saes"
@@ -42,9 +46,7 @@ def folder_name(spec: SAESpec) -> str:
 
 def committed_dir(spec: SAESpec, root: Path | None = None) -> Path | None:
     """The committed folder of `spec` in its bundle (`root`, default: its preset's), if any."""
-    from saenb.saes.sets import legacy_folder
-
-    root = models.bundle_root(spec.preset) if root is None else Path(root)
+    root = sources.bundle_root(spec.preset) if root is None else Path(root)
     path = root / SPECS_DIR / folder_name(spec)
     return path if (path / "record.json").exists() else legacy_folder(spec, root)
 
@@ -75,8 +77,6 @@ def load(spec: SAESpec, device: str | torch.device = "cpu", *, train: bool = Tru
          root: Path | None = None):
     """The SAE of `spec` (sae_lens `SAE`, eval mode), trained first when it is stored nowhere (unless
     `train=False`, which raises instead). `root`: the bundle to look in (default: the spec's preset's)."""
-    from sae_lens import SAE
-
     path = find(spec, root)
     if path is None:
         if not train:
@@ -92,11 +92,11 @@ def load(spec: SAESpec, device: str | torch.device = "cpu", *, train: bool = Tru
 def _verify(spec: SAESpec, path: Path) -> None:
     rec_path = path / "record.json"
     if not rec_path.exists():
-        return  # an original bundle SAE: the bundle's manifest covers it (presets.load_preset verifies it)
+        return  # an original bundle SAE: the bundle's manifest covers it (assembly.load_preset verifies it)
     rec = json.loads(rec_path.read_text())
     if rec["key"] != spec.key:
         raise SpecError(f"{path} holds spec {rec['key']}, not {spec.key}: remove the folder to retrain it")
-    if bundle_io.sha256_file(path / WEIGHTS) != rec["weights_sha256"]:
+    if sha256_file(path / WEIGHTS) != rec["weights_sha256"]:
         fix = "restore it with `git checkout -- " + str(path) + "`" if SPECS_DIR in path.parts else \
             f"remove it (`rm -r {path}`) to train it again"
         raise SpecError(f"the weights in {path} do not match the sha256 in its record.json: {fix}")
@@ -104,20 +104,19 @@ def _verify(spec: SAESpec, path: Path) -> None:
 
 def build(spec: SAESpec, *, progress: bool = True) -> Path:
     """Train `spec` into the local cache (a time estimate is printed first); returns its folder."""
-    from saenb.saes.train import estimate_seconds, train
-
     final = local_dir(spec)
     print(f"training SAE {spec.label} ({spec.key}) at {spec.hook} of {spec.preset}/{spec.model}: "
           f"about {estimate_seconds(spec) / 60:.1f} min on 2 CPU cores", flush=True)
     work = final.parent / (final.name + ".partial")
-    info = train(spec, work, progress=progress)
+    base = load(spec.base, progress=progress) if spec.finetune is not None else None
+    info = train_spec(spec, work, progress=progress, base=base)
     # a frozen-encoder fine-tune keeps its base's encoder exactly (rounding it to half precision would flip
     # latents near zero, and the point of the fix is that no token's active set moves)
     frozen = ("W_enc", "b_enc", "b_dec") if spec.finetune is not None and spec.finetune.kind != "kl_mse" else ()
     to_half(work / WEIGHTS, keep=frozen)
     rec = {"key": spec.key, "label": spec.label, "spec": spec.to_dict(), "training": info,
            "built_on": built_on(), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "weights_sha256": bundle_io.sha256_file(work / WEIGHTS)}
+           "weights_sha256": sha256_file(work / WEIGHTS)}
     write_text(work / "record.json", json.dumps(rec, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
@@ -153,8 +152,11 @@ def commit(spec: SAESpec) -> Path:
     src = local_dir(spec)
     if not (src / "record.json").exists():
         raise SpecError(f"{spec.label} ({spec.key}) is not trained locally; load(spec) trains it")
-    dst = models.bundle_root(spec.preset) / SPECS_DIR / folder_name(spec)
+    dst = sources.bundle_root(spec.preset) / SPECS_DIR / folder_name(spec)
     shutil.rmtree(dst, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("runner_cfg.json"))
+    cache = activations.cache_record(spec)
+    if cache is not None:  # the activation pass it was trained from, for the bundle's manifest
+        write_text(dst / bundle_io.ACTIVATION_PASS, json.dumps(cache, indent=2) + "\n")
     return dst

@@ -5,9 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from datasets import Dataset
+from sae_lens import ActivationsStore, run_evals
+from sae_lens.evals import EvalConfig
+from sae_lens.training.activation_scaler import ActivationScaler
 
 from saenb.models import bundle_io
-from saenb.saes import models
+from saenb.saes import sources
+from saenb.saes.library import load
+from saenb.saes.sets import recipe
 from saenb.saes.spec import SAESpec
 
 
@@ -16,11 +22,6 @@ def run_evals_figures(model, sae, tokens: torch.Tensor, *, batch_prompts: int = 
     """sae_lens's `run_evals` on `tokens` (in order, batches of `batch_prompts` contexts), special tokens
     excluded as sae_lens does by default: CE and KL of the splice, explained variance, cosine, L0, and the
     alive fraction (share of latents firing at least once on the sparsity batches)."""
-    from datasets import Dataset
-    from sae_lens import ActivationsStore, run_evals
-    from sae_lens.evals import EvalConfig
-    from sae_lens.training.activation_scaler import ActivationScaler
-
     n_ctx = tokens.shape[1]
     store = ActivationsStore.from_sae(
         model, sae, dataset=Dataset.from_dict({"tokens": tokens.numpy()}), context_size=n_ctx,
@@ -82,13 +83,10 @@ def meets(hook: str, q: dict[str, Any], preset: str = "tiny-stdlib") -> bool:
 def evaluate(spec: SAESpec, **kwargs) -> dict[str, Any]:
     """`run_evals_figures` of a stored spec on its preset's held-out contexts (the first ones, in order; batch
     sizes from the bundle's recipe unless given), with `meets_targets` (`targets`)."""
-    from saenb.saes.library import load
-    from saenb.saes.sets import recipe
-
-    root = models.bundle_root(spec.preset)
+    root = sources.bundle_root(spec.preset)
     tokens = bundle_io.load_tokens(root / bundle_io.HELDOUT_TOKENS)
     cfg = recipe(spec.preset)
     kwargs = {"batch_prompts": cfg.eval_batch_prompts, "n_recon_batches": cfg.eval_reconstruction_batches,
               "n_sparsity_batches": cfg.eval_sparsity_batches, **kwargs}
-    q = run_evals_figures(models.load_model(spec.preset, spec.model), load(spec, train=False), tokens, **kwargs)
+    q = run_evals_figures(sources.load_model(spec.preset, spec.model), load(spec, train=False), tokens, **kwargs)
     return {**q, "meets_targets": meets(spec.hook, q, spec.preset)}

@@ -17,16 +17,30 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "gated")
-"""The training architectures of sae_lens 6.54 the specs use (`standard` is ReLU + L1)."""
-SPARSITY_KNOB = {"standard": "l1", "gated": "l1", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}
+ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk")
+"""The training architectures of sae_lens 6.54 the specs use (`standard` is ReLU + L1; `matryoshka_batchtopk` is
+BatchTopK with nested reconstruction losses over prefixes of the latents, Bussmann et al. 2025, at the widths
+`MATRYOSHKA_FRACTIONS` of d_sae)."""
+SPARSITY_KNOB = {"standard": "l1", "gated": "l1", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coef",
+                 "matryoshka_batchtopk": "k"}
 """What `SAESpec.sparsity` means for each architecture: the L1 coefficient, k, or JumpReLU's L0 coefficient."""
 OBJECTIVES = ("mse", "e2e", "e2e_ds")
 """Training objectives: reconstruction (sae_lens's runner), end-to-end KL(clean || spliced) + sparsity, and
 e2e plus the MSE of the residual streams after the spliced layer (Braun et al. 2024, "e2e+ds")."""
-FINETUNES = ("scale", "decoder", "kl_mse")
+MATRYOSHKA_FRACTIONS = (1 / 64, 1 / 16, 1 / 4, 1.0)
+"""The nested widths of a Matryoshka SAE as fractions of d_sae (groups growing fourfold, as Bussmann et al.'s)."""
+FINETUNES = ("scale", "decoder", "kl_mse", "fisher")
 """Fine-tuning steps applied to a trained SAE: a per-latent scale or the decoder on MSE with the encoder frozen
-(Wright & Sharkey's fix for feature suppression), or the whole SAE on 0.5 (MSE + a KL) (Karvonen 2025)."""
+(Wright & Sharkey's fix for feature suppression), the whole SAE on 0.5 (MSE + a KL) (Karvonen 2025), or, encoder
+frozen, the decoder and a per-latent scale on the error weighted by the mean Fisher information at the hook,
+e^T F_bar e + lambda (tr(F_bar) / d) |e|^2 (the curvature-aware fine-tune; `FISHER_OPTIONS`)."""
+FISHER_OPTIONS = {"fisher_tokens": 1024, "fisher_samples": 16, "fisher_span": 16, "fisher_positions": 8,
+                  "mse_weight": 0.1, "scale_lr": 1e-3}
+"""The "fisher" fine-tune's settings (`FineTune.options` overrides them): F_bar's held-in tokens (one per context,
+from the back of the spec's context order), its draws per token (`saenb.engine.fisher.mean_fisher`), the
+positions measured after each token and how many positions the tokens are spread over; lambda, the weight of
+the MSE term relative to an isotropic error's cost tr(F_bar) / d; the per-latent scale's learning rate (the
+decoder's is `FineTune.lr`)."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +53,25 @@ class FineTune:
     """Fresh training tokens (contexts the base SAE's training did not draw first)."""
     lr: float = 1e-4
     seed: int = 0
+    options: tuple[tuple[str, Any], ...] = ()
+    """Settings of the kind, sorted (key, value) pairs (the "fisher" kind's: `FISHER_OPTIONS`). Left out of the
+    spec's content hash while empty, so the keys of fine-tunes declared before it existed stay as they were."""
 
     def __post_init__(self):
         if self.kind not in FINETUNES:
             raise ValueError(f"FineTune kind={self.kind!r} must be one of {FINETUNES}")
         if self.tokens < 1 or self.lr <= 0:
             raise ValueError(f"FineTune tokens={self.tokens} and lr={self.lr} must be positive")
+        if list(self.options) != sorted(self.options):
+            raise ValueError(f"FineTune options={self.options} must be sorted (key, value) pairs")
+        known = FISHER_OPTIONS if self.kind == "fisher" else {}
+        unknown = sorted(set(dict(self.options)) - set(known))
+        if unknown:
+            raise ValueError(f"FineTune kind={self.kind!r} takes no options {unknown}; its options: {sorted(known)}")
+
+    def option(self, name: str) -> Any:
+        """An option's value, else the kind's default (`FISHER_OPTIONS`)."""
+        return dict(self.options).get(name, FISHER_OPTIONS.get(name))
 
 
 @dataclass(frozen=True)
@@ -98,6 +125,11 @@ class SAESpec:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["options"] = [list(kv) for kv in self.options]
+        if self.finetune is not None:
+            if self.finetune.options:
+                out["finetune"]["options"] = [list(kv) for kv in self.finetune.options]
+            else:
+                del out["finetune"]["options"]  # keys from before FineTune had options stay the same
         return out
 
     @classmethod
@@ -105,7 +137,9 @@ class SAESpec:
         d = dict(d)
         d["options"] = tuple(tuple(kv) for kv in d.get("options", ()))
         if d.get("finetune") is not None:
-            d["finetune"] = FineTune(**d["finetune"])
+            ft = dict(d["finetune"])
+            ft["options"] = tuple(tuple(kv) for kv in ft.get("options", ()))
+            d["finetune"] = FineTune(**ft)
         return cls(**d)
 
     @property

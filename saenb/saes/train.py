@@ -8,7 +8,9 @@
   KL(clean || spliced) + sparsity (+ the relative MSE of the residual streams after the splice, "ds").
 - fine-tuning steps (`FineTune`): "scale" / "decoder" (Wright & Sharkey: encoder frozen, so every token keeps
   its active latents; a per-latent scale, or the decoder, on MSE), "kl_mse" (Karvonen 2025: the whole SAE
-  on 0.5 (MSE + a KL), a = MSE / KL detached, on fresh tokens).
+  on 0.5 (MSE + a KL), a = MSE / KL detached, on fresh tokens), "fisher" (encoder frozen; the decoder and a
+  per-latent scale on `curvature_objective`, the error weighted by the mean Fisher information at the hook,
+  which `mean_fisher` computes once per (model, hook, tokens) and caches: no model forward per step).
 sae_lens trains on reconstruction only, so the KL objectives and the frozen-encoder steps are plain Adam
 loops here (over sae_lens's own SAE classes, saved in its disk format).
 
@@ -18,47 +20,74 @@ fine-tuning steps read theirs from the back, so they never see the base SAE's fi
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import sae_lens
 import torch
+from datasets import Dataset
 from jaxtyping import Float, Int
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.utilities import get_act_name
 
+from saenb.engine import fisher as engine_fisher
 from saenb.engine.metrics import kl_per_token
-from saenb.engine.patching import clean_activations, flat, splice_point
+from saenb.files import atomic_path, write_text
+from saenb.hooks import clean_activations, flat, hook_width, splice_point
 from saenb.models.data import non_special
-from saenb.models.presets import hook_width
-from saenb.saes import activations, models
-from saenb.saes.spec import SAESpec
+from saenb.saes import activations, sources
+from saenb.saes.spec import MATRYOSHKA_FRACTIONS, SAESpec
 
 N_CTX_BATCH = 8
 """Contexts per step of the loops that run the model (8 x 128 = 1024 tokens, as the runner's batches)."""
 
 
 def estimate_seconds(spec: SAESpec) -> float:
-    """A rough time on 2 CPU cores, from the bundle's measured stage times (printed before training)."""
-    width = spec.expansion / 4
+    """A rough time on 2 CPU cores (printed before training): the preset's seconds per million tokens of an x4 SAE
+    trained by sae_lens's runner (`runner_rate`), times the stage's multiple of it measured on tiny-stdlib (MSE
+    fine-tunes 4.5x, KL + MSE 12x, end-to-end 13x, the Fisher fine-tune's F_bar 2 s per 100 tokens) and the width.
+    Stages that run the model scale with the model, not the SAE: on SmolLM2 they take longer than this says."""
+    rate = runner_rate(spec.preset)
+    width = max(1.0, spec.expansion / 4)
     if spec.finetune is not None:
-        per_m = 120.0 if spec.finetune.kind == "kl_mse" else 60.0
-        return per_m * spec.finetune.tokens / 1e6
-    if spec.objective != "mse":
-        return 200.0 * spec.training_tokens / 1e6 * max(1.0, width)
-    return 15.0 * spec.training_tokens / 1e6 * max(1.0, width)
+        ft = spec.finetune
+        multiple = {"kl_mse": 12.0}.get(ft.kind, 4.5)
+        extra = 0.02 * ft.option("fisher_tokens") * rate / 15 if ft.kind == "fisher" else 0.0
+        return multiple * rate * ft.tokens / 1e6 + extra
+    multiple = 1.0 if spec.objective == "mse" else 13.0
+    return multiple * rate * spec.training_tokens / 1e6 * width
 
 
-def train(spec: SAESpec, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train `spec` into `out_dir` (sae_lens disk format, float32); returns the training record."""
+def runner_rate(preset: str) -> float:
+    """Seconds per million tokens of an x4 SAE trained by sae_lens's runner on `preset`: the median over the
+    runner-trained records committed in its bundle (15, tiny-stdlib's, when there are none)."""
+    rates = []
+    for path in (sources.bundle_root(preset) / "specs").glob("*/record.json"):
+        rec = json.loads(path.read_text())
+        s = SAESpec.from_dict(rec["spec"])
+        if s.finetune is None and s.objective == "mse" and "runner" in rec["training"].get("trainer", "").lower():
+            rates.append(rec["training"]["seconds"] / (s.training_tokens / 1e6) / max(1.0, s.expansion / 4))
+    return float(sorted(rates)[len(rates) // 2]) if rates else 15.0
+
+
+def train(spec: SAESpec, out_dir: Path, *, progress: bool = True, base=None) -> dict[str, Any]:
+    """Train `spec` into `out_dir` (sae_lens disk format, float32); returns the training record. A fine-tuning step
+    starts from `base`, its base SAE loaded (`saenb.saes.library.load(spec.base)`, which `library.build` passes)."""
     t0 = time.time()
     shutil.rmtree(out_dir, ignore_errors=True)
     if spec.finetune is not None:
-        from saenb.saes.library import load
-
-        info = finetune(spec, load(spec.base, progress=progress), out_dir, progress=progress)
+        if base is None:
+            raise ValueError(f"spec {spec.label} fine-tunes {spec.base.label}: pass base=saenb.saes.load(spec.base)")
+        info = finetune(spec, base, out_dir, progress=progress)
     elif spec.objective == "mse":
         info = _train_runner(spec, out_dir)
     else:
@@ -69,8 +98,6 @@ def train(spec: SAESpec, out_dir: Path, *, progress: bool = True) -> dict[str, A
 # ------------------------------------------------------------------------------------------- sae_lens
 def training_config(spec: SAESpec, d_in: int):
     """sae_lens's training config for the spec's architecture."""
-    import sae_lens
-
     steps = spec.training_tokens // spec.batch_tokens
     common = dict(d_in=d_in, d_sae=d_in * spec.expansion, normalize_activations="expected_average_only_in")
     if spec.architecture == "standard":
@@ -84,20 +111,22 @@ def training_config(spec: SAESpec, d_in: int):
     if spec.architecture == "jumprelu":
         return sae_lens.JumpReLUTrainingSAEConfig(**common, l0_coefficient=spec.sparsity,
                                                   l0_warm_up_steps=steps // 10)
+    if spec.architecture == "matryoshka_batchtopk":
+        d_sae = common["d_sae"]
+        widths = sorted({max(1, round(d_sae * f)) for f in MATRYOSHKA_FRACTIONS})
+        return sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(**common, k=int(spec.sparsity), matryoshka_widths=widths)
     raise ValueError(f"no training config for architecture {spec.architecture!r}")
 
 
 def _train_runner(spec: SAESpec, out_dir: Path) -> dict[str, Any]:
-    from datasets import Dataset
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
-
     cache = activations.activation_cache(spec)
-    model = models.load_model(spec.preset, spec.model)
-    n_ctx = models.train_contexts(spec.preset).shape[1]
+    model = sources.load_model(spec.preset, spec.model)
+    n_ctx = sources.train_contexts(spec.preset).shape[1]
     steps = spec.training_tokens // spec.batch_tokens
     # the runner reads the cache; the token dataset it also requires is the same contexts (never read), sized so that
     # it does not warn of extra epochs
-    contexts = models.train_contexts(spec.preset)[activations.order(spec)[:math.ceil(spec.training_tokens / (n_ctx - 1))]]
+    n_contexts = math.ceil(spec.training_tokens / (n_ctx - 1))
+    contexts = sources.train_contexts(spec.preset)[activations.order(spec)[:n_contexts]]
     runner_cfg = LanguageModelSAERunnerConfig(
         sae=training_config(spec, hook_width(model, spec.hook)), model_name=model.cfg.model_name,
         hook_name=spec.hook, dataset_path=f"saenb/{spec.preset}-train", is_dataset_tokenized=True, streaming=False,
@@ -118,7 +147,7 @@ def _train_runner(spec: SAESpec, out_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ loops over the model
 def context_batches(spec: SAESpec, n_tokens: int, *, from_back: bool) -> list[Int[Tensor, "b pos"]]:
     """Batches of N_CTX_BATCH training contexts, `n_tokens` in all, from the front or back of spec's order."""
-    contexts = models.train_contexts(spec.preset)
+    contexts = sources.train_contexts(spec.preset)
     idx = activations.order(spec)
     n = math.ceil(n_tokens / contexts.shape[1])
     idx = idx[-n:][::-1] if from_back else idx[:n]
@@ -133,8 +162,8 @@ class Splicer:
     def __init__(self, model, hook: str, downstream: bool = False):
         self.model, self.hook = model, hook
         self.start, self.layer, self.direct = splice_point(hook)
-        self.downstream = [f"blocks.{layer}.hook_resid_post" for layer in range(self.layer, model.cfg.n_layers)
-                           if f"blocks.{layer}.hook_resid_post" != hook] if downstream else []
+        self.downstream = [get_act_name("resid_post", layer) for layer in range(self.layer, model.cfg.n_layers)
+                           if get_act_name("resid_post", layer) != hook] if downstream else []
 
     def clean(self, tokens: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
@@ -170,9 +199,7 @@ def _train_e2e(spec: SAESpec, out_dir: Path, *, progress: bool) -> dict[str, Any
     `spec.sparsity` and warmed up over the first 10% of steps. "e2e_ds" adds, per layer after the splice, the
     squared error of the residual stream relative to its clean mean squared norm, averaged over those layers
     and weighted by the option `downstream_coefficient` (default 1)."""
-    import sae_lens
-
-    model = models.load_model(spec.preset, spec.model)
+    model = sources.load_model(spec.preset, spec.model)
     d_in = hook_width(model, spec.hook)
     torch.manual_seed(spec.seed)
     sae = sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(d_in=d_in, d_sae=d_in * spec.expansion,
@@ -221,11 +248,11 @@ def _train_e2e(spec: SAESpec, out_dir: Path, *, progress: bool) -> dict[str, Any
 # ---------------------------------------------------------------------------------------- fine-tuning
 def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, Any]:
     """Apply spec.finetune to (a copy of) the base SAE `sae` and save the result."""
-    import copy
-
     ft = spec.finetune
     sae = copy.deepcopy(sae).float().requires_grad_(False)
-    model = models.load_model(spec.preset, spec.model)
+    if ft.kind == "fisher":
+        return _finetune_fisher(spec, sae, out_dir, progress=progress)
+    model = sources.load_model(spec.preset, spec.model)
     splicer = Splicer(model, spec.hook)
     torch.manual_seed(ft.seed)
     if ft.kind == "scale":
@@ -272,11 +299,96 @@ def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, 
     return {"trainer": f"saenb fine-tune ({ft.kind})", "steps": len(batches), "history": history}
 
 
+def curvature_objective(e: Float[Tensor, "... d"], fisher: Float[Tensor, "d d"], mse_weight: float
+                        ) -> Float[Tensor, "..."]:
+    """The curvature-aware fine-tune's loss per token: e^T F e + lambda (tr(F) / d) |e|^2 for errors e, with F the
+    mean Fisher information at the hook (twice the quadratic model's KL of the splice, summed over the measured
+    positions) and lambda = `mse_weight`: the MSE term counts an error at lambda times what an isotropic error of its
+    size costs, which keeps in check the directions F barely weighs."""
+    width = fisher.shape[-1]
+    return (e @ fisher * e).sum(-1) + mse_weight * fisher.trace() / width * e.square().sum(-1)
+
+
+def fisher_dir(preset: str) -> Path:
+    """Where `mean_fisher` caches F_bar (git-ignored)."""
+    return sources.work_dir(preset) / "fisher"
+
+
+def mean_fisher(spec: SAESpec, *, progress: bool = True) -> tuple[Float[Tensor, "d d"], dict[str, Any]]:
+    """F_bar of spec's "fisher" fine-tune: `saenb.engine.fisher.mean_fisher` over one token in each of the last
+    `fisher_tokens` contexts of spec's order (held in: the fine-tune's own contexts come from the back too), with its
+    `fisher_samples`, `fisher_span` and `fisher_positions` (`spec.FISHER_OPTIONS`). Computed once and cached under
+    the preset's work folder by the content hash of everything it depends on; returns (F_bar float64, its record)."""
+    ft = spec.finetune
+    settings = {"preset": spec.preset, "model": spec.model, "hook": spec.hook, "data_seed": spec.data_seed,
+                "seed": ft.seed, "estimator": "sampled (saenb.engine.fisher.mean_fisher)",
+                **{k: ft.option(k) for k in ("fisher_tokens", "fisher_samples", "fisher_span", "fisher_positions")}}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = fisher_dir(spec.preset) / f"{spec.model}-{spec.hook}-{key}.safetensors"
+    record_path = path.with_suffix(".json")
+    if path.exists() and record_path.exists():
+        return load_file(str(path))["fisher"], json.loads(record_path.read_text())
+    t0 = time.time()
+    model = sources.load_model(spec.preset, spec.model)
+    tokens = torch.cat(context_batches(spec, ft.option("fisher_tokens") * sources.train_contexts(spec.preset).shape[1],
+                                       from_back=True))
+    F, count = engine_fisher.mean_fisher(
+        model, spec.hook, tokens, non_special(tokens, model.tokenizer), span=ft.option("fisher_span"),
+        n_positions=ft.option("fisher_positions"), samples=ft.option("fisher_samples"), seed=ft.seed,
+        progress=progress)
+    record = {**settings, "key": key, "tokens": count, "seconds": round(time.time() - t0, 1),
+              "trace": float(F.trace())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"fisher": F.contiguous()}, str(tmp))
+    write_text(record_path, json.dumps(record, indent=2) + "\n")
+    return F, record
+
+
+def _finetune_fisher(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, Any]:
+    """The curvature-aware fine-tune: encoder frozen (every token keeps its active latents, so L0 is unchanged), the
+    decoder (at `FineTune.lr`) and a per-latent scale (at its `scale_lr`, folded into the decoder on saving) trained
+    with Adam on `curvature_objective` over fresh tokens from the back of spec's order. The activations are computed
+    once, before the first step (a forward that stops after the hook's block); no step runs the model."""
+    ft = spec.finetune
+    fisher, fisher_record = mean_fisher(spec, progress=progress)
+    F = fisher.float()
+    model = sources.load_model(spec.preset, spec.model)
+    torch.manual_seed(ft.seed)
+    batches = [(clean_activations(model, spec.hook, tokens), non_special(tokens, model.tokenizer).float())
+               for tokens in tqdm(context_batches(spec, ft.tokens, from_back=True), desc="activations",
+                                  disable=not progress)]
+    scale = torch.ones(sae.cfg.d_sae, requires_grad=True)
+    sae.W_dec.requires_grad_(True)  # b_dec stays: the encoder reads x - b_dec, and must not move
+    opt = torch.optim.Adam([{"params": [sae.W_dec], "lr": ft.lr}, {"params": [scale], "lr": ft.option("scale_lr")}])
+    history = []
+    bar = tqdm(batches, desc=f"fine-tune {spec.label}", disable=not progress)
+    for step, (x, keep) in enumerate(bar):
+        with torch.no_grad():
+            z = sae.encode(x)
+        e = (z * scale) @ sae.W_dec + sae.b_dec - x
+        loss = _masked_mean(curvature_objective(e, F, ft.option("mse_weight")), keep)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            with torch.no_grad():
+                mse = _masked_mean(e.square().sum(-1), keep)
+                history.append([step, round(float(loss.detach()), 6), round(float(mse), 5)])
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    with torch.no_grad():
+        sae.W_dec.mul_(scale.detach()[:, None])
+    _save(sae.requires_grad_(False), out_dir, spec)
+    return {"trainer": "saenb fine-tune (fisher)", "steps": len(batches), "fisher": fisher_record,
+            "history": history}
+
+
 def metadata(spec: SAESpec) -> dict[str, Any]:
     """What sae_lens's runner records in an SAE's cfg metadata (and its evals read: hook, context, BOS)."""
-    model = models.load_model(spec.preset, spec.model)
+    model = sources.load_model(spec.preset, spec.model)
     return {"hook_name": spec.hook, "model_name": model.cfg.model_name, "model_class_name": "HookedTransformer",
-            "context_size": models.train_contexts(spec.preset).shape[1], "prepend_bos": True, "exclude_special_tokens": True,
+            "context_size": sources.train_contexts(spec.preset).shape[1], "prepend_bos": True,
+            "exclude_special_tokens": True,
             "sequence_separator_token": "bos", "dataset_path": f"saenb/{spec.preset}-train"}
 
 

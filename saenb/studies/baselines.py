@@ -1,7 +1,7 @@
 """Random baselines and error parts fitted on held-in activations (notebook 09): what a fair random error is.
 
     fitted = baselines.fit(loaded, hooks, fit_tokens)          # one pass over held-in contexts, cached
-    measure_cached(loaded, hooks, ["sae", fitted.spec("cov_random"), ...], eval_tokens)
+    measure_cached(loaded, hooks, ["sae", fitted.intervention("cov_random"), ...], eval_tokens)
 
 Per hook, from the activations x of the fit contexts (special tokens excluded) and the SAE's error there:
 - the covariance of x (its eigenvectors, the principal components, and their variances): `cov_random`
@@ -17,12 +17,13 @@ Per hook, from the activations x of the fit contexts (special tokens excluded) a
   x_sae + n = x - (x A + b), leaving only the linear part. Each has eps-random at its own error size
   (`interventions.eps_random_like`).
 
-The fit is cached under a key of its configuration, preset and fit contexts (`RESULTS`), and registered so that
-the interventions, which name it by that key, find it (as `saenb.studies.nfm` does for its NFMs).
+The fit is cached under a key of its configuration, preset and fit contexts (`RESULTS`); the interventions
+(`saenb.engine.interventions`) carry the fitted parts and name them by that key (as `saenb.studies.nfm`'s NFMs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +35,16 @@ from torch import Tensor
 
 from saenb import files
 from saenb.engine import interventions as iv
-from saenb.models.presets import Loaded
+from saenb.engine import store
+from saenb.models.loaded import Loaded
 from saenb.studies.nfm import activations
 
 RESULTS = files.RESULTS / "baselines"
 """Fitted statistics, one folder per configuration (`SAENB_RESULTS` overrides data/results)."""
 
 INTERVENTIONS = ("cov_random", "error_shuffled", "sae_plus_linear", "sae_plus_nonlinear")
+"""The engine's interventions (`saenb.engine.interventions`) a fit carries its parts into."""
+TENSORS = ("mean", "components", "variances", "bank", "A", "b")
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,11 @@ class HookFit:
         return x @ self.A.to(x.dtype) + self.b.to(x.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
-        return {k: getattr(self, k).contiguous().cpu() for k in ("mean", "components", "variances", "bank", "A", "b")}
+        return {k: getattr(self, k).contiguous().cpu() for k in TENSORS}
+
+    def to(self, device: torch.device | str) -> HookFit:
+        """The same fit with its tensors on `device`."""
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in TENSORS})
 
 
 def lstsq(x: Float[Tensor, "n d"], e: Float[Tensor, "n d_out"], intercept: bool = True
@@ -119,32 +127,29 @@ def fit_hook(x: Float[Tensor, "n d"], x_sae: Float[Tensor, "n d"], cfg: Baseline
     return HookFit(mean.float(), components.float(), variances.float(), bank.float(), A.float(), b.float(), info)
 
 
-# ------------------------------------------------------------------------------- cache and registry
-_FITTED = iv.Fitted("baseline fit", "saenb.studies.baselines.fit(loaded, hooks, tokens)")
-"""Fits the interventions can use: key -> hook -> fit."""
-
-
+# ------------------------------------------------------------------------------------------------ fits
 @dataclass
 class Fitted:
-    """Fits of one configuration at some hooks; `spec(name)` is one of INTERVENTIONS naming this fit."""
+    """Fits of one configuration at some hooks; `intervention(name)` is one of INTERVENTIONS carrying them."""
 
     key: str
     cfg: BaselineConfig
     hooks: dict[str, HookFit]
 
-    def spec(self, name: str, **params: Any) -> iv.Spec:
+    def intervention(self, name: str, **params: Any) -> iv.Intervention:
         if name not in INTERVENTIONS:
             raise ValueError(f"{name!r} is not a fitted baseline; choose from {INTERVENTIONS}")
-        return iv.spec(name, key=self.key, **params)
+        return iv.intervention(name, key=self.key, fitted=self.hooks, **params)
 
-    def eps_spec(self, name: str) -> iv.Spec:
+    def eps_intervention(self, name: str) -> iv.Intervention:
         """eps-random at the error size of the deterministic splice `name` (sae_plus_linear / sae_plus_nonlinear)."""
-        return iv.spec("eps_random_like", of=name, key=self.key)
+        return iv.intervention("eps_random_like", of=name, key=self.key, fitted=self.hooks)
 
     def labels(self) -> dict[str, str]:
         """The engine's labels of this fit's interventions -> short names for tables and figures."""
-        out = {self.spec(n).label: n for n in INTERVENTIONS}
-        out.update({self.eps_spec(n).label: f"eps_random_like({n})" for n in ("sae_plus_linear", "sae_plus_nonlinear")})
+        out = {self.intervention(n).label: n for n in INTERVENTIONS}
+        out.update({self.eps_intervention(n).label: f"eps_random_like({n})"
+                    for n in ("sae_plus_linear", "sae_plus_nonlinear")})
         return out
 
 
@@ -152,7 +157,6 @@ def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: BaselineConfig = BaselineCon
         ) -> Fitted:
     """Fit every hook on `tokens` (held-in contexts, disjoint from the evaluation ones), or read the fit from
     the cache; each hook is saved as soon as it is fitted (`store.load_or_fit`)."""
-    from saenb.engine import store  # store imports the package, which imports this module
 
     def make(hook: str) -> tuple[HookFit, dict[str, Tensor], dict]:
         t0 = time.time()
@@ -166,42 +170,4 @@ def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: BaselineConfig = BaselineCon
 
     key, fits, _ = store.load_or_fit(loaded, hooks, "baselines", cfg, tokens, root,
                                      read=lambda hook, t, info: HookFit(**t, info=info), make=make)
-    for part in fits.values():
-        for name in ("mean", "components", "variances", "bank", "A", "b"):
-            setattr(part, name, getattr(part, name).to(loaded.device))
-    _FITTED.add(key, fits)
-    return Fitted(key, cfg, fits)
-
-
-def lookup(key: str, hook: str) -> HookFit:
-    return _FITTED.get(key, hook)
-
-
-# ------------------------------------------------------------------------------------- interventions
-@iv.register("cov_random")
-def cov_random(site: iv.Site, *, generator: torch.Generator, key: str) -> iv.Act:
-    """x + eps * u, u ~ N(0, Sigma) scaled to length 1, Sigma the held-in activations' covariance at the hook."""
-    f = lookup(key, site.hook)
-    g = iv.random_unit(site.x, generator)  # a Gaussian's direction; its length cancels in the normalisation
-    u = (g * f.variances.sqrt().to(g.dtype)) @ f.components.T.to(g.dtype)
-    return site.x + site.eps.unsqueeze(-1) * u / u.norm(dim=-1, keepdim=True)
-
-
-@iv.register("error_shuffled")
-def error_shuffled(site: iv.Site, *, generator: torch.Generator, key: str) -> iv.Act:
-    """x + eps * the unit SAE-error direction of a held-in token drawn uniformly from the fit's bank."""
-    f = lookup(key, site.hook)
-    pick = torch.randint(0, len(f.bank), site.x.shape[:-1], generator=generator, device=generator.device)
-    return site.x + site.eps.unsqueeze(-1) * f.bank.to(site.x.dtype)[pick.to(f.bank.device)]
-
-
-@iv.register("sae_plus_linear", deterministic=True)
-def sae_plus_linear(site: iv.Site, *, generator: torch.Generator | None, key: str) -> iv.Act:
-    """x_sae + (x A + b): the error's linear part restored, its nonlinear part n left."""
-    return site.x_sae + lookup(key, site.hook).linear_part(site.x)
-
-
-@iv.register("sae_plus_nonlinear", deterministic=True)
-def sae_plus_nonlinear(site: iv.Site, *, generator: torch.Generator | None, key: str) -> iv.Act:
-    """x_sae + n = x - (x A + b): the error's nonlinear part restored, its linear part left."""
-    return site.x - lookup(key, site.hook).linear_part(site.x)
+    return Fitted(key, cfg, {hook: part.to(loaded.device) for hook, part in fits.items()})

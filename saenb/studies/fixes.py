@@ -18,33 +18,28 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 from tqdm.auto import tqdm
 
 from saenb import saes
 from saenb.engine import metrics
 from saenb.engine.patching import hook_activations
 from saenb.engine.store import measure_cached
-from saenb.models.presets import Loaded
+from saenb.models.loaded import Loaded
 from saenb.saes.sets import NamedSpec
-from saenb.studies import nfm
+from saenb.hooks import sae_layer
+from saenb.studies import literature, nfm
+from saenb.studies import readings as rd
 
 SPLICES = ("sae", "eps_random", "sae_orthogonal", "eps_random_orthogonal")
 NFM_FIXES = {"NFM": "both", "linear adapter": "linear"}
 """Fixes that are interventions on the base SAE: name -> `nfm.NFMConfig.variant`."""
 
-REFERENCES = {
-    "braun_ce_delta": {"local": 0.228, "e2e": 0.099, "e2e+ds": 0.124},
-    "braun_ratio": {"local (L0 43)": 2.39, "local (L0 513)": 0.80, "e2e+ds": 0.2, "e2e": 0.01},
-    "karvonen_ce_gap_cut": (0.20, 0.50),
-    "wright_sharkey_ppl_cut": 0.24,
-    "seed003_nfm_kl_cut": 0.30,
-}
-"""Published figures the notebook prints beside its own: Braun et al. 2024 Table 3 (GPT-2 small layer 6,
-L0 about 40: CE delta) and the SAE / eps-random KL ratio on their SAEs; Karvonen 2025 (KL + MSE fine-tuning
-cuts the CE-delta gap 20-50%); Wright & Sharkey (the suppression fine-tune cuts the perplexity increase 24%,
-Pythia-70M); seed 003 (the NFM cuts KL 30%)."""
+ARCHITECTURES = ("l1", "topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated", "e2e", "e2e_ds")
+"""The groups of the set that are SAEs trained from scratch (not width / token sweeps or fixes)."""
 
 
 def describe(named: list[NamedSpec]) -> pd.DataFrame:
@@ -72,23 +67,22 @@ def reconstruction(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
 
 def _ratio(df: pd.DataFrame, num: str, den: str, value: str, seed: int) -> dict[str, float]:
     r = metrics.ratio_table(df, num, den, values=(value,), by=("hook",), seed=seed).iloc[0]
-    return {"ratio": r["ratio"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "num": r["num_mean"],
-            "den": r["den_mean"]}
+    return {"ratio": r["ratio"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "num": r["num"], "den": r["den"]}
 
 
 def _row(df: pd.DataFrame, num: str, den: str, ce_zero: float, seed: int, orthogonal: bool) -> dict[str, Any]:
     kl = _ratio(df, num, den, "kl", seed)
     ce = _ratio(df, num, den, "ce_delta", seed)
     sub = df[df.intervention == num]
-    row = {"l0": sub["l0"].mean(), "kl": kl["num"], "kl_eps_random": kl["den"], "ratio": kl["ratio"],
-           "ratio_low": kl["ci_low"], "ratio_high": kl["ci_high"], "ce_delta": ce["num"],
+    row = {"l0": sub["l0"].mean(), "kl_sae": kl["num"], "kl_eps_random": kl["den"], "ratio": kl["ratio"],
+           "ratio_ci_low": kl["ci_low"], "ratio_ci_high": kl["ci_high"], "ce_delta_sae": ce["num"],
            "ce_delta_eps_random": ce["den"],
            "ce_loss_score": metrics.ce_loss_score(sub["ce_clean"].mean(), sub["ce_patched"].mean(), ce_zero),
            "n_tokens": len(sub)}
     if orthogonal:
         o = _ratio(df, "sae_orthogonal", "eps_random_orthogonal", "kl", seed)
-        row.update(ratio_orthogonal=o["ratio"], orthogonal_low=o["ci_low"], orthogonal_high=o["ci_high"],
-                   kl_orthogonal=o["num"])
+        row.update(ratio_orthogonal=o["ratio"], ratio_orthogonal_ci_low=o["ci_low"],
+                   ratio_orthogonal_ci_high=o["ci_high"], kl_orthogonal=o["num"])
     return row
 
 
@@ -100,9 +94,13 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
     names the command that trains them.
 
     Columns: name, group, key, base (the SAE a fix starts from, else ""), l0, explained_variance,
-    error_along_x, norm_ratio, kl, kl_eps_random, ratio, ratio_low, ratio_high, ce_delta, ce_delta_eps_random,
-    ce_loss_score, ratio_orthogonal, orthogonal_low, orthogonal_high, kl_orthogonal, n_tokens, and the spec's
-    fields (`describe`)."""
+    error_along_x, norm_ratio, kl_sae (the splice's mean KL), kl_eps_random, ratio, ratio_ci_low, ratio_ci_high,
+    ce_delta_sae, ce_delta_eps_random, ce_loss_score, ratio_orthogonal, ratio_orthogonal_ci_low,
+    ratio_orthogonal_ci_high, kl_orthogonal, n_tokens, the spec's fields (`describe`), and for every SAE of a point
+    trained at several seeds (`saes.sets.seed_groups`: its seed-0 entry names it in `seed_point`) the point's
+    ratio over its seeds with the two-level bootstrap CI (seeds, then contexts: `metrics.seed_ratio_ci`),
+    ratio_seeds, ratio_seeds_ci_low, ratio_seeds_ci_high, and the seed-to-seed standard deviation of the ratio,
+    ratio_seed_sd, beside each SAE's own context CI (n_seeds; NaN elsewhere)."""
     hooks = {n.spec.hook for n in named}
     if len(hooks) != 1:
         raise ValueError(f"fixes.evaluate compares SAEs at one hook; got {sorted(hooks)}")
@@ -110,16 +108,21 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
     missing = [n.name for n in named if saes.find(n.spec) is None]
     if missing and not train:
         raise saes.SpecError(f"SAEs {missing} are stored nowhere: train them with `python -m saenb.saes build "
-                             "--set fixes` (or pass train=True)")
+                             f"--set fixes --preset {named[0].spec.preset}` (or pass train=True)")
     zero = measure_cached(loaded, [hook], ["zero"], tokens, seed=seed, progress=False)
     ce_zero = zero["ce_patched"].mean()
     x = hook_activations(loaded, hook, tokens)
     base_names = {n.spec.key: n.name for n in named if n.spec.finetune is None}
+    seed_points = {name: point for point, names in saes.sets.seed_groups(named).items() for name in names}
+    per_seq: dict[str, pd.DataFrame] = {}  # KL sums per sequence of the SAEs of seed points
     rows = []
     for n in tqdm(named, desc="SAEs", disable=not progress):
         sae = saes.load(n.spec, loaded.device, progress=progress)
         spliced = loaded.with_saes({hook: sae}, {hook: n.spec.key})
         df = measure_cached(spliced, [hook], SPLICES, tokens, seed=seed, progress=False)
+        if n.name in seed_points:
+            per_seq[n.name] = metrics.seq_sums(df, "kl", ["intervention"]).pivot(
+                index="seq", columns="intervention", values="sum")
         with torch.no_grad():
             x_hat = sae.decode(sae.encode(x.to(loaded.device))).cpu()
         base = base_names.get(n.spec.base.key, "") if n.spec.finetune is not None else ""
@@ -131,34 +134,48 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
         for name, variant in NFM_FIXES.items():
             trained = nfm.fit(base_loaded, [hook], fit_tokens, dataclasses.replace(nfm_cfg, variant=variant),
                               progress=progress)
-            df = measure_cached(base_loaded, [hook], [trained.spec, trained.eps_spec], tokens, seed=seed,
-                                progress=False)
+            df = measure_cached(base_loaded, [hook], [trained.intervention, trained.eps_intervention], tokens,
+                                seed=seed, progress=False)
             sae = base_loaded.saes[hook]
             with torch.no_grad():
                 z = sae.encode(x.to(loaded.device))
                 x_hat = (sae.decode(z) + trained.models[hook](z)).cpu()
             rows.append({"name": name, "group": "fix", "key": trained.key, "base": "base",
                          **reconstruction(x, x_hat),
-                         **_row(df, trained.spec.label, trained.eps_spec.label, ce_zero, seed, orthogonal=False)})
-    table = pd.DataFrame(rows)
-    return table.merge(describe(named).drop(columns=["group", "key"]), on="name", how="left")
+                         **_row(df, trained.intervention.label, trained.eps_intervention.label, ce_zero, seed,
+                                orthogonal=False)})
+    table = pd.DataFrame(rows).merge(describe(named).drop(columns=["group", "key"]), on="name", how="left")
+    return _with_seed_intervals(table, seed_points, per_seq, seed)
+
+
+def _with_seed_intervals(table: pd.DataFrame, seed_points: dict[str, str], per_seq: dict[str, pd.DataFrame],
+                         seed: int) -> pd.DataFrame:
+    """`evaluate`'s seed columns: per seed point, `metrics.seed_ratio_ci` of its SAEs' per-sequence KL sums (the
+    same evaluation contexts for every seed: resampled together)."""
+    cols = ["ratio_seeds", "ratio_seeds_ci_low", "ratio_seeds_ci_high", "ratio_seed_sd", "n_seeds"]
+    table = table.assign(seed_point=table["name"].map(seed_points).fillna(""), **{c: np.nan for c in cols})
+    for point, members in table[table.seed_point != ""].groupby("seed_point", sort=False):
+        sums = [per_seq[name] for name in members["name"]]
+        seqs = sums[0].index  # every SAE was measured on the same contexts: they are resampled together
+        r = metrics.seed_ratio_ci([s.loc[seqs, "sae"].to_numpy() for s in sums],
+                                  [s.loc[seqs, "eps_random"].to_numpy() for s in sums], same_seqs=True, seed=seed)
+        table.loc[members.index, cols] = [r["ratio"], r["ci_low"], r["ci_high"], r["seed_sd"], r["n_seeds"]]
+    return table
 
 
 def fix_effects(table: pd.DataFrame) -> pd.DataFrame:
     """Each fix against its base SAE: relative change of KL, of the ratio, of the CE-delta gap to eps-random
-    (ce_delta - ce_delta_eps_random), of the MSE (1 - explained variance) and of L0; and its ratio against the
+    (ce_delta_sae - ce_delta_eps_random), of the MSE (1 - explained variance) and of L0; and its ratio against the
     ReLU + L1 sweep's at the same L0 (`l1_curve_ratio`: interpolated linearly in log L0), since a fix that moves
     L0 moves along that curve too."""
-    import numpy as np
-
     by_name = table.set_index("name")
     curve = table[table.group == "l1"].sort_values("l0")
     rows = []
     for _, fix in table[table.base != ""].iterrows():
         b = by_name.loc[fix.base]
-        gap, base_gap = fix.ce_delta - fix.ce_delta_eps_random, b.ce_delta - b.ce_delta_eps_random
-        rows.append({"fix": fix["name"], "base": fix.base, "kl_change": fix.kl / b.kl - 1,
-                     "ratio_change": fix.ratio / b.ratio - 1, "ce_delta_change": fix.ce_delta / b.ce_delta - 1,
+        gap, base_gap = fix.ce_delta_sae - fix.ce_delta_eps_random, b.ce_delta_sae - b.ce_delta_eps_random
+        rows.append({"fix": fix["name"], "base": fix.base, "kl_change": fix.kl_sae / b.kl_sae - 1,
+                     "ratio_change": fix.ratio / b.ratio - 1, "ce_delta_change": fix.ce_delta_sae / b.ce_delta_sae - 1,
                      "ce_gap_change": gap / base_gap - 1 if base_gap != 0 else float("nan"),
                      "mse_change": (1 - fix.explained_variance) / (1 - b.explained_variance) - 1,
                      "l0_change": fix.l0 / b.l0 - 1,
@@ -170,12 +187,9 @@ def fix_effects(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def dose_response(table: pd.DataFrame, groups=("l1", "topk", "batchtopk", "jumprelu", "gated", "e2e", "e2e_ds")
-                  ) -> pd.DataFrame:
+def dose_response(table: pd.DataFrame, groups=ARCHITECTURES) -> pd.DataFrame:
     """Spearman correlation of the ratio with L0 within each architecture group (scipy.stats.spearmanr), and
     the ratio at that group's lowest and highest L0."""
-    from scipy import stats
-
     rows = []
     for group in groups:
         sub = table[table.group == group].sort_values("l0")
@@ -186,3 +200,131 @@ def dose_response(table: pd.DataFrame, groups=("l1", "topk", "batchtopk", "jumpr
                      "ratio_at_low_l0": sub.ratio.iloc[0], "ratio_at_high_l0": sub.ratio.iloc[-1],
                      "spearman_ratio_l0": rho})
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------- notebook 08's frames
+QUICK_SAES = ("base", "l1=0.5", "l1=4", "topk k=32", "topk k=32 x8", "topk k=32 2M", "scale fine-tune",
+              "KL+MSE fine-tune", "e2e l1=0.1")
+"""The SAEs of the "fixes" set a quick (smoke) run scores."""
+
+
+SCORE_COLUMNS = ["name", "group", "base", "l0", "explained_variance", "error_along_x", "norm_ratio", "kl_sae",
+                 "kl_eps_random", "ratio", "ratio_ci_low", "ratio_ci_high", "ratio_orthogonal",
+                 "ratio_orthogonal_ci_low", "ratio_orthogonal_ci_high", "ce_delta_sae", "ce_delta_eps_random",
+                 "ce_loss_score", "seed_point", "ratio_seeds", "ratio_seeds_ci_low", "ratio_seeds_ci_high",
+                 "ratio_seed_sd", "n_seeds"]
+"""The columns of `evaluate`'s table the notebook shows (the score table): each SAE's ratio with its context CI,
+and beside it, for the SAEs of a point trained at several seeds, the point's ratio over its seeds with the
+two-level (seeds, then contexts) CI and the seed-to-seed standard deviation."""
+
+
+def sae_set(name: str = "fixes", preset: str = "tiny-stdlib", *, quick: bool = False) -> list[NamedSpec]:
+    """A named set of SAE specs at one hook (`saenb.saes.sets`) of `preset`; `quick`: only its `QUICK_SAES`, in its
+    order."""
+    named = saes.sets.get(name, preset)
+    return [n for n in named if n.name in QUICK_SAES] if quick else named
+
+
+def nfm_config(*, seed: int = 0, quick: bool = False) -> nfm.NFMConfig:
+    """The NFM fixes' configuration (a quick run trains two epochs)."""
+    return nfm.NFMConfig(seed=seed, max_epochs=2) if quick else nfm.NFMConfig(seed=seed)
+
+
+def braun_note() -> dict[str, str]:
+    """Braun et al.'s ratios, as the note of the plain ratio's panel."""
+    return {"SAE / eps-random": "Braun et al., GPT-2 layer 6:\n" + "\n".join(
+        f"{k}: {v}" for k, v in literature.BRAUN_RATIO.value.items())}
+
+
+def layer(named: list[NamedSpec]) -> int:
+    """The layer of the one hook every SAE of the set is at."""
+    hooks = {n.spec.hook for n in named}
+    if len(hooks) != 1:
+        raise ValueError(f"the fixes set's SAEs are at one hook; got {sorted(hooks)}")
+    return sae_layer(hooks.pop())
+
+
+def ratio_vs_l0(table: pd.DataFrame) -> pd.DataFrame:
+    """The architectures' SAEs, twice: the pathology ratio (`which` "SAE / eps-random") and the orthogonal one,
+    as y with its CI."""
+    arch = table[table.group.isin(ARCHITECTURES)]
+    return pd.concat([
+        arch.assign(which="SAE / eps-random", y=arch.ratio, ci_low=arch.ratio_ci_low, ci_high=arch.ratio_ci_high),
+        arch.assign(which="orthogonal part / random orthogonal", y=arch.ratio_orthogonal,
+                    ci_low=arch.ratio_orthogonal_ci_low, ci_high=arch.ratio_orthogonal_ci_high),
+    ])[["name", "group", "which", "l0", "y", "ci_low", "ci_high"]]
+
+
+def ratio_vs_size(table: pd.DataFrame) -> pd.DataFrame:
+    """TopK k = 32 SAEs against width (expansion factor) and against training tokens: panel, x, the ratio (CI)."""
+    k32 = table[table.name == "topk k=32"]
+    size = pd.concat([
+        pd.concat([table[table.group == "width"], k32]).assign(panel="width (d_sae / d_in)", x=lambda d: d.expansion),
+        pd.concat([table[table.group == "tokens"], k32]).assign(panel="training tokens", x=lambda d: d.training_tokens),
+    ])[["name", "panel", "x", "ratio", "ratio_ci_low", "ratio_ci_high", "ratio_orthogonal", "kl_sae",
+        "explained_variance"]]
+    size["series"] = "topk"
+    return size
+
+
+def pareto(table: pd.DataFrame) -> pd.DataFrame:
+    """The architectures' SAEs: L0, the splice's mean KL and explained variance."""
+    return table[table.group.isin(ARCHITECTURES)][["name", "group", "l0", "kl_sae", "explained_variance"]]
+
+
+def arrows(table: pd.DataFrame) -> pd.DataFrame:
+    """Each fix and end-to-end SAE with the base SAE's L0, ratio, KL and 1 - explained variance (`fvu`) beside its
+    own."""
+    base = table.set_index("name").loc["base"]
+    points = pd.concat([table[table.base != ""], table[table.group.isin(["e2e", "e2e_ds"])]])
+    points = points.assign(base_l0=base.l0, base_ratio=base.ratio, base_kl_sae=base.kl_sae,
+                           fvu=1 - points.explained_variance, base_fvu=1 - base.explained_variance)
+    return points[["name", "group", "l0", "ratio", "kl_sae", "fvu", "base_l0", "base_ratio", "base_kl_sae", "base_fvu"]]
+
+
+def readings(table: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
+    """Notebook 08's verdicts, from `evaluate` and `fix_effects`."""
+    base = table.set_index("name").loc["base"]
+    dose = dose_response(table)
+    falls = dose[dose.n > 2]
+    eff = effects.set_index("fix")
+    pct = lambda v: f"{v:+.0%}"  # noqa: E731
+    fixed = table[table.base != ""].set_index("name")
+    best, overlapping = rd.largest(-fixed.ratio, -fixed.ratio_ci_high, -fixed.ratio_ci_low)
+    braun = literature.BRAUN_RATIO.value
+    karvonen, wright, claflin = (literature.KARVONEN_CE_GAP_CUT.value, literature.WRIGHT_SHARKEY_PPL_CUT.value,
+                                 literature.CLAFLIN_NFM.value["kl_reduction"])
+    e2e = table[table.group.isin(["e2e", "e2e_ds"])]
+    rows = [
+        rd.claim(f"the base ReLU + L1 SAE ({int(table.n_tokens.iloc[0]):,} tokens per SAE)",
+                 f"L0 {base.l0:.0f}, explained variance {base.explained_variance:.3f}, ratio {base.ratio:.2f} "
+                 f"[{base.ratio_ci_low:.2f}, {base.ratio_ci_high:.2f}], orthogonal part {base.ratio_orthogonal:.2f}"),
+        *(rd.claim(f"{d.group}: the ratio from its lowest to its highest L0",
+                   f"{d.ratio_at_low_l0:.2f} at L0 {d.l0_low:.0f} to {d.ratio_at_high_l0:.2f} at L0 {d.l0_high:.0f} ("
+                   + (f"Spearman rho with L0 {d.spearman_ratio_l0:+.2f}, " if d.n > 2 else "") + f"{d.n} SAEs)")
+          for d in dose.itertuples()),
+        rd.claim("the ratio falls as L0 rises (Spearman rho below 0, no CI) in every architecture with three or more "
+                 "SAEs", f"in {int((falls.spearman_ratio_l0 < 0).sum())} of {len(falls)}",
+                 holds=bool(len(falls)) and (falls.spearman_ratio_l0 < 0).all(),
+                 published=f"local SAEs {braun['local (L0 43)']} at L0 43 to {braun['local (L0 513)']} at L0 513, "
+                           "GPT-2 small layer 6 (Braun et al. 2024)"),
+        rd.claim("each fix against the base SAE (KL / ratio / CE-delta gap to eps-random / MSE / L0)", "; ".join(
+            f"{f}: {pct(e.kl_change)} / {pct(e.ratio_change)} / {pct(e.ce_gap_change)} / {pct(e.mse_change)} / "
+            f"{pct(e.l0_change)}" for f, e in eff.iterrows()),
+            published=f"KL + MSE fine-tuning cuts the CE-delta gap {karvonen[0]:.0%}-{karvonen[1]:.0%} (Karvonen "
+                      f"2025); the suppression fine-tune the perplexity increase {wright:.0%} (Wright & Sharkey); the "
+                      f"NFM the KL {claflin:.0%} (seed 003)"),
+        rd.claim("each fix's ratio against a plain ReLU + L1 SAE of its own L0 (the sweep's curve)", "; ".join(
+            f"{f} {e.ratio_vs_curve:+.0%}" for f, e in eff.iterrows() if e.ratio_vs_curve == e.ratio_vs_curve)),
+        rd.claim("one fix cuts the ratio most (its CI clears every other fix's)",
+                 f"{rd.overlap(best, overlapping)}: ratio {fixed.ratio[best]:.2f} [{fixed.ratio_ci_low[best]:.2f}, "
+                 f"{fixed.ratio_ci_high[best]:.2f}], {pct(eff.ratio_change[best])} against the base",
+                 holds=not overlapping),
+    ]
+    if len(e2e):
+        rows.append(rd.claim("end-to-end SAEs (L0, ratio, orthogonal ratio, error energy along x)", "; ".join(
+            f"{r['name']}: {r.l0:.0f}, {r.ratio:.2f}, {r.ratio_orthogonal:.2f}, {r.error_along_x:.0%}"
+            for _, r in e2e.iterrows()) + f" (base: {base.error_along_x:.0%} along x)",
+            published=f"e2e+ds about {braun['e2e+ds']}, e2e about {braun['e2e']}, their errors largely along -x "
+                      "(Braun et al. 2024)"))
+    return rd.frame(rows)

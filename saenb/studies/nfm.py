@@ -11,8 +11,8 @@ it is not just extra capacity.
 
 `fit` trains one NFM per hook on held-in contexts with the SAE frozen (minimising ||x - x_hat||^2, Adam,
 early stopping on a held-out split of those contexts), caches the weights under a key of its whole
-configuration, and returns a `TrainedNFM` whose `spec` is the engine's `sae_nfm` intervention (and `eps_spec`
-its random baseline at its own error size, `nfm_eps_random`).
+configuration, and returns a `TrainedNFM` whose `intervention` is the engine's `sae_nfm` carrying the NFMs (and
+`eps_intervention` its random baseline at its own error size, `nfm_eps_random`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from tqdm.auto import tqdm
 
 from saenb import files
 from saenb.engine import interventions as iv
+from saenb.engine import store
 from saenb.engine.patching import hook_activations
+from saenb.hooks import sae_layer
 from saenb.models.data import non_special
-from saenb.models.presets import Loaded, sae_layer
+from saenb.models.loaded import Loaded
 
 VARIANTS = ("both", "linear", "interaction", "linear_control")
 RESULTS = files.RESULTS / "nfm"
@@ -179,14 +181,10 @@ def train(loaded: Loaded, hook: str, tokens: Tensor, cfg: NFMConfig, *, progress
     return model.to(loaded.device), info
 
 
-# ------------------------------------------------------------------------------- cache and registry
-_TRAINED = iv.Fitted("trained NFM", "saenb.studies.nfm.fit(loaded, hooks, tokens, cfg)")
-"""Trained NFMs the `sae_nfm` intervention can use: key -> hook -> model."""
-
-
+# ----------------------------------------------------------------------------------------------- fits
 @dataclass
 class TrainedNFM:
-    """NFMs of one configuration for some hooks; `spec` is the intervention splicing x_sae + NFM(z)."""
+    """NFMs of one configuration for some hooks; `intervention` splices x_sae + NFM(z), carrying them."""
 
     key: str
     cfg: NFMConfig
@@ -194,20 +192,19 @@ class TrainedNFM:
     info: dict[str, dict[str, Any]]
 
     @property
-    def spec(self) -> iv.Spec:
-        return iv.spec("sae_nfm", variant=self.cfg.variant, key=self.key)
+    def intervention(self) -> iv.Intervention:
+        return iv.intervention("sae_nfm", variant=self.cfg.variant, key=self.key, fitted=self.models)
 
     @property
-    def eps_spec(self) -> iv.Spec:
+    def eps_intervention(self) -> iv.Intervention:
         """eps-random at the SAE + NFM splice's own error size (`nfm_eps_random`)."""
-        return iv.spec("nfm_eps_random", variant=self.cfg.variant, key=self.key)
+        return iv.intervention("nfm_eps_random", variant=self.cfg.variant, key=self.key, fitted=self.models)
 
 
 def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: NFMConfig = NFMConfig(), *, root: Path = RESULTS,
         progress: bool = True) -> TrainedNFM:
     """An NFM per hook trained on `tokens` (read from the cache when this configuration was trained before;
     each hook is saved as soon as it is trained, so an interrupted run keeps what it finished)."""
-    from saenb.engine import store  # store imports the package, which imports this module
 
     def read(hook: str, tensors: dict[str, Tensor], info: dict) -> NFM:
         sae = loaded.saes[hook]
@@ -220,27 +217,7 @@ def fit(loaded: Loaded, hooks, tokens: Tensor, cfg: NFMConfig = NFMConfig(), *, 
         return model, model.state_dict(), info
 
     key, models, info = store.load_or_fit(loaded, hooks, "nfm", cfg, tokens, root, read=read, make=make)
-    _TRAINED.add(key, models)
     return TrainedNFM(key, cfg, models, info)
-
-
-def lookup(key: str, hook: str) -> NFM:
-    return _TRAINED.get(key, hook)
-
-
-@iv.register("sae_nfm", deterministic=True)
-def sae_nfm(site: iv.Site, *, generator: torch.Generator | None, key: str, variant: str = "both") -> iv.Act:
-    """x_sae + NFM(latents) (seed 003's "feature integration"); `key` names NFMs trained by `fit` (`variant`
-    is recorded in the label only)."""
-    return site.x_sae + lookup(key, site.hook)(site.latents).to(site.x_sae.dtype)
-
-
-@iv.register("nfm_eps_random")
-def nfm_eps_random(site: iv.Site, *, generator: torch.Generator, key: str, variant: str = "both") -> iv.Act:
-    """x + ||x_hat - x|| * u with x_hat = x_sae + NFM(latents): a random error as large as the SAE + NFM
-    splice's own (u is the direction `eps_random` draws from the same generator)."""
-    x_hat = sae_nfm(site, generator=None, key=key, variant=variant)
-    return site.x + (x_hat - site.x).norm(dim=-1, keepdim=True) * iv.random_unit(site.x, generator)
 
 
 # ---------------------------------------------------------------------------------------- evaluation

@@ -25,13 +25,16 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities import get_act_name
 
-import saenb
-from saenb import files
+from saenb import files, saes
 from saenb.engine import metrics, store
+from saenb.files import sha256_file
 from saenb.models import bundle_io
 from saenb.models.data import non_special
+from saenb.models.loaded import resolve_device
 from saenb.models.presets import Preset, get_preset
+from saenb.studies import readings as rd
 
 RESULTS = files.RESULTS / "proxy"
 """`evaluate_cached`'s tables, one parquet per configuration (`SAENB_RESULTS` overrides data/results)."""
@@ -50,14 +53,12 @@ class Sweep:
 
 def load_sweep(preset: str | Preset = "tiny-stdlib", device: str | torch.device = "cpu") -> Sweep:
     """Both models and every TopK SAE of a bundle's sweep (`saenb.saes.sets.topk_sweep`, read from the bundle)."""
-    from saenb import saes
-
     preset = get_preset(preset)
     if preset.bundle is None:
         raise ValueError(f"preset {preset.name!r} loads from the hub and has no TopK sweep: notebook 07's SAEs are "
                          "a bundle's `topk_sweep` set. Use preset='tiny-stdlib', or a Preset whose bundle= names a "
                          "bundle with that set trained (`python -m saenb.saes build --set topk_sweep`).")
-    root = preset.bundle_path
+    root, device = preset.bundle_path, resolve_device(device)
     manifest = bundle_io.read_manifest(root)
     bundle_io.verify(root, manifest)
     # seconds of SAEs trained by the bundle build before specs existed are in its manifest
@@ -74,7 +75,7 @@ def load_sweep(preset: str | Preset = "tiny-stdlib", device: str | torch.device 
             legacy[(model, layer, k, spec.training_tokens)]
         rows.append({"model": model, "d_model": models[model].cfg.d_model, "layer": layer, "k": k, "budget": factor,
                      "training_tokens": spec.training_tokens, "d_sae": sweep[key].cfg.d_sae, "train_seconds": seconds})
-    return Sweep(models, sweep, pd.DataFrame(rows), bundle_io.sha256_file(root / bundle_io.MANIFEST))
+    return Sweep(models, sweep, pd.DataFrame(rows), sha256_file(root / bundle_io.MANIFEST))
 
 
 def _ce_per_token(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -105,7 +106,7 @@ def evaluate(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: int = 32
     for model_key, model in sweep.models.items():
         keys = [key for key in sweep.saes if key[0] == model_key]
         layers = sorted({key[1] for key in keys})
-        hooks = {layer: f"blocks.{layer}.hook_resid_post" for layer in layers}
+        hooks = {layer: get_act_name("resid_post", layer) for layer in layers}
         batches = range(0, len(tokens), batch_size)
         for start in tqdm(batches, desc=f"sweep ({model_key})", unit="batch", disable=not progress):
             batch = tokens[start:start + batch_size]
@@ -159,14 +160,15 @@ def evaluate_cached(sweep: Sweep, tokens: Int[Tensor, "n pos"], *, batch_size: i
     """`evaluate`, read from `root` when the same bundle, tokens, resamples and seed were evaluated before
     (the batch size changes nothing but float summation order, so it is not part of the key)."""
     config = {"bundle_sha256": sweep.bundle_sha256, "tokens": store.tokens_sha256(tokens),
-              "n_resamples": n_resamples, "seed": seed, "saenb_version": saenb.__version__}
-    path = root / store.digest(config)[:16] / "result.parquet"
-    if path.exists():
+              "n_resamples": n_resamples, "seed": seed, "saenb_version": files.__version__}
+    key = store.digest(config)
+    path = root / key[:16] / "result.parquet"
+    if store.intact(path, key):
         return pd.read_parquet(path)
     table = evaluate(sweep, tokens, batch_size=batch_size, n_resamples=n_resamples, seed=seed, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     (path.parent / "config.json").write_text(json.dumps(config, indent=1))
-    store.write_parquet(table, path)
+    store.write_parquet(table, path, key)
     return table
 
 
@@ -212,7 +214,7 @@ def participation_ratios(model: HookedTransformer, tokens: Int[Tensor, "n pos"],
                          ) -> pd.DataFrame:
     """PR of blocks.L.hook_resid_post at every layer over `tokens` (special tokens left out), raw and with
     the top eigen-direction removed. Columns: layer, pr, pr_deflated, pr_over_d_model."""
-    hooks = [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
+    hooks = [get_act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
     acts = {h: [] for h in hooks}
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start:start + batch_size]
@@ -235,6 +237,52 @@ def model_order(table: pd.DataFrame) -> tuple[str, str]:
     if len(sizes) != 2:
         raise ValueError(f"the proxy-gap tables compare two model sizes; this table has {list(sizes.index)}")
     return sizes.index[0], sizes.index[1]
+
+
+def depths(table: pd.DataFrame) -> dict[int, str]:
+    """The sweep's layers (of an `evaluate` table or `Sweep.records`) named by depth: early, middle, late."""
+    return dict(zip(sorted(table.layer.unique()), ("early", "middle", "late")))
+
+
+def sweep_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The budget-1 rows of an `evaluate` table as shown: CE_rec with its CI as text, alive as a percentage."""
+    main = table[table.budget == 1].sort_values(["layer", "model", "k"])
+    ce_rec = [f"{c:.3f} [{lo:.3f}, {hi:.3f}]" for c, lo, hi in zip(main.ce_rec, main.ci_low, main.ci_high)]
+    return main.assign(**{"CE_rec [95% CI]": ce_rec, "alive %": (100 * main.alive).round(1)})[
+        ["model", "d_model", "depth", "layer", "k", "r2", "CE_rec [95% CI]", "cosine", "relative_error", "alive %",
+         "ce_loss_score", "kl", "rate_bits", "sse_per_token", "sst_per_token"]]
+
+
+def metric_curves(table: pd.DataFrame) -> pd.DataFrame:
+    """R^2, CE_rec, cosine and alive fraction per model, depth and k (budget 1), long form (metric, value)."""
+    main = table[table.budget == 1].sort_values(["layer", "model", "k"])
+    return main.melt(id_vars=["model", "depth", "layer", "k"], value_vars=["r2", "ce_rec", "cosine", "alive"],
+                     var_name="metric", value_name="value")
+
+
+def rate_distortion(table: pd.DataFrame) -> pd.DataFrame:
+    """Per model, depth and k (budget 1): the rate proxy (bits / token) with the reconstruction distortion
+    1 - R^2 and the behavioural one 1 - CE_rec, long form (distortion, value)."""
+    main = table[table.budget == 1].sort_values(["layer", "model", "k"])
+    return main.assign(reconstruction=1 - main.r2, behaviour=1 - main.ce_rec).melt(
+        id_vars=["model", "depth", "layer", "k", "rate_bits"], value_vars=["reconstruction", "behaviour"],
+        var_name="distortion", value_name="value")
+
+
+def pr_profiles(sweep: Sweep, tokens: Int[Tensor, "n pos"]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`participation_ratios` of both models (column model), and the same long form: PR "raw" / "deflated"."""
+    pr = pd.concat([participation_ratios(model, tokens).assign(model=m) for m, model in sweep.models.items()])
+    long = pr.rename(columns={"pr": "raw", "pr_deflated": "deflated"}).melt(
+        id_vars=["model", "layer"], value_vars=["raw", "deflated"], var_name="PR", value_name="value")
+    return pr, long
+
+
+def budget_check(table: pd.DataFrame) -> pd.DataFrame:
+    """The middle layer's SAEs trained at more than one budget, at every budget."""
+    layers = sorted(table.layer.unique())
+    mid = layers[len(layers) // 2]
+    check = table[(table.layer == mid) & table.k.isin(table[table.budget > 1].k)].sort_values(["k", "model", "budget"])
+    return check[["model", "k", "training_tokens", "r2", "ce_rec", "ci_low", "ci_high", "alive", "cosine"]]
 
 
 def size_deltas(table: pd.DataFrame) -> pd.DataFrame:
@@ -273,8 +321,9 @@ def k_star_table(table: pd.DataFrame, targets=(0.85, 0.9)) -> pd.DataFrame:
 
 def claims(table: pd.DataFrame, pr: pd.DataFrame, targets=(0.85, 0.9)) -> pd.DataFrame:
     """Seed 002's claims checked on an `evaluate` table and a `participation_ratios` frame of both models
-    (column `model`): one row per claim with the seed's figure, this table's, and whether it holds here.
-    The middle layer is the median evaluated layer; "low k" is the two smallest k."""
+    (column `model`): a readings frame (`saenb.studies.readings`), one row per claim with the seed's figure
+    (`published`), this table's (`here`), and whether it holds here. The middle layer is the median evaluated
+    layer; "low k" is the two smallest k."""
     bigger, smaller = model_order(table)
     layers = sorted(table.layer.unique())
     early, mid = layers[0], layers[len(layers) // 2]
@@ -329,4 +378,4 @@ def claims(table: pd.DataFrame, pr: pd.DataFrame, targets=(0.85, 0.9)) -> pd.Dat
                      "yes (410M 0.920 > 70M 0.898)",
                      ", ".join(f"k = {k}: {'flips' if f else 'same order'}" for k, f in flips.items()),
                      bool(flips.get(32, False))))
-    return pd.DataFrame(rows, columns=["claim", "seed 002", "here", "holds"])
+    return rd.frame([rd.claim(c, here, holds=holds, published=seed) for c, seed, here, holds in rows])

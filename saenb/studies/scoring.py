@@ -27,14 +27,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pandas as pd
 import torch
+from sae_lens import SAE
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+from transformer_lens import HookedTransformer
+from transformer_lens.loading_from_pretrained import get_official_model_name
+from transformer_lens.utilities import get_act_name
 
-import saenb
+from saenb.assembly import load_preset
 from saenb.engine import interventions as iv
 from saenb.engine import metrics, patching
+from saenb.files import __version__, sha256_file
+from saenb.hooks import PresetError
 from saenb.models import data, hub
-from saenb.models.presets import Loaded, Preset, PresetError, get_preset, list_presets, load_preset
+from saenb.models.loaded import Loaded, resolve_device
+from saenb.models.presets import Preset, get_preset, list_presets
 from saenb.studies.pathology import SCORE_INTERVENTIONS, score
 
 SCHEMA = Path(__file__).parent / "schemas" / "pathology.schema.json"
@@ -82,8 +91,6 @@ class ScoreConfig:
 def resolve_release(release_pattern: str, sae_id_pattern: str) -> list[tuple[str, str, str]]:
     """(release, sae id, model name) of every SAE in sae_lens's pretrained directory (packaged: read offline)
     whose release and id match the patterns (`re.match`, as sae_lens's own evals CLI)."""
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
     directory = get_pretrained_saes_directory()
     try:
         releases = [r for r in directory if re.match(release_pattern, r)]
@@ -114,7 +121,7 @@ def _model_hook(model, sae_hook: str) -> str:
         return sae_hook
     parts = sae_hook.split(".")
     if len(parts) == 3 and parts[2] == "hook_z":
-        return f"blocks.{parts[1]}.attn.hook_z"
+        return get_act_name("z", int(parts[1]))
     return sae_hook
 
 
@@ -122,9 +129,6 @@ def hub_model(model_name: str, device: torch.device, dataset: str | None, contex
               model_kwargs: dict | None = None) -> Loaded:
     """A TransformerLens model from the hub (failing fast offline), as a `Loaded` without SAEs; `model_kwargs`:
     the SAEs' `model_from_pretrained_kwargs` (e.g. center_writing_weights=False), as sae_lens asks."""
-    from transformer_lens import HookedTransformer
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
     try:
         repo = get_official_model_name(model_name)
     except ValueError:
@@ -139,9 +143,6 @@ def hub_model(model_name: str, device: torch.device, dataset: str | None, contex
 
 def targets_from_release(release_pattern: str, sae_id_pattern: str, device: torch.device, dataset: str | None,
                          context_size: int) -> tuple[Loaded, list[Target]]:
-    from sae_lens import SAE
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
     found = resolve_release(release_pattern, sae_id_pattern)
     directory = get_pretrained_saes_directory()
     missing = [f"SAE {r}/{i}" for r, i, _ in found
@@ -171,8 +172,6 @@ def _model_kwargs(saes: list) -> dict:
 
 def targets_from_paths(paths: list[str], model: str, device: torch.device, dataset: str | None,
                        context_size: int) -> tuple[Loaded, list[Target]]:
-    from sae_lens import SAE
-
     saes = []
     for path in paths:
         folder = Path(path)
@@ -249,8 +248,6 @@ def sae_id_of(target: Target) -> str:
     if target.release:
         return f"{target.release}/{target.sae_id}"
     if target.path:
-        from saenb.models.bundle_io import sha256_file
-
         return f"{target.path}@{sha256_file(Path(target.path) / 'sae_weights.safetensors')[:16]}"
     return f"own:{target.name}"  # the preset's own SAE (the bundle's sha256 is in every cache key)
 
@@ -262,8 +259,8 @@ def score_targets(loaded: Loaded, targets: list[Target], tokens: torch.Tensor, c
     frames = []
     for group in rounds(targets):
         spliced = loaded.with_saes({t.hook: t.sae for t in group}, {t.hook: sae_id_of(t) for t in group})
-        table = score(spliced, [t.hook for t in group], tokens=tokens, seed=cfg.seed, confidence=cfg.confidence,
-                      extra=[i for i in cfg.interventions if i not in SCORE_INTERVENTIONS], progress=progress,
+        table = score(spliced, hooks=[t.hook for t in group], tokens=tokens, seed=cfg.seed,
+                      confidence=cfg.confidence, extra=[i for i in cfg.interventions if i not in SCORE_INTERVENTIONS], progress=progress,
                       include_special=cfg.include_special, batch_size=cfg.batch_size, ray=ray)
         for t in group:
             x = patching.hook_activations(spliced, t.hook, tokens)
@@ -300,7 +297,7 @@ def eval_json(row: dict[str, Any], target: Target, cfg: ScoreConfig) -> dict[str
         "datetime_epoch_millis": int(time.time() * 1000),
         "eval_result_metrics": {
             "pathology": {"kl_sae": row["kl_sae"], "kl_eps_random": row["kl_eps_random"], "kl_ratio": row["kl_ratio"],
-                          "kl_ratio_ci_low": row["ratio_ci_low"], "kl_ratio_ci_high": row["ratio_ci_high"],
+                          "kl_ratio_ci_low": row["kl_ratio_ci_low"], "kl_ratio_ci_high": row["kl_ratio_ci_high"],
                           "ce_delta_sae": row["ce_delta_sae"], "ce_delta_eps_random": row["ce_delta_eps_random"],
                           **extra},
             "model_behavior_preservation": {"kl_div_score": row["kl_div_score"], "kl_div_with_sae": row["kl_sae"],
@@ -321,7 +318,7 @@ def eval_json(row: dict[str, Any], target: Target, cfg: ScoreConfig) -> dict[str
         "preset": row.get("preset"),
         "hook_name": target.hook,
         "sae_lens_version": md.version("sae-lens"),
-        "saenb_version": saenb.__version__,
+        "saenb_version": __version__,
         "sae_cfg_dict": target.sae.cfg.to_dict(),
     })
 
@@ -332,8 +329,6 @@ def file_name(target: Target) -> str:
 
 def write_outputs(table: pd.DataFrame, targets: list[Target], cfg: ScoreConfig, out: Path) -> list[Path]:
     """One SAEBench-shaped JSON per SAE (each validated against SCHEMA) and pathology.csv."""
-    import jsonschema
-
     schema = json.loads(SCHEMA.read_text())
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -349,8 +344,6 @@ def write_outputs(table: pd.DataFrame, targets: list[Target], cfg: ScoreConfig, 
 
 def run(args) -> pd.DataFrame:
     """The CLI's work: resolve the SAEs and tokens, score, write (argparse namespace from `__main__`)."""
-    from saenb.models.presets import resolve_device
-
     device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     cfg = ScoreConfig(n_tokens=args.n_tokens, context_size=args.context_size, batch_size=args.batch_size,
@@ -358,7 +351,7 @@ def run(args) -> pd.DataFrame:
                       include_special=args.include_special,
                       tokens_source=args.tokens or args.text or args.dataset or "preset")
     for name in cfg.interventions:
-        iv.Spec.of(name)  # an unknown name fails here, listing the known ones
+        iv.Intervention.of(name)  # an unknown name fails here, listing the known ones
     context = cfg.context_size or 128
     if args.release or args.sae_id:
         if not (args.release and args.sae_id):

@@ -17,7 +17,8 @@ from scipy import stats
 from torch import Tensor
 
 from saenb.engine.patching import next_token_logprobs, token_strings
-from saenb.models.presets import Loaded
+from saenb.models.loaded import Loaded
+from saenb.studies import readings as rd
 
 PREDICTORS = ("pos", "cos_sae", "eps", "norm_x", "l0", "frequency")
 """The token features notebook 04 relates to the gap (`gap_frame`'s columns)."""
@@ -30,7 +31,7 @@ def gap_frame(df: pd.DataFrame, counts: Tensor | None = None, *, num: str = "sae
     """The per-token gap between two interventions of an all-token measurement (`patching.measure`'s frame,
     one sample each): one row per (hook, layer, seq, pos) with
 
-    kl_num, kl_den   the two KLs (nats); gap = kl_num - kl_den; log_ratio = log(kl_num / kl_den)
+    num, den         the two KLs (nats); gap = num - den; log_ratio = log(num / den)
     pos, token, cos_sae, eps, norm_x, l0   the token and its activation's geometry (from the `num` rows)
     count, frequency the token's occurrences in `counts` (e.g. `Loaded.token_counts()`) and their share
     """
@@ -42,9 +43,10 @@ def gap_frame(df: pd.DataFrame, counts: Tensor | None = None, *, num: str = "sae
         raise ValueError("gap_frame takes one sample per token; select sample == 0 first")
     a = df[df["intervention"] == num]
     b = df[df["intervention"] == den][[*cols, "kl"]]
-    out = a[[*cols, "token", "cos_sae", "eps", "norm_x", "l0", "kl"]].merge(b, on=cols, suffixes=("_num", "_den"))
-    out["gap"] = out["kl_num"] - out["kl_den"]
-    out["log_ratio"] = np.log(out["kl_num"].clip(lower=KL_FLOOR) / out["kl_den"].clip(lower=KL_FLOOR))
+    out = a[[*cols, "token", "cos_sae", "eps", "norm_x", "l0", "kl"]].rename(columns={"kl": "num"}).merge(
+        b.rename(columns={"kl": "den"}), on=cols)
+    out["gap"] = out["num"] - out["den"]
+    out["log_ratio"] = np.log(out["num"].clip(lower=KL_FLOOR) / out["den"].clip(lower=KL_FLOOR))
     if counts is not None:
         counts = counts.cpu().numpy() if isinstance(counts, Tensor) else np.asarray(counts)
         out["count"] = counts[out["token"].to_numpy()]
@@ -161,13 +163,14 @@ def top_tokens(gaps: pd.DataFrame, strings: dict[int, str], *, n: int = 20, min_
     return summary, rows
 
 
-def context_table(loaded: Loaded, tokens: Tensor, picks: pd.DataFrame, *, intervention: str = "sae", seed: int = 0,
-                  window: int = 32, top: int = 5) -> pd.DataFrame:
-    """The contexts of `picks` (rows with hook, layer, seq, pos, gap, kl_num, kl_den), each rendered as HTML:
-    the `window` tokens up to the measured one, that token highlighted, and the clean and spliced models'
-    top next-token predictions with their probabilities (from `patching.next_token_logprobs`), HTML-escaped.
+def context_table(loaded: Loaded, tokens: Tensor, picks: pd.DataFrame, *, intervention: str = "sae",
+                  den: str = "eps_random", seed: int = 0, window: int = 32, top: int = 5) -> pd.DataFrame:
+    """The contexts of `picks` (`gap_frame` rows of `intervention` against `den`), each rendered as HTML: the
+    `window` tokens up to the measured one, that token highlighted, and the clean and spliced models' top
+    next-token predictions with their probabilities (from `patching.next_token_logprobs`), HTML-escaped.
 
-    Columns: layer, seq, pos, token_str, gap, kl_num, kl_den, and as HTML: context, clean_top, spliced_top."""
+    Columns: layer, seq, pos, token_str, gap, kl_<intervention>, kl_<den>, and as HTML: context, clean_top,
+    <intervention>_top."""
     rows = []
     for pick in picks.itertuples(index=False):
         dists = next_token_logprobs(loaded, pick.hook, tokens, int(pick.seq), int(pick.pos), (intervention,),
@@ -180,11 +183,12 @@ def context_table(loaded: Loaded, tokens: Tensor, picks: pd.DataFrame, *, interv
         text[-1] = f"<mark><b>{shown}</b></mark>"  # whitespace shows escaped (\\n, spaces) so the mark is visible
         rows.append({
             "layer": pick.layer, "seq": pick.seq, "pos": pick.pos,
-            "token_str": token_strings(loaded, [ids[-1]])[0], "gap": pick.gap, "kl_num": pick.kl_num,
-            "kl_den": pick.kl_den,
+            "token_str": token_strings(loaded, [ids[-1]])[0], "gap": pick.gap, f"kl_{intervention}": pick.num,
+            f"kl_{den}": pick.den,
             "context": "<code style='white-space: pre-wrap; display: block; text-align: left'>" + "".join(text)
                        + "</code>",
-            "clean_top": _top(loaded, dists["clean"], top), "spliced_top": _top(loaded, dists[intervention], top),
+            "clean_top": _top(loaded, dists["clean"], top),
+            f"{intervention}_top": _top(loaded, dists[intervention], top),
         })
     return pd.DataFrame(rows)
 
@@ -194,3 +198,82 @@ def _top(loaded: Loaded, logp: Tensor, k: int) -> str:
     p, idx = torch.exp(logp).topk(k)
     return "<br>".join(f"<span style='white-space: nowrap'>'{html.escape(s)}' {q:.2f}</span>"
                        for s, q in zip(token_strings(loaded, idx.tolist()), p.tolist(), strict=True))
+
+
+def vocabulary(loaded: Loaded) -> dict[int, str]:
+    """Every token id of the model's vocabulary with its string (`token_strings`: escaped)."""
+    return dict(enumerate(token_strings(loaded, range(loaded.model.cfg.d_vocab))))
+
+
+def rho_titles(rho: pd.DataFrame, layer: int) -> dict[str, str]:
+    """Per predictor, a panel title with its Spearman rho and CI at `layer` (`spearman_table`'s frame)."""
+    r = rho[rho.layer == layer].set_index("predictor")
+    return {p: f"{p}: rho {r.rho[p]:+.3f} [{r.ci_low[p]:+.3f}, {r.ci_high[p]:+.3f}]" for p in r.index}
+
+
+def rho_table(rho: pd.DataFrame, rho_log: pd.DataFrame) -> pd.DataFrame:
+    """Spearman's rho of the gap and of the log ratio with each predictor, "rho [95% CI]" per layer (columns)."""
+    both = pd.concat([rho.assign(y="gap"), rho_log.assign(y="log_ratio")])
+    both["rho [95% CI]"] = [f"{r:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                            for r, lo, hi in zip(both.rho, both.ci_low, both.ci_high, strict=True)]
+    return both.pivot(index=["y", "predictor"], columns="layer", values="rho [95% CI]")
+
+
+# ------------------------------------------------------------------------------------------ readings
+def layer_summary(gaps: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: mean and median gap, the share of tokens where the SAE is worse, the median log ratio, the
+    token count, and the share of the positive gap carried by the 1% of tokens with the largest gap."""
+    summary = gaps.groupby("layer").agg(mean_gap=("gap", "mean"), median_gap=("gap", "median"),
+                                        share_positive=("gap", lambda g: (g > 0).mean()),
+                                        median_log_ratio=("log_ratio", "median"), tokens=("gap", "size"))
+    summary["top_1pct_share"] = gaps.groupby("layer").gap.apply(
+        lambda g: g.clip(lower=0).nlargest(max(1, len(g) // 100)).sum() / g.clip(lower=0).sum())
+    return summary
+
+
+def per_token_means(gaps: pd.DataFrame, *, min_count: int = 5) -> pd.DataFrame:
+    """Per token id seen at least `min_count` times: its mean gap, count and corpus frequency."""
+    return gaps.groupby("token").agg(mean_gap=("gap", "mean"), n=("gap", "size"), frequency=("frequency", "first")) \
+        .query("n >= @min_count").reset_index()
+
+
+def readings(summary: pd.DataFrame, rho: pd.DataFrame, by_layer: pd.DataFrame, top: pd.DataFrame,
+             freq: pd.DataFrame, *, layer: int) -> pd.DataFrame:
+    """Notebook 04's verdicts, from `layer_summary`, `spearman_table` (gap), `layer_correlations`, `top_tokens`'s
+    summary (at `layer`) and `frequency_correlation`."""
+    mid = rho[rho.layer == layer].set_index("predictor")
+    flat = mid[(mid.ci_low <= 0) & (mid.ci_high >= 0)].index.tolist()
+    # |rho|'s CI: from the CI's bound nearer 0 (0 when it contains 0) to the one farther from it
+    abs_low = np.minimum(mid.ci_low.abs(), mid.ci_high.abs()).where(np.sign(mid.ci_low) == np.sign(mid.ci_high), 0.0)
+    abs_high = np.maximum(mid.ci_low.abs(), mid.ci_high.abs())
+    strongest, overlapping = rd.largest(mid.rho.abs(), abs_low, abs_high)
+    off = by_layer[by_layer.layer_a != by_layer.layer_b]
+    neighbours = off[(off.layer_a - off.layer_b).abs() == 1]
+    strongest_feature = float(abs_high.max())
+    token_bound = neighbours.rho.min() > strongest_feature
+    contains_zero = (freq.ci_low <= 0) & (freq.ci_high >= 0)
+    return rd.frame([
+        rd.claim("the SAE splice is worse than eps-random on most tokens",
+                 f"on {rd.span(summary.share_positive, '{:.0%}')} of tokens per layer (median log ratio "
+                 f"{rd.span(summary.median_log_ratio)})", holds=(summary.share_positive > 0.5).all()),
+        rd.claim("the excess is concentrated: the 1% of tokens with the largest gap carry over 10% of the positive gap",
+                 f"{rd.span(summary.top_1pct_share, '{:.0%}')} per layer", holds=(summary.top_1pct_share > 0.1).all()),
+        rd.claim(f"one token feature is most related to the gap at layer {layer} (its |Spearman rho|'s CI clears "
+                 "every other's)", rd.overlap(f"`{strongest}`", [f"`{p}`" for p in overlapping]) + ": "
+                 + ", ".join(f"`{p}` {mid.rho[p]:+.2f} [{mid.ci_low[p]:+.2f}, {mid.ci_high[p]:+.2f}]"
+                             for p in mid.index)
+                 + (f"; CIs containing 0: {', '.join(f'`{p}`' for p in flat)}" if flat else ""),
+                 holds=not overlapping),
+        rd.claim(f"the same token's gap at neighbouring layers correlates more than any single feature at layer "
+                 f"{layer} (beyond its CI): some tokens are hard for every SAE",
+                 f"rho {rd.span(neighbours.rho)} between neighbouring layers (all pairs {rd.span(off.rho)}), against "
+                 f"|rho| up to {strongest_feature:.2f} for a feature", holds=token_bound,
+                 published="the other layers' gap is the strongest predictor on GPT-2 small (Gurnee 2024)"),
+        rd.claim(f"the top tokens' gaps spread widely around their means (layer {layer})",
+                 f"median within-token std {top['std'].median():.3f} against a median mean gap of "
+                 f"{top['mean'].median():.3f}"),
+        rd.claim("a token's mean gap does not correlate with its corpus frequency (CI containing 0 at every layer)",
+                 f"rho {freq.rho.min():+.2f} to {freq.rho.max():+.2f}; CI above 0 at {int((freq.ci_low > 0).sum())} "
+                 f"layers, below 0 at {int((freq.ci_high < 0).sum())}, containing 0 at {int(contains_zero.sum())}",
+                 holds=contains_zero.all(), published="no correlation on GPT-2 small (Gurnee 2024)"),
+    ])

@@ -20,6 +20,10 @@ Explanations and the measurement each gets:
 
 "Share of the gap" compares log ratios: a baseline whose ratio to the SAE is 1 accounts for all of the SAE's gap
 to eps-random (share 1), one equal to eps-random for none (share 0): share = 1 - log(r_baseline) / log(r_eps).
+Each share carries a 95% bootstrap CI over the contexts (or tokens) its two ratios were measured on, resampled
+together (`share_ci`); it is read against the ratio measured on the same tokens in the same mode, per layer (never
+averaged over layers); the largest is named only where its CI clears the others' (`largest_share`), and a share
+outside [0, 1] is said to be what it is (`share_note`).
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ from scipy import stats
 from saenb.engine import interventions as iv
 from saenb.engine import metrics, patching
 from saenb.engine.store import measure_cached
-from saenb.models.presets import Loaded, sae_layer
-from saenb.studies import baselines, curvature
+from saenb.hooks import clean_activations, sae_layer
+from saenb.models.loaded import Loaded
+from saenb.studies import baselines, curvature, literature
+from saenb.studies import readings as rd
+from saenb.studies.nfm import activations
 
 COS_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 """Cosines to x of the robustness curves (theta-random at the true norm)."""
@@ -41,14 +48,6 @@ SCALES = (0.25, 0.5)
 """Fractions of the SAE's error (and of eps) at which the quadratic model is checked besides the full error."""
 TOP_K = (1, 2, 4, 8, 16, 32)
 """Numbers of top Fisher eigenvectors / principal components whose share of the error's energy is reported."""
-REFERENCES = {
-    "lee_heimersheim": "with a covariance-matched random direction the gap on GPT-2 small \"no longer seems "
-                       "pathologically high\", varying by layer",
-    "engels_variance": 0.5,
-    "engels_norm_r2": 0.9,
-}
-"""Published figures the notebook prints beside its own: Lee & Heimersheim 2024 (GPT-2 small); Engels et al.
-2024: about half of the error's variance, and over 90% of its norm, linearly predictable from x."""
 BASELINES = ("eps_random", "cov_random", "error_shuffled", "theta_random_sae_norm")
 """The random errors the SAE is compared with at its own size, in the order of the gap table."""
 
@@ -57,19 +56,20 @@ def _short(label: str, fitted: baselines.Fitted) -> str:
     return fitted.labels().get(label, label)
 
 
-def baseline_specs(fitted: baselines.Fitted, cos_grid=COS_GRID) -> list[iv.Spec]:
+def baseline_interventions(fitted: baselines.Fitted, cos_grid=COS_GRID) -> list[iv.Intervention]:
     """The all-token splices of notebook 09: the SAE, its random baselines, the linear / nonlinear split with
     their eps-random, and the robustness curves' theta-random points."""
-    return [iv.Spec.of("sae"), iv.Spec.of("eps_random"), fitted.spec("cov_random"), fitted.spec("error_shuffled"),
-            iv.Spec.of("theta_random_sae_norm"), fitted.spec("sae_plus_linear"), fitted.eps_spec("sae_plus_linear"),
-            fitted.spec("sae_plus_nonlinear"), fitted.eps_spec("sae_plus_nonlinear"),
-            *(iv.spec("theta_random_cos", cos=float(c)) for c in cos_grid)]
+    return [iv.Intervention.of("sae"), iv.Intervention.of("eps_random"), fitted.intervention("cov_random"),
+            fitted.intervention("error_shuffled"), iv.Intervention.of("theta_random_sae_norm"),
+            fitted.intervention("sae_plus_linear"), fitted.eps_intervention("sae_plus_linear"),
+            fitted.intervention("sae_plus_nonlinear"), fitted.eps_intervention("sae_plus_nonlinear"),
+            *(iv.intervention("theta_random_cos", cos=float(c)) for c in cos_grid)]
 
 
 def measure_baselines(loaded: Loaded, hooks, tokens: torch.Tensor, fitted: baselines.Fitted, *, cos_grid=COS_GRID,
                       seed: int = 0, progress: bool = True) -> pd.DataFrame:
-    """The engine's all-token frame of `baseline_specs` (cached), interventions under their short names."""
-    df = measure_cached(loaded, hooks, baseline_specs(fitted, cos_grid), tokens, seed=seed, progress=progress)
+    """The engine's all-token frame of `baseline_interventions` (cached), interventions under their short names."""
+    df = measure_cached(loaded, hooks, baseline_interventions(fitted, cos_grid), tokens, seed=seed, progress=progress)
     df["intervention"] = df["intervention"].cat.rename_categories(lambda c: _short(c, fitted))
     return df
 
@@ -81,20 +81,58 @@ def share_of_gap(ratio_eps: float, ratio_baseline: float) -> float:
     return float(1 - np.log(ratio_baseline) / np.log(ratio_eps))
 
 
+def _shares(ratio_eps: np.ndarray, ratio_left: np.ndarray) -> np.ndarray:
+    """`share_of_gap` elementwise (NaN where there is no gap)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = 1 - np.log(ratio_left) / np.log(ratio_eps)
+    return np.where(np.abs(np.log(ratio_eps)) < 1e-9, np.nan, out)
+
+
+def share_ci(sums: np.ndarray, share, *, confidence: float = 0.95, n_resamples: int = 2000,
+             seed: int = 0) -> tuple[float, float, float]:
+    """A share of the gap with its percentile bootstrap CI: `sums` [k, n] holds k per-context (or per-token) sums
+    measured on the same n contexts, `share(totals)` maps their totals [k, ...] to the share (`_shares` of the
+    ratios they make); each resample draws n contexts with replacement, all k sums together, so the share and the
+    ratio it is read against move together. Resamples without a gap (NaN) are left out."""
+    sums = np.asarray(sums, float)
+    point = float(share(sums.sum(-1)))
+    idx = np.random.default_rng(seed).integers(0, sums.shape[1], size=(n_resamples, sums.shape[1]))
+    boot = share(sums[:, idx].sum(-1))
+    boot = boot[np.isfinite(boot)]
+    if len(boot) < 2:
+        return point, float("nan"), float("nan")
+    low, high = np.quantile(boot, [0.5 - confidence / 2, 0.5 + confidence / 2])
+    return point, float(low), float(high)
+
+
+def _seq_kl(df: pd.DataFrame) -> pd.DataFrame:
+    """KL summed per context (rows) and intervention (columns)."""
+    return metrics.seq_sums(df, "kl", ["intervention"]).pivot(index="seq", columns="intervention", values="sum")
+
+
 def gap_table(df: pd.DataFrame, baselines_=BASELINES, *, seed: int = 0) -> pd.DataFrame:
     """Per hook and baseline: the SAE's KL over the baseline's (token means, 95% paired bootstrap CI over
     contexts), both means, and the share of the SAE's gap to eps-random the baseline accounts for.
 
-    Columns: hook, layer, baseline, ratio, ci_low, ci_high, kl_sae, kl_baseline, share_of_gap."""
+    Columns: hook, layer, baseline, ratio, ci_low, ci_high, num (the SAE's mean KL), den (the baseline's),
+    share_of_gap with its 95% bootstrap CI over contexts (`share_ci`: the baseline's ratio and eps-random's
+    resampled together), share_ci_low, share_ci_high."""
     rows = []
     for b in baselines_:
         t = metrics.ratio_table(df, "sae", b, values=("kl",), by=("hook", "layer"), seed=seed)
         rows.append(t.assign(baseline=b))
-    out = pd.concat(rows, ignore_index=True).rename(columns={"num_mean": "kl_sae", "den_mean": "kl_baseline"})
-    eps = out[out.baseline == "eps_random"].set_index("hook")["ratio"]
-    out["share_of_gap"] = [share_of_gap(eps[h], r) for h, r in zip(out.hook, out.ratio, strict=True)]
+    out = pd.concat(rows, ignore_index=True)
+    shares = {}
+    for hook, sub in df.groupby("hook", observed=True):
+        sums = _seq_kl(sub)
+        for b in baselines_:
+            cols = sums[["sae", "eps_random", b]].to_numpy().T
+            shares[(hook, b)] = share_ci(cols, lambda t: _shares(t[0] / t[1], t[0] / t[2]), seed=seed)
+    cis = [shares[(h, b)] for h, b in zip(out.hook, out.baseline, strict=True)]
+    out["share_of_gap"], out["share_ci_low"], out["share_ci_high"] = zip(*cis, strict=True)
     out["hook"] = out["hook"].astype(str)
-    return out[["hook", "layer", "baseline", "ratio", "ci_low", "ci_high", "kl_sae", "kl_baseline", "share_of_gap"]]
+    return out[["hook", "layer", "baseline", "ratio", "ci_low", "ci_high", "num", "den", "share_of_gap",
+                "share_ci_low", "share_ci_high"]]
 
 
 def split_table(loaded: Loaded, fitted: baselines.Fitted, df: pd.DataFrame, tokens: torch.Tensor, *,
@@ -105,13 +143,13 @@ def split_table(loaded: Loaded, fitted: baselines.Fitted, df: pd.DataFrame, toke
     and of x_sae + n (linear part left), each against eps-random at its own error size (ratio, 95% CI).
 
     Columns: hook, layer, r2_fit, r2_eval, linear_norm_share, norm_r2, error_norm, linear_error_norm,
-    nonlinear_error_norm, then per part (linear / nonlinear restored): kl, kl_eps, ratio, ci_low, ci_high."""
-    from saenb.studies.nfm import activations  # reconstruction of the evaluation tokens, as the fit computed it
-
+    nonlinear_error_norm, then per part (linear / nonlinear restored): kl, kl_eps, ratio, ci_low, ci_high; and
+    nonlinear_only_share (ci_low, ci_high): the share of the SAE's gap to eps-random on the same contexts that
+    restoring the linear part accounts for (`share_of_gap` of the nonlinear error's ratio, 95% bootstrap CI)."""
     rows = []
     for hook in df["hook"].cat.categories:
         f = fitted.hooks[hook]
-        x, _, x_sae, _ = activations(loaded, hook, tokens)
+        x, _, x_sae, _ = activations(loaded, hook, tokens)  # as the fit computed them
         e = (x - x_sae).double()
         lin = f.linear_part(x.to(f.A.device)).double().cpu()
         # |e| from x by least squares: Engels et al.'s "norm" figure
@@ -126,10 +164,13 @@ def split_table(loaded: Loaded, fitted: baselines.Fitted, df: pd.DataFrame, toke
         sub = df[df.hook == hook]
         for part, splice in (("linear", "sae_plus_linear"), ("nonlinear", "sae_plus_nonlinear")):
             r = metrics.ratio_table(sub, splice, f"eps_random_like({splice})", values=("kl",), seed=seed).iloc[0]
-            row.update({f"{part}_restored_kl": r.num_mean, f"{part}_restored_kl_eps": r.den_mean,
+            row.update({f"{part}_restored_kl": r.num, f"{part}_restored_kl_eps": r.den,
                         f"{part}_restored_ratio": r.ratio, f"{part}_restored_ci_low": r.ci_low,
                         f"{part}_restored_ci_high": r.ci_high})
         row["kl_sae"] = float(sub[sub.intervention == "sae"].kl.mean())
+        cols = _seq_kl(sub)[["sae", "eps_random", "sae_plus_linear", "eps_random_like(sae_plus_linear)"]]
+        share, low, high = share_ci(cols.to_numpy().T, lambda t: _shares(t[0] / t[1], t[2] / t[3]), seed=seed)
+        row.update(nonlinear_only_share=share, nonlinear_only_share_ci_low=low, nonlinear_only_share_ci_high=high)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -154,12 +195,13 @@ def robustness_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ curvature
-def curvature_specs(fitted: baselines.Fitted, scales=SCALES) -> tuple[list[iv.Spec], list[iv.Spec]]:
+def curvature_interventions(fitted: baselines.Fitted, scales=SCALES
+                            ) -> tuple[list[iv.Intervention], list[iv.Intervention]]:
     """(deterministic splices, random ones) of the curvature study: the SAE and its error scaled down; eps-random
     (also scaled), cov_random and error_shuffled."""
-    fixed = [iv.Spec.of("sae"), *(iv.spec("sae_scaled", scale=float(s)) for s in scales)]
-    random = [iv.Spec.of("eps_random"), *(iv.spec("eps_random", scale=float(s)) for s in scales),
-              fitted.spec("cov_random"), fitted.spec("error_shuffled")]
+    fixed = [iv.Intervention.of("sae"), *(iv.intervention("sae_scaled", scale=float(s)) for s in scales)]
+    random = [iv.Intervention.of("eps_random"), *(iv.intervention("eps_random", scale=float(s)) for s in scales),
+              fitted.intervention("cov_random"), fitted.intervention("error_shuffled")]
     return fixed, random
 
 
@@ -195,14 +237,14 @@ def curvature_study(loaded: Loaded, hook: str, tokens: torch.Tensor, fitted: bas
     per_token: hook, layer, seq, tr(F), F's top eigenvalue share and participation ratio, the mean quotient of
     the token's active latents' decoder directions and of all latents', the SAE's z-score and percentile among
     its eps-random draws (summed KL; `_at`: at the patched position only, notebook 03's), eps, cos_sae, l0."""
-    fixed, random = curvature_specs(fitted, scales)
+    fixed, random = curvature_interventions(fitted, scales)
     kw = dict(positions=position, seed=seed, progress=progress)
     measured = pd.concat([_span_kl(measure_cached(loaded, hook, fixed, tokens, **kw), position, fitted),
                           _span_kl(measure_cached(loaded, hook, random, tokens, n_samples=n_samples, **kw),
                                    position, fitted)], ignore_index=True)
     curv = curvature.fisher(loaded, hook, tokens, position, progress=progress)
     rows = torch.tensor(curv.seqs)
-    x = patching.clean_activations(loaded.model, hook, tokens[:, :position + 1])[:, position]  # [n, d]
+    x = clean_activations(loaded.model, hook, tokens[:, :position + 1])[:, position]  # [n, d]
     p_fixed = _patched(loaded, hook, fixed, tokens, x, position, 1, seed)
     p_random = _patched(loaded, hook, random, tokens, x, position, n_samples, seed)
     with torch.inference_mode():
@@ -277,7 +319,8 @@ def curvature_summary(splices: pd.DataFrame, per_token: pd.DataFrame, *, seed: i
     eps-random, and for the error scaled down), mean curvature quotients per splice and of decoder directions,
     energy shares of the SAE's error and of eps-random at the largest k, and Spearman's rho between the SAE's
     z-score and its curvature quotient (notebook 03's z at the patched position against F at that position, and
-    the summed ones), with CIs."""
+    the summed ones), with CIs; curvature_share (ci_low, ci_high): log(quadratic ratio) / log(measured ratio), the
+    share of the measured gap on these tokens the quadratic model accounts for (95% bootstrap CI over tokens)."""
     rows = []
     for hook, sp in splices.groupby("hook", sort=False):
         tok = per_token[per_token.hook == hook]
@@ -287,6 +330,10 @@ def curvature_summary(splices: pd.DataFrame, per_token: pd.DataFrame, *, seed: i
         for name, col in (("measured", "kl"), ("quadratic", "quadratic")):
             r, lo, hi = metrics.ratio_ci(sae[col].to_numpy(), eps[col].to_numpy(), seed=seed)
             row.update({f"{name}_ratio": r, f"{name}_ci_low": lo, f"{name}_ci_high": hi})
+        # the quadratic model's share of the measured (log) gap: log(quadratic ratio) / log(measured ratio)
+        cols = np.stack([sae.kl.to_numpy(), eps.kl.to_numpy(), sae.quadratic.to_numpy(), eps.quadratic.to_numpy()])
+        share, low, high = share_ci(cols, lambda t: _shares(t[0] / t[1], (t[0] / t[1]) / (t[2] / t[3])), seed=seed)
+        row.update(curvature_share=share, curvature_share_ci_low=low, curvature_share_ci_high=high)
         for label in pd.unique(sp.intervention):
             s = sp[sp.intervention == label]
             row[f"fit_{label}"] = float(np.median(s.kl / s.quadratic))
@@ -301,7 +348,8 @@ def curvature_summary(splices: pd.DataFrame, per_token: pd.DataFrame, *, seed: i
         row["top_k"] = k
         for name, z, q in (("at", "z_at", "quotient_sae_at"), ("span", "z", "quotient_sae")):
             rho, lo, hi = spearman_ci(tok[z], tok[q], seed=seed)
-            row.update({f"rho_z_quotient_{name}": rho, f"rho_{name}_ci_low": lo, f"rho_{name}_ci_high": hi})
+            row.update({f"rho_z_quotient_{name}": rho, f"rho_z_quotient_{name}_ci_low": lo,
+                        f"rho_z_quotient_{name}_ci_high": hi})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -323,11 +371,15 @@ def energy_curves(splices: pd.DataFrame, labels=("sae", "eps_random", "cov_rando
 
 def accounting(gap: pd.DataFrame, split: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     """One row per hook and explanation: the ratio left when the explanation is taken into account and the share
-    of the SAE's gap to eps-random it accounts for (module docstring). The linear part's row compares the KL the
-    ratio of the error's nonlinear part n alone (x_sae + the linear part against eps-random at |n|); curvature's compares the quadratic model's predicted ratio
-    with the measured one (single-token mode).
+    of the SAE's gap to eps-random it accounts for (module docstring), each share with its 95% bootstrap CI and
+    read against the ratio measured on the same tokens in the same mode: the baselines' and the linear part's
+    against the all-token ratio on the evaluation contexts (`gap_table`, `split_table`: the nonlinear error n
+    alone, x_sae + the linear part, against eps-random at |n|), curvature's against the single-token ratio on the
+    curvature tokens (`curvature_summary`: the quadratic model's predicted ratio against the measured one). Shares
+    are per layer: they are never averaged over layers. `note` says what a share outside [0, 1] means.
 
-    Columns: hook, layer, explanation, ratio_eps, ratio_left, share_of_gap."""
+    Columns: hook, layer, explanation, mode, ratio_eps, ratio_left, share_of_gap, share_ci_low, share_ci_high,
+    note."""
     rows = []
     names = {"cov_random": "anisotropy (cov_random)", "error_shuffled": "error directions in general (error_shuffled)",
              "theta_random_sae_norm": "cosine to x (theta-random)"}
@@ -336,20 +388,67 @@ def accounting(gap: pd.DataFrame, split: pd.DataFrame, summary: pd.DataFrame) ->
         r_eps = g.loc["eps_random", "ratio"]
         layer = int(g.layer.iloc[0])
         for b, label in names.items():
-            rows.append({"hook": hook, "layer": layer, "explanation": label, "ratio_eps": r_eps,
-                         "ratio_left": g.loc[b, "ratio"], "share_of_gap": g.loc[b, "share_of_gap"]})
+            rows.append({"hook": hook, "layer": layer, "explanation": label, "mode": "all-token", "ratio_eps": r_eps,
+                         "ratio_left": g.loc[b, "ratio"], "share_of_gap": g.loc[b, "share_of_gap"],
+                         "share_ci_low": g.loc[b, "share_ci_low"], "share_ci_high": g.loc[b, "share_ci_high"],
+                         "note": share_note(g.loc[b, "share_of_gap"], "baseline")})
         s = split[split.hook == hook].iloc[0]
         # with the linear part restored only n is left: is n still worse than a random error of its size?
-        left = s.linear_restored_ratio
         rows.append({"hook": hook, "layer": layer, "explanation": "nonlinear error only (linear part restored)",
-                     "ratio_eps": r_eps, "ratio_left": left, "share_of_gap": share_of_gap(r_eps, left)})
+                     "mode": "all-token", "ratio_eps": r_eps, "ratio_left": s.linear_restored_ratio,
+                     "share_of_gap": s.nonlinear_only_share, "share_ci_low": s.nonlinear_only_share_ci_low,
+                     "share_ci_high": s.nonlinear_only_share_ci_high,
+                     "note": share_note(s.nonlinear_only_share, "nonlinear")})
         c = summary[summary.hook == hook]
         if len(c):
             c = c.iloc[0]
             rows.append({"hook": hook, "layer": layer, "explanation": "curvature (quadratic model, single-token)",
-                         "ratio_eps": c.measured_ratio, "ratio_left": c.measured_ratio / c.quadratic_ratio,
-                         "share_of_gap": 1 - share_of_gap(c.measured_ratio, c.quadratic_ratio)})
+                         "mode": "single-token", "ratio_eps": c.measured_ratio,
+                         "ratio_left": c.measured_ratio / c.quadratic_ratio, "share_of_gap": c.curvature_share,
+                         "share_ci_low": c.curvature_share_ci_low, "share_ci_high": c.curvature_share_ci_high,
+                         "note": share_note(c.curvature_share, "curvature")})
     return pd.DataFrame(rows)
+
+
+def largest_share(shares: pd.DataFrame) -> str:
+    """Which explanation accounts for the largest share at one layer (`accounting`'s rows there): named only where
+    its CI clears every other's, else "not separated" with those it overlaps."""
+    est = shares.set_index("explanation")
+    top, others = rd.largest(est.share_of_gap, est.share_ci_low, est.share_ci_high)
+    if not others:
+        return f"largest: {top} (its CI clears every other's)"
+    return f"not separated: {top} and {', '.join(others)} (overlapping CIs)"
+
+
+def share_claims(account: pd.DataFrame) -> list[dict]:
+    """Per layer, each explanation's share of the gap with its 95% CI, the ratio and mode it is read against, what a
+    share outside [0, 1] means, and the largest (or "not separated")."""
+    rows = []
+    for layer, shares in account.groupby("layer", sort=True):
+        parts = []
+        for r in shares.itertuples():
+            note = f"; {r.note}" if r.note else ""
+            parts.append(f"{r.explanation} {r.share_of_gap:.0%} [{r.share_ci_low:.0%}, {r.share_ci_high:.0%}] "
+                         f"(of {r.ratio_eps:.2f}x, {r.mode}{note})")
+        rows.append(rd.claim(f"layer {layer}: the share of the SAE's gap to eps-random each explanation accounts for "
+                             "(95% CIs)", "; ".join(parts) + "; " + largest_share(shares)))
+    return rows
+
+
+def share_note(share: float, kind: str) -> str:
+    """What a share of the gap outside [0, 1] means, for a baseline, the nonlinear error alone or the quadratic
+    model ("" inside [0, 1]; a share is never "all of the gap and more")."""
+    if share != share:
+        return "no gap to account for (ratio to eps-random 1)"
+    if 0 <= share <= 1:
+        return ""
+    above = {"baseline": "the baseline is more harmful than the SAE itself (ratio left below 1)",
+             "nonlinear": "the nonlinear error alone is less harmful than eps-random at its size (ratio left below 1)",
+             "curvature": "the quadratic model predicts a larger ratio than the one measured (it over-predicts)"}
+    below = {"baseline": "the baseline is less harmful than eps-random (the SAE is further above it)",
+             "nonlinear": "the nonlinear error alone is worse, relative to eps-random, than the whole error",
+             "curvature": "the quadratic model predicts the SAE's error less harmful than eps-random"}
+    return (above if share > 1 else below)[kind]
 
 
 def quadratic_fit_table(splices: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
@@ -385,3 +484,162 @@ def quotient_table(splices: pd.DataFrame, per_token: pd.DataFrame, *, seed: int 
                                           "quotient_decoder_all": "decoder (all latents)"})
     b = metrics.mean_table(dec, "quotient", by=("hook", "layer", "direction"), seed=seed)
     return pd.concat([a, b], ignore_index=True)[["hook", "layer", "direction", "mean", "ci_low", "ci_high"]]
+
+
+# ------------------------------------------------------------------------------- notebook 09's frames
+CAPTIONS = {
+    "gap_by_baseline": "The SAE splice's mean KL over each random baseline's at the same distance (all-token mode; "
+                       "95% paired bootstrap CIs over contexts): isotropic (eps-random), shaped by the activations' "
+                       "covariance (cov-random), another token's SAE-error direction (shuffled), and theta-random at "
+                       "the SAE's cosine.",
+    "linear_nonlinear": "The SAE with its error's linear part restored (only the nonlinear part n left) and with n "
+                        "restored (only the linear part left), each against eps-random at its own error size (95% "
+                        "CIs).",
+    "linear_nonlinear_table": "The linear fit's R^2 (fit and evaluation tokens), the linear part's share of |e|^2, the "
+                              "R^2 of |e| predicted linearly from x, mean error norms, and mean KLs of the splices.",
+    "robustness_curves": "Mean KL (95% CIs over contexts) of random directions at a fixed cosine to x (true norm) per "
+                         "layer, with the SAE splice's point and theta-random at the SAE's cosine and norm.",
+    "quadratic_vs_measured": "Measured KL (summed over the patched position and the 16 after) against the quadratic "
+                             "model's, per splice: the SAE's error, eps-random and cov-random draws (4 per token "
+                             "shown); dashed: y = x.",
+    "quadratic_fit": "Measured over quadratic-model KL (ratio of token means, 95% CIs) for the SAE's error and "
+                     "eps-random at 1/4, 1/2 and all of their size: 1 where the KL is quadratic in the change.",
+    "curvature_quotients": "Mean curvature quotient d^T F d / (|d|^2 tr(F) / d_model) (95% CIs over tokens) of each "
+                           "splice's change and of unit decoder directions; a uniformly random direction's is 1.",
+    "energy_in_top_directions": "Share of each change's energy in the top-k eigenvectors of F (per token) and in "
+                                "the top-k principal components of the activations (held-in tokens); eps-random's "
+                                "is k / d.",
+    "predicted_vs_measured_ratio": "The SAE / eps-random KL ratio on the curvature tokens, measured and predicted by "
+                                   "the quadratic model (95% paired bootstrap CIs over tokens).",
+    "z_vs_quotient": "Per token: the SAE splice's z-score among its eps-random draws at the patched position (notebook "
+                     "03's) against the curvature quotient of its error under that position's Fisher information.",
+    "accounting": "Per layer and explanation: the SAE's ratio left once the explanation is taken into account, and the "
+                  "share of the log gap to eps-random it accounts for.",
+}
+"""Notebook 09's figure and table captions, by name."""
+
+
+def energy_panels(splices: pd.DataFrame) -> pd.DataFrame:
+    """`energy_curves` with a panel per basis and layer ("Fisher top-k, layer L")."""
+    energy = energy_curves(splices)
+    return energy.assign(panel=energy.basis + " top-k, layer " + energy.layer.astype(str))
+
+
+def fit(loaded: Loaded, hooks, n_contexts: int, exclude: list[torch.Tensor], *, seed: int = 0
+        ) -> tuple[baselines.Fitted, torch.Tensor]:
+    """The fitted baselines (`baselines.fit`: covariance, error bank, linear part; cached) on `n_contexts` held-in
+    contexts disjoint from every context in `exclude`, and those contexts."""
+    fit_tokens = loaded.tokens_excluding(n_contexts, torch.cat(exclude))
+    return baselines.fit(loaded, hooks, fit_tokens, baselines.BaselineConfig(seed=seed)), fit_tokens
+
+
+def with_panel(df: pd.DataFrame) -> pd.DataFrame:
+    """The frame with a column panel, "layer L" (one figure panel per layer)."""
+    return df.assign(panel="layer " + df.layer.astype(str))
+
+
+def split_parts(split: pd.DataFrame) -> pd.DataFrame:
+    """`split_table`'s two splices in long form: per layer and splice, the ratio to eps-random at its own size (CI)."""
+    return pd.concat([
+        split.assign(splice="sae_plus_linear", ratio=split.linear_restored_ratio, ci_low=split.linear_restored_ci_low,
+                     ci_high=split.linear_restored_ci_high),
+        split.assign(splice="sae_plus_nonlinear", ratio=split.nonlinear_restored_ratio,
+                     ci_low=split.nonlinear_restored_ci_low, ci_high=split.nonlinear_restored_ci_high),
+    ])[["layer", "splice", "ratio", "ci_low", "ci_high"]]
+
+
+def split_shown(split: pd.DataFrame) -> pd.DataFrame:
+    """`split_table`'s fit quality, error norms and mean KLs (the table beside the figure)."""
+    return split[["layer", "r2_fit", "r2_eval", "linear_norm_share", "norm_r2", "error_norm", "linear_error_norm",
+                  "nonlinear_error_norm", "kl_sae", "linear_restored_kl", "nonlinear_restored_kl"]]
+
+
+def curvature_studies(loaded: Loaded, hooks, tokens: torch.Tensor, fitted: baselines.Fitted, *, position: int = 48,
+                      n_samples: int = 64, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`curvature_study` at every hook, concatenated: (splices, per_token)."""
+    runs = [curvature_study(loaded, hook, tokens, fitted, position=position, n_samples=n_samples, seed=seed)
+            for hook in hooks]
+    return pd.concat([r[0] for r in runs], ignore_index=True), pd.concat([r[1] for r in runs], ignore_index=True)
+
+
+def quadratic_points(splices: pd.DataFrame, n_samples: int = 4) -> pd.DataFrame:
+    """The SAE's, eps-random's and cov-random's splices (the first `n_samples` draws of each token): measured KL
+    against the quadratic model's, with a panel per layer."""
+    shown = splices[splices.intervention.isin(["sae", "eps_random", "cov_random"]) & (splices["sample"] < n_samples)]
+    return with_panel(shown[["layer", "seq", "intervention", "sample", "quadratic", "kl"]])
+
+
+def predicted_vs_measured(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per layer, the single-token SAE / eps-random ratio measured and predicted by the quadratic model (CIs)."""
+    return pd.concat([
+        summary.assign(which="measured", ratio=summary.measured_ratio, ci_low=summary.measured_ci_low,
+                       ci_high=summary.measured_ci_high),
+        summary.assign(which="quadratic model", ratio=summary.quadratic_ratio, ci_low=summary.quadratic_ci_low,
+                       ci_high=summary.quadratic_ci_high),
+    ])[["layer", "which", "ratio", "ci_low", "ci_high"]]
+
+
+def z_quotients(per_token: pd.DataFrame) -> pd.DataFrame:
+    """Per token: the SAE's z-score among its eps-random draws and its error's curvature quotient (at the patched
+    position, and summed over the measured ones), with a panel per layer."""
+    return with_panel(per_token[["layer", "seq", "quotient_sae_at", "z_at", "quotient_sae", "z"]])
+
+
+def rho_notes(summary: pd.DataFrame) -> dict:
+    """Per layer panel: Spearman's rho of the SAE's z-score with its curvature quotient at the patched position."""
+    return {f"layer {r.layer}": f"Spearman rho {r.rho_z_quotient_at:.2f} [{r.rho_z_quotient_at_ci_low:.2f}, "
+                                f"{r.rho_z_quotient_at_ci_high:.2f}]" for r in summary.itertuples()}
+
+
+def readings(gap: pd.DataFrame, split: pd.DataFrame, summary: pd.DataFrame, account: pd.DataFrame) -> pd.DataFrame:
+    """Notebook 09's verdicts, from `gap_table`, `split_table`, `curvature_summary` and `accounting`. A share of
+    the gap outside [0, 100%] is said to be one (a baseline more harmful than the SAE, or less than eps-random)."""
+    g = gap.set_index(["layer", "baseline"])
+    s, c = split.set_index("layer"), summary.set_index("layer")
+    layers = list(s.index)
+
+    def ratio(layer: int, baseline: str) -> str:  # the SAE over a baseline, its CI and the share of the gap
+        r = g.loc[(layer, baseline)]
+        return f"{r.ratio:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}] ({rd.share(r.share_of_gap)})"
+
+    cov_not_worse = [layer for layer in layers if g.loc[(layer, "cov_random"), "ci_low"] <= 1]
+    k = int(c.top_k.iloc[0])
+    per = lambda col, fmt="{:.2f}": ", ".join(fmt.format(c[col][layer]) for layer in layers)  # noqa: E731
+    not_quadratic = (c.fit_sae > 1.1 * c.fit_eps_random).all()
+    rows = [rd.claim(
+        f"layer {layer}: the SAE's KL against each baseline at its distance (share of the gap to eps-random)",
+        f"/ eps-random {g.loc[(layer, 'eps_random'), 'ratio']:.2f} [{g.loc[(layer, 'eps_random'), 'ci_low']:.2f}, "
+        f"{g.loc[(layer, 'eps_random'), 'ci_high']:.2f}], / cov-random {ratio(layer, 'cov_random')}, / shuffled error "
+        f"{ratio(layer, 'error_shuffled')}, / theta-random {ratio(layer, 'theta_random_sae_norm')}")
+        for layer in layers]
+    rows.append(rd.claim("the SAE is no more harmful than cov-random (CI reaching 1 or below) at every layer",
+                         f"CI reaching 1 or below at layers {cov_not_worse or 'none'} of {layers}",
+                         holds=len(cov_not_worse) == len(layers),
+                         published=literature.LEE_HEIMERSHEIM_COV.value + " (Lee & Heimersheim 2024)"))
+    rows += [rd.claim(
+        f"layer {layer}: the error's linear part (x A + b)",
+        f"explains {s.r2_eval[layer]:.0%} of its variance on the evaluation tokens ({s.r2_fit[layer]:.0%} on the fit "
+        f"ones), |e| predicted with R^2 {s.norm_r2[layer]:.2f}; the nonlinear error alone is "
+        f"{s.linear_restored_ratio[layer]:.2f}x [{s.linear_restored_ci_low[layer]:.2f}, "
+        f"{s.linear_restored_ci_high[layer]:.2f}] eps-random at its size, the linear part alone "
+        f"{s.nonlinear_restored_ratio[layer]:.2f}x [{s.nonlinear_restored_ci_low[layer]:.2f}, "
+        f"{s.nonlinear_restored_ci_high[layer]:.2f}]",
+        published=f"about {literature.ENGELS_VARIANCE.value:.0%} of the variance, R^2 > "
+                  f"{literature.ENGELS_NORM_R2.value} for the norm (Engels et al. 2024)") for layer in layers]
+    rows += share_claims(account)
+    rows += [
+        rd.claim("the SAE error's curvature quotient (cov-random's, decoder directions of active latents')",
+                 f"{per('quotient_sae')} ({per('quotient_cov_random')}; {per('quotient_decoder_active')}); its energy "
+                 f"in F's top {k} eigenvectors {per(f'fisher_{k}_sae', '{:.0%}')} against eps-random's "
+                 f"{per(f'fisher_{k}_eps_random', '{:.0%}')}, in the top {k} principal components "
+                 f"{per(f'pca_{k}_sae', '{:.0%}')}"),
+        rd.claim("the SAE's z-score goes with its curvature quotient (Spearman rho's CI above 0) at every layer",
+                 ", ".join(f"{c.rho_z_quotient_at[layer]:.2f} [{c.rho_z_quotient_at_ci_low[layer]:.2f}, "
+                           f"{c.rho_z_quotient_at_ci_high[layer]:.2f}]" for layer in layers),
+                 holds=(c.rho_z_quotient_at_ci_low > 0).all()),
+        rd.claim("the quadratic model fits eps-random draws but not the SAE's error (its measured / predicted KL more "
+                 "than 1.1 times eps-random's at every layer): the SAE's excess KL comes from higher-order terms",
+                 f"measured / predicted: eps-random {per('fit_eps_random')}, the SAE {per('fit_sae')}; quadratic-model "
+                 f"ratio {per('quadratic_ratio')} against {per('measured_ratio')} measured", holds=not_quadratic),
+    ]
+    return rd.frame(rows)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from saenb.files import REPO
-from saenb.models import bundle_io
+from saenb.models import bundle, bundle_io
 from saenb.models.presets import PresetError, get_preset
 
 MODEL_FOLDERS = {"base": bundle_io.MODEL_DIR, "small": bundle_io.SMALL_MODEL_DIR}
@@ -48,7 +48,5 @@ def load_model(preset: str, key: str = "base", device: str = "cpu"):
 @cache
 def train_contexts(preset: str) -> np.ndarray:
     """The preset's training contexts [n, n_ctx] (int64), in corpus order."""
-    from saenb.models.bundle import train_contexts as make
-
-    return make(bundle_root(preset), work_dir(preset) / "contexts")
+    return bundle.train_contexts(bundle_root(preset), work_dir(preset) / "contexts")
 

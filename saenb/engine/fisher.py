@@ -1,0 +1,234 @@
+"""The Fisher information of a model's next-token distributions with respect to one activation at a hook.
+
+For a token at position p and hook h, let x be its clean activation and P_q(x) the next-token distributions at
+the measured positions q (single-token mode: p..p+16). Then, for a small change d of x,
+
+    sum_q KL(P_q(x) || P_q(x + d)) = 0.5 d^T F d + O(|d|^3),
+    F = sum_q J_q^T (diag(p_q) - p_q p_q^T) J_q,
+
+J_q the Jacobian of position q's logits with respect to x and p_q its clean probabilities.
+
+The logits are W_U^T h_q + b with h_q the final residual stream (after the final norm), so J_q = W_U^T K_q with
+K_q = dh_q/dx, and F = sum_q K_q^T G_q K_q with the output Fisher G_q = W_U (diag(p_q) - p_q p_q^T) W_U^T =
+sum_y p_y (w_y - m_q)(w_y - m_q)^T, m_q = W_U p_q. Two ways to compute it:
+
+- `token_fisher`, exact, per token (notebook 09): K from one forward-mode product per basis vector of x
+  (`torch.func.jvp` under `torch.func.vmap`), each a forward of the patched position and those after it from the
+  hook's block on, the clean prefix read from a frozen key/value cache as the engine's single-token mode runs it;
+  then G_q written out (d_model^2 d_vocab per position). Forward mode is the cheap direction: d products give K
+  at every measured position, where reverse mode needs d per position. Its cost is that of d forwards of the
+  window plus the G_q: at SmolLM2's layer 15 (d 576, 49,152 words) about 11 s per token on 2 cores, a third of
+  it in the G_q; a tiny-stdlib token about 0.3 s of one core. Batching contexts changes neither (measured).
+- `fisher_gradients` / `mean_fisher`, sampled, for a mean over many tokens (the curvature-aware fine-tune):
+  with A_q = diag(p_q) - p_q p_q^T = B_q B_q^T, B_q = diag(sqrt p_q) - p_q sqrt(p_q)^T, and xi_q standard normal
+  in the vocabulary, g = sum_q K_q^T W_U B_q xi_q has E[g g^T] = F (independent xi_q: the cross terms vanish).
+  g is one reverse-mode product (`torch.func.vjp`) with the cotangents W_U B_q xi_q at every measured position
+  at once, so S samples cost about 2S forwards of the window instead of d. Measured on one core at position 48
+  with 16 positions after it: tiny-stdlib 0.03 s per token at S = 16 (exact: 0.35 s), SmolLM2 layer 15 1.3 s
+  (exact: about 23 core-seconds). The draws add noise to each token's F (at S = 16 about 80% of its Frobenius
+  norm on tiny-stdlib) but not to the mean's expectation, and the mean over tokens is dominated by how much F
+  varies between tokens (two halves of 32 tiny-stdlib tokens differ by 100% of the mean's norm): for a mean, ten
+  times the tokens at S = 16 beats the exact F per unit of time. Keeping only the most probable words instead
+  (those holding 1 - 1e-3 of the mass) is not an option: on tiny-stdlib it lost up to 26% of tr(F) (1 - 1e-4:
+  2.5%), since rare words with far-off unembeddings carry much of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+from tqdm.auto import tqdm
+from transformer_lens.utilities import get_act_name
+
+from saenb.engine import kernels, patching
+from saenb.hooks import flat, splice_point
+
+
+@dataclass
+class TokenFisher:
+    """F per token at one hook and position (float64, on the CPU)."""
+
+    seqs: list[int]
+    """Index of each token's context in the tokens given (contexts whose patched token is not kept are left out)."""
+    x: Float[Tensor, "n d"]
+    fisher: Float[Tensor, "n d d"]
+    """F summed over the measured positions (positions not kept left out)."""
+    fisher_at: Float[Tensor, "n d d"]
+    """F of the patched position's own next-token distribution only."""
+
+
+def output_fisher(W_U: Float[Tensor, "d_model d_vocab"], p: Float[Tensor, "d_vocab"]) -> Float[Tensor, "d_model d_model"]:
+    """W_U (diag(p) - p p^T) W_U^T: the Fisher information of softmax(h W_U + b) in the final residual h, as
+    sum_y p_y (w_y - mean)(w_y - mean)^T (centred first: the uncentred form cancels most digits in float32)."""
+    centred = (W_U - (W_U @ p)[:, None]) * p.sqrt()
+    return centred @ centred.T
+
+
+def _suffix_final(model, hook: str, cache, rows: Int[Tensor, "b"], window: tuple[int, int],
+                  measured_rel: Int[Tensor, "m"]):
+    """X [b, d] -> the final residual stream (after the final norm) at the measured positions of the contexts
+    `rows` [b, m, d_model], X spliced at the window's first position (`hook`'s activation there, heads concatenated
+    for hook_z), the rest of the window clean and the prefix read from the clean keys and values. The unembedding
+    is left out: it is linear, and `token_fisher` applies it to the Jacobian once (under `vmap` it would be
+    repeated per basis vector)."""
+    start, layer, direct = splice_point(hook)
+    w0, w1 = window
+    resid = cache[start][rows, w0:w1]  # [b, w, d_model]
+    kv = patching._prefix_cache(cache, rows, w0, model.cfg) if w0 > 0 else None
+
+    def splice(act: Tensor, X: Tensor) -> Tensor:
+        # functional (no in-place write): torch.func transforms X
+        first = X.reshape(len(X), 1, *act.shape[2:]).to(act.dtype)
+        return torch.cat([first, act[:, 1:]], dim=1)
+
+    def f(X: Float[Tensor, "b d"]) -> Float[Tensor, "b m d_model"]:
+        inp = splice(resid, X) if direct else resid
+        hooks = [] if direct else [(hook, lambda act, hook: splice(act, X))]
+        with model.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext():
+            final = model(inp, start_at_layer=layer, stop_at_layer=model.cfg.n_layers, past_kv_cache=kv)
+        final = final[:, measured_rel]
+        return model.ln_final(final) if model.cfg.normalization_type is not None else final
+
+    return f
+
+
+def token_fisher(model, hook: str, tokens: Int[Tensor, "n pos"], position: int, measured, keep: Bool[Tensor, "n pos"],
+                 *, chunk: int = 128, batch_size: int = 8, fused: bool = True,
+                 progress: bool = True) -> TokenFisher:
+    """F (module docstring) of the token at `position` of every context of `tokens` where `keep` holds there,
+    summed over the `measured` positions (each at least `position`) where `keep` holds. `chunk` basis vectors
+    are pushed forward at once, for `batch_size` contexts together; `fused` runs the engine's fused kernels
+    (`kernels.fused_kernels`: the same functions)."""
+    measured, window, names = _window(model, hook, position, measured)
+    device = model.cfg.device
+    measured_rel = torch.tensor(measured, device=device) - position
+    W_U = model.unembed.W_U.detach()  # [d_model, d_vocab]
+    unembed = patching._Unembed(model)
+    out: dict[str, list] = {"seqs": [], "x": [], "fisher": [], "fisher_at": []}
+    with kernels.fused_kernels(model, keep=(hook,)) if fused else contextlib.nullcontext():
+        for seqs, keep_m, cache in _contexts(model, tokens, keep, position, measured, window, names, batch_size,
+                                             f"fisher {hook}", progress):
+            rows = torch.arange(len(seqs), device=device)
+            f = _suffix_final(model, hook, cache, rows, window, measured_rel)
+            X = flat(cache[hook], hook)[:, position]  # [b, d]
+            with torch.no_grad():
+                p = unembed.logits(f(X)).softmax(-1)  # [b, m, d_vocab]
+                basis = torch.eye(X.shape[-1], dtype=X.dtype, device=device)
+                # forward mode only (no backward graph): K[i, b, q] = dh_q / dx_i of context b
+                K = vmap(lambda v: jvp(f, (X,), (v.expand_as(X),))[1], chunk_size=chunk)(basis)
+                for b in range(len(seqs)):
+                    per_pos = torch.zeros(len(measured), X.shape[-1], X.shape[-1], dtype=torch.float64)
+                    for q in range(len(measured)):
+                        if keep_m[b, q]:  # positions not kept are not measured: they add nothing
+                            Kq = K[:, b, q]  # [d, d_model]
+                            per_pos[q] = (Kq @ output_fisher(W_U, p[b, q]) @ Kq.T).double().cpu()
+                    out["fisher"].append(per_pos.sum(0))
+                    out["fisher_at"].append(per_pos[0])
+            out["x"].extend(X.double().cpu())
+            out["seqs"].extend(seqs)
+    if not out["seqs"]:
+        raise ValueError(f"no context may be patched at position {position} (a special token in every one)")
+    return TokenFisher(out["seqs"], torch.stack(out["x"]), torch.stack(out["fisher"]), torch.stack(out["fisher_at"]))
+
+
+def fisher_gradients(model, hook: str, tokens: Int[Tensor, "n pos"], position: int, measured,
+                     keep: Bool[Tensor, "n pos"], *, samples: int = 16, generator: torch.Generator | None = None,
+                     noise: Float[Tensor, "s m d_vocab"] | None = None, chunk: int = 8, batch_size: int = 8,
+                     progress: bool = True) -> tuple[list[int], Float[Tensor, "n s d"]]:
+    """Random vectors g per token (where `keep` holds at `position`) with E[g g^T] = F (module docstring, the
+    sampled estimator): g = sum_q K_q^T W_U (sqrt(p_q) * xi_q - p_q (sqrt(p_q) . xi_q)) with xi_q standard normal
+    in the vocabulary, one reverse-mode product per sample for every measured position at once. `noise` replaces
+    the draws (the same for every context): with xi the unit vectors of every (measured position, word) pair,
+    sum_s g_s g_s^T is F exactly. Returns (context indices, g [n, samples, d], in the model's dtype). The model
+    runs unfused: the engine's fused kernels work in place, which reverse mode cannot go back through."""
+    measured, window, names = _window(model, hook, position, measured)
+    device = model.cfg.device
+    measured_rel = torch.tensor(measured, device=device) - position
+    W_U = model.unembed.W_U.detach()  # [d_model, d_vocab]
+    unembed = patching._Unembed(model)
+    n_samples = samples if noise is None else len(noise)
+    seqs_out, grads = [], []
+    for seqs, keep_m, cache in _contexts(model, tokens, keep, position, measured, window, names, batch_size,
+                                         f"fisher samples {hook}", progress):
+        rows = torch.arange(len(seqs), device=device)
+        f = _suffix_final(model, hook, cache, rows, window, measured_rel)
+        X = flat(cache[hook], hook)[:, position].detach()  # [b, d]
+        h, pull = vjp(f, X)  # h [b, m, d_model]
+        with torch.no_grad():
+            p = unembed.logits(h).softmax(-1) * keep_m[..., None]  # [b, m, d_vocab]: unmeasured positions add 0
+            root = p.sqrt()
+            g = []
+            for s0 in range(0, n_samples, chunk):
+                s1 = min(s0 + chunk, n_samples)
+                if noise is None:
+                    xi = torch.randn(s1 - s0, *p.shape, generator=generator, dtype=p.dtype, device="cpu").to(device)
+                else:
+                    xi = noise[s0:s1, None].to(device=device, dtype=p.dtype).expand(-1, *p.shape)
+                a = root * xi  # [s, b, m, d_vocab]
+                cot = (a - p * a.sum(-1, keepdim=True)) @ W_U.T  # [s, b, m, d_model]
+                g.append(vmap(pull)(cot)[0])  # [s, b, d]
+        grads.append(torch.cat(g).transpose(0, 1).cpu())
+        seqs_out.extend(seqs)
+    if not seqs_out:
+        raise ValueError(f"no context may be patched at position {position} (a special token in every one)")
+    return seqs_out, torch.cat(grads)
+
+
+def mean_fisher(model, hook: str, tokens: Int[Tensor, "n pos"], keep: Bool[Tensor, "n pos"], *, span: int = 16,
+                n_positions: int = 8, samples: int = 16, seed: int = 0, batch_size: int = 8,
+                progress: bool = True) -> tuple[Float[Tensor, "d d"], int]:
+    """F averaged over one token per context (the sampled estimator, `fisher_gradients`, `samples` draws per
+    token): the contexts are dealt in turn to `n_positions` positions spread evenly over 1..n_ctx - 2, each
+    measured there and at the `span` after it (no further than n_ctx - 2, as single-token mode measures). Returns
+    (the mean, float64, the number of tokens it averages)."""
+    n_ctx = tokens.shape[1]
+    last = n_ctx - 2
+    positions = torch.linspace(1, last, n_positions).round().long().unique().tolist()
+    generator = torch.Generator().manual_seed(seed)
+    total, count = None, 0
+    for i, position in enumerate(positions):
+        idx = torch.arange(i, len(tokens), len(positions))
+        if not keep[idx, position].any():
+            continue
+        measured = range(position, min(position + span, last) + 1)
+        _, g = fisher_gradients(model, hook, tokens[idx], position, measured, keep[idx], samples=samples,
+                                generator=generator, batch_size=batch_size, progress=progress)
+        g = g.double()
+        part = torch.einsum("nsd,nse->de", g, g) / g.shape[1]
+        total = part if total is None else total + part
+        count += len(g)
+    if total is None:
+        raise ValueError("no context may be patched at any of the positions " + str(positions))
+    return total / count, count
+
+
+def _window(model, hook: str, position: int, measured) -> tuple[list[int], tuple[int, int], list[str]]:
+    """The measured positions (sorted), the window of positions run (patched one to last measured) and the hooks
+    the clean pass caches (the splice's, and every layer's keys and values for the prefix)."""
+    measured = sorted(int(q) for q in measured)
+    if not measured or measured[0] < position:
+        raise ValueError(f"measured positions {measured} must be non-empty and not precede position {position}")
+    if model.cfg.output_logits_soft_cap > 0:
+        raise NotImplementedError("the Fisher assumes logits linear in the final residual stream; this model "
+                                  f"soft-caps them (output_logits_soft_cap={model.cfg.output_logits_soft_cap})")
+    names = {hook, splice_point(hook)[0]}
+    if position > 0:
+        names |= {get_act_name(kind, layer) for kind in ("k", "v") for layer in range(model.cfg.n_layers)}
+    return measured, (position, measured[-1] + 1), sorted(names)
+
+
+def _contexts(model, tokens, keep, position, measured, window, names, batch_size, desc, progress):
+    """Per batch of contexts whose token at `position` is kept: their indices, `keep` at the measured positions
+    [b, m] and the clean pass's cache of `names` over the window's prefix and the window."""
+    device = model.cfg.device
+    rows_kept = [int(i) for i in torch.nonzero(keep[:, position]).flatten()]
+    for start in tqdm(range(0, len(rows_kept), batch_size), desc=desc, disable=not progress):
+        seqs = rows_kept[start:start + batch_size]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens[seqs, :window[1]].to(device), names_filter=names)
+        yield seqs, keep[seqs][:, measured].to(device), cache

@@ -1,0 +1,73 @@
+"""The engine's Fisher information: the sampled estimator held to the exact F (itself held to finite differences of the
+KL by tests/test_why.py), on a small random model whose whole vocabulary can be enumerated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from saenb.engine import fisher
+
+HOOK = "blocks.1.hook_resid_pre"
+
+
+@pytest.fixture(scope="module")
+def model():
+    """3 layers, d_model 32, 100 words, float64: every (position, word) pair can be a cotangent."""
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=100, n_ctx=32,
+                                  act_fn="gelu_new", normalization_type="LN", seed=0, dtype=torch.float64)
+    torch.manual_seed(0)
+    return HookedTransformer(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 100, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _exact(model, tokens, position, measured, keep):
+    return fisher.token_fisher(model, HOOK, tokens, position, measured, keep, progress=False, fused=False)
+
+
+def test_enumerated_cotangents_give_the_exact_fisher(model, tokens):
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[2, 12] = False  # a measured position left out of one context
+    measured = [10, 11, 12, 13]
+    exact = _exact(model, tokens, 10, measured, keep)
+    V = model.cfg.d_vocab
+    noise = torch.zeros(len(measured) * V, len(measured), V, dtype=torch.float64)
+    for q in range(len(measured)):
+        noise[q * V + torch.arange(V), q, torch.arange(V)] = 1.0
+    seqs, g = fisher.fisher_gradients(model, HOOK, tokens, 10, measured, keep, noise=noise, chunk=100, progress=False)
+    assert seqs == exact.seqs and g.dtype == torch.float64
+    torch.testing.assert_close(torch.einsum("nsd,nse->nde", g, g), exact.fisher, rtol=1e-9, atol=1e-12)
+
+
+def test_sampled_fisher_is_unbiased(model, tokens):
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    measured = list(range(20, 26))
+    exact = _exact(model, tokens[:2], 20, measured, keep[:2]).fisher
+    S = 4000
+    _, g = fisher.fisher_gradients(model, HOOK, tokens[:2], 20, measured, keep[:2], samples=S, chunk=500,
+                                   generator=torch.Generator().manual_seed(0), progress=False)
+    est = torch.einsum("nsd,nse->nde", g, g) / S
+    # each entry's Monte Carlo error is about sqrt(F_ii F_jj + F_ij^2) / sqrt(S): the error's norm relative to F's
+    # is a few times 1/sqrt(S) = 1.6%, and falls as samples are added
+    rel = (est - exact).norm(dim=(1, 2)) / exact.norm(dim=(1, 2))
+    assert (rel < 0.08).all(), rel
+    fewer = torch.einsum("nsd,nse->nde", g[:, :250], g[:, :250]) / 250
+    rel_fewer = (fewer - exact).norm(dim=(1, 2)) / exact.norm(dim=(1, 2))
+    assert (rel_fewer > 2 * rel).all(), (rel_fewer, rel)
+
+
+def test_mean_fisher_averages_one_token_per_context_over_spread_positions(model, tokens):
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, 0] = False
+    F, count = fisher.mean_fisher(model, HOOK, tokens, keep, span=3, n_positions=2, samples=3000, progress=False)
+    assert count == len(tokens)
+    # positions 1 and 30 (the last with a next token), dealt in turn: contexts 0, 2, 4 at 1 and 1, 3, 5 at 30
+    at_1 = _exact(model, tokens[0::2], 1, range(1, 5), keep[0::2]).fisher
+    at_30 = _exact(model, tokens[1::2], 30, [30], keep[1::2]).fisher
+    exact = torch.cat([at_1, at_30]).mean(0)
+    assert float((F - exact).norm() / exact.norm()) < 0.05

@@ -1,0 +1,45 @@
+"""graphs: the captured blocks compute what the eager ones do, and the flag changes nothing on a CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from saenb.engine.graphs import captured_blocks
+from saenb.engine.patching import measure
+
+INTERVENTIONS = ["sae", "eps_random", "zero"]
+MODES = {"all-token": {}, "single-token": {"positions": 40},
+         "many-sample": {"positions": 48, "n_samples": 5, "measure_positions": [48]}}
+
+
+def test_graphs_flag_is_a_no_op_on_a_cpu(tiny):
+    kw = dict(hooks=["blocks.1.hook_resid_pre"], interventions=INTERVENTIONS, tokens=tiny.tokens(2), progress=False)
+    pd.testing.assert_frame_equal(measure(tiny, graphs=True, **kw), measure(tiny, **kw))
+
+
+@pytest.mark.parametrize("model", ["tiny", "llama"])
+def test_captured_blocks_trace_to_the_same_function(model, request):
+    """Forced on a CPU with a counting backend (dynamo's tracing, the graphs run eagerly): every mode's frame equals
+    the uncaptured one, the blocks compile to few graphs (one code for all blocks, a recompile per new shape of
+    input), and a block with a hook attached (the splice at attn.hook_z) runs its own forward."""
+    torch._dynamo.reset()
+    loaded = request.getfixturevalue(model)
+    hooks = ["blocks.1.hook_resid_pre", "blocks.2.attn.hook_z"]
+    counter = CompileCounter()
+    for kw in MODES.values():
+        kw = dict(hooks=hooks, interventions=INTERVENTIONS, tokens=loaded.tokens(2), progress=False, **kw)
+        want = measure(loaded, **kw)
+        with warnings.catch_warnings(), captured_blocks(loaded.model, force=True, backend=counter) as on:
+            warnings.filterwarnings("error", message="captured_blocks")  # no silent fallback to the eager blocks
+            got = measure(loaded, **kw)
+        assert on
+        pd.testing.assert_frame_equal(got, want)
+    assert 1 <= counter.frame_count <= 2 * len(MODES), counter.frame_count
+    blocks = loaded.model.blocks
+    assert not any("forward" in vars(b) for b in blocks) and "forward" not in vars(loaded.model)
+    assert type(blocks[0].attn.attn_scale) is type(loaded.model.cfg.attn_scale)
