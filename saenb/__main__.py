@@ -5,14 +5,27 @@ from __future__ import annotations
 import argparse
 import sys
 
+from saenb.checks import UsageError
 from saenb.files import BundleError
 from saenb.models.hub import HubUnavailableError
 from saenb.models.presets import get_preset, list_presets
 from saenb.output.report import write_report
-from saenb.output.reproduce import reproduce
+from saenb.output.reproduce import check, reproduce
 from saenb.saes.library import SpecError
 from saenb.studies import scoring
 from saenb.studies.pathology import format_table
+
+
+USER_ERRORS = (UsageError, ValueError, HubUnavailableError, BundleError, SpecError, FileNotFoundError, ImportError)
+"""What a command reports as `<prog> <command>: error: ...` with exit code 2, no traceback: a request it cannot serve
+(`UsageError`, and the ValueErrors of presets and the engine's checks), a hub file not cached offline, a bundle or
+SAE spec that is missing, a file that is not there, an optional package not installed. Each message names the
+value and the fix; every option is checked before the work starts."""
+
+
+def fail(prog: str, command: str, exc: BaseException) -> int:
+    print(f"{prog} {command}: error: {exc}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,11 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "score":
         try:
             table = scoring.run(args)
-        # user errors (ScoreError, PresetError and the engine's request checks are ValueErrors): the message
-        # names the fix; argparse's convention, no traceback
-        except (ValueError, HubUnavailableError, BundleError, SpecError, FileNotFoundError, ImportError) as exc:
-            print(f"python -m saenb score: error: {exc}", file=sys.stderr)
-            return 2
+        except USER_ERRORS as exc:
+            return fail(parser.prog, "score", exc)
         print(format_table(table))
         if args.output_dir:
             print(f"wrote {len(table)} JSON files and pathology.csv to {args.output_dir}")
@@ -74,15 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         try:
             paths = write_report(args.preset, quick=args.quick)
-        except (ValueError, FileNotFoundError) as exc:  # unknown preset, nothing saved yet: the message names the fix
-            print(f"python -m saenb report: error: {exc}", file=sys.stderr)
-            return 2
+        except USER_ERRORS as exc:  # unknown preset, nothing saved yet: the message names the fix
+            return fail(parser.prog, "report", exc)
         for path in paths:
             print(path)
         return 0
     if args.command == "reproduce":
-        get_preset(args.preset)  # an unknown preset fails here, listing the known ones
-        outcomes = reproduce(args.preset, args.only.split(",") if args.only else None, quick=args.quick)
+        only = args.only.split(",") if args.only is not None else None
+        try:  # preset, notebook numbers, output folders: before any notebook runs
+            check(args.preset, only, quick=args.quick)
+        except USER_ERRORS as exc:
+            return fail(parser.prog, "reproduce", exc)
+        outcomes = reproduce(args.preset, only, quick=args.quick)
         return 0 if all(o.ok for o in outcomes) else 1
     return 2
 

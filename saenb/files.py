@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__version__ = "0.3.2"
+__version__ = "0.3.3"
 """The package's version, kept equal to pyproject.toml's (a test holds them together); part of every cache key."""
 
 REPO = Path(__file__).resolve().parents[1]

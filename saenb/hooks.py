@@ -14,13 +14,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.utilities import get_act_name
 
+from saenb.checks import UsageError
+
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 HOOK_FAMILIES = ("resid", "z")
 
 
-class PresetError(ValueError):
+class PresetError(UsageError):
     """A preset, hook, layer or request that cannot be served; the message names the fix."""
 
 

@@ -27,20 +27,24 @@ KEY = ["hook", "intervention", "sample", "seq", "pos"]
 def assert_fast_equals_naive(fast: pd.DataFrame, naive: pd.DataFrame) -> None:
     assert len(fast) == len(naive) > 0
     # the fast path's fused kernels change rounding upstream of the hooks: activations, and so the geometry
-    # columns, agree to float tolerance; the row keys exactly
     # columns, agree to float tolerance (norms and distances within 1e-5 of the activation's own norm: a
     # distance such as | ||x|| - ||x_sae|| | cancels most of its digits); the row keys exactly
     measured = ["kl", "ce_patched", "ce_clean", "norm_x", "norm_sae", "eps", "cos_sae", "l0", "dist_sae"]
     exact = [c for c in fast.columns if c not in (*measured, "ce_delta")]
     pd.testing.assert_frame_equal(fast[exact], naive[exact])
-    # KL and CE within 1e-5 nats: both paths round in float32 (the naive one is itself up to ~2e-6 off a float64
-    # evaluation, the fast one ~5e-6: see test_logit_reduction_equals_float64), 1e-4 of the value beyond that
+    # KL within 1e-3 of the naive path's float64 log-softmax on every token: the engine's reduction keeps float64's
+    # digits (test_logit_reduction_equals_float64); what differs is the float32 forward passes (fused kernels, other
+    # batch shapes), whose rounding of about 1e-7 of the stream moves a KL below 1e-8 nats (positions after a
+    # single-token splice) by more than 1e-3 of itself: hence 1e-8 nats absolute. CE within 1e-5 nats + 1e-4.
     scale = naive["norm_x"].to_numpy(np.float64)
     for col in measured:
         a, b = fast[col].to_numpy(np.float64), naive[col].to_numpy(np.float64)
         both_nan = np.isnan(a) & np.isnan(b)
         atol = 1e-5 * scale if col in ("norm_x", "norm_sae", "eps", "dist_sae") else 1e-5 if col != "l0" else 0
-        close = (np.abs(a - b) <= atol + 1e-4 * np.abs(b)) | both_nan
+        rtol = 1e-4
+        if col == "kl":
+            atol, rtol = 1e-8, 1e-3
+        close = (np.abs(a - b) <= atol + rtol * np.abs(b)) | both_nan
         worst = np.argmax(np.where(close, 0, np.abs(a - b)))
         assert close.all(), f"{col}: {(~close).sum()} rows differ, e.g. {fast.iloc[worst][KEY].to_dict()} " \
                             f"fast={a[worst]} naive={b[worst]}"

@@ -54,7 +54,8 @@ class CleanDistribution:
     """
 
     def __init__(self, h: Float[Tensor, "b m d"], targets: Int[Tensor, "b m"], weight: Float[Tensor, "d d_vocab"],
-                 bias: Float[Tensor, "d_vocab"] | None = None, *, soft_cap: float = 0.0, vocab_slice: int | None = None):
+                 bias: Float[Tensor, "d_vocab"] | None = None, *, soft_cap: float = 0.0,
+                 vocab_slice: int | None = None):
         """h: the readout's input at the measured positions; targets: each position's next token; weight, bias and
         soft_cap: the readout (W_U, b_U, the logits' soft-cap or 0); vocab_slice: the width of `reduce`'s slices
         (default: the whole vocabulary)."""
@@ -90,7 +91,8 @@ class CleanDistribution:
             slope = p if not soft_cap else p * self.sech2_c[i:j]  # how the logits move with h, weighted by p
             self.u[i:j] = _matmul_fixed_order(slope, weight.T).div_(self.z[i:j, :, None])
         if soft_cap:
-            self.tanh_t, self.sech2_t = (x.gather(-1, targets[..., None]).squeeze(-1) for x in (self.tanh_c, self.sech2_c))
+            self.tanh_t, self.sech2_t = (x.gather(-1, targets[..., None]).squeeze(-1)
+                                         for x in (self.tanh_c, self.sech2_c))
 
     def reduce(self, seq: int, delta_h: Float[Tensor, "r m d"], buffer: Float[Tensor, "n"]
                ) -> tuple[Float[Tensor, "r m"], Float[Tensor, "r m"], Float[Tensor, "r m"]]:

@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import numbers
 from typing import Literal
 
 import numpy as np
@@ -52,6 +53,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities.activation_functions import apply_softcap
 
+from saenb.checks import UsageError, positive_int
 from saenb.engine import interventions as iv
 from saenb.engine.graphs import captured_blocks
 from saenb.engine.kernels import CLEAN_ATTENTION_HOOKS, CleanAttention, SharedPrefix, fused_kernels
@@ -112,46 +114,48 @@ def make_request(
     measure_positions=None, n_samples: int = 1, seed: int = 0, include_special: bool = False,
 ) -> Request:
     """Check every argument against the loaded preset; errors say what was wrong and what is allowed."""
-    hooks = tuple(loaded.saes) if hooks is None else ((hooks,) if isinstance(hooks, str) else tuple(hooks))
+    hooks = tuple(loaded.saes) if hooks is None else ((hooks,) if isinstance(hooks, str) else _sequence("hooks", hooks))
     if not hooks:
-        raise ValueError(f"hooks is empty; hooks with SAEs: {list(loaded.saes)}")
+        raise UsageError(f"hooks is empty; hooks with SAEs: {list(loaded.saes)}")
     for hook in hooks:
         if hook not in loaded.saes:
-            raise ValueError(f"no SAE at hook {hook!r}; hooks with SAEs: {list(loaded.saes)}")
+            raise UsageError(f"no SAE at hook {hook!r}; hooks with SAEs: {list(loaded.saes)}")
     if isinstance(interventions, (str, iv.Intervention)):
         interventions = (interventions,)
-    specs = tuple(iv.Intervention.of(i) for i in interventions)
+    specs = tuple(iv.Intervention.of(i) for i in _sequence("interventions", interventions))
     if not specs:
-        raise ValueError("interventions is empty; choose from " + str(iv.names()))
+        raise UsageError("interventions is empty; choose from " + str(iv.names()))
     validate_tokens(loaded, tokens)
     n_ctx = tokens.shape[1]
     last = n_ctx - 2  # default measurements stop here: the last position has no next token to score
     if positions == "all":
         patch = tuple(range(n_ctx))
-        measured = tuple(range(1, last + 1)) if measure_positions is None else tuple(measure_positions)
+        measured = tuple(range(1, last + 1)) if measure_positions is None else _positions(measure_positions)
     else:
         if isinstance(positions, bool) or not isinstance(positions, int) or not 0 <= positions < n_ctx:
-            raise ValueError(f"positions={positions!r} must be 'all' or a position in 0..{n_ctx - 1}")
+            raise UsageError(f"positions={positions!r} must be 'all' or a position in 0..{n_ctx - 1}")
         patch = (positions,)
         if not include_special:
             patchable = non_special(tokens, loaded.model.tokenizer)
             if not patchable[:, positions].any():
                 later = [q for q in range(n_ctx) if patchable[:, q].any()]
-                raise ValueError(
+                raise UsageError(
                     f"positions={positions} holds a special token (e.g. BOS) in every sequence, and special tokens "
                     f"are never patched: nothing would be measured. The first position that can be patched is "
                     f"{later[0] if later else 'none'} (or pass include_special=True)")
         if measure_positions is None:
             measured = tuple(range(positions, max(positions, min(positions + SINGLE_TOKEN_SPAN, last)) + 1))
         else:
-            measured = tuple(measure_positions)
+            measured = _positions(measure_positions)
             if any(q < positions for q in measured):
-                raise ValueError(f"measure_positions {measured} must not precede the patched position {positions}: "
+                raise UsageError(f"measure_positions {measured} must not precede the patched position {positions}: "
                                  "patching cannot change earlier positions")
     if not measured or any(not 0 <= q < n_ctx for q in measured) or len(set(measured)) != len(measured):
-        raise ValueError(f"measure_positions must be distinct positions in 0..{n_ctx - 1}; got {measured}")
+        raise UsageError(f"measure_positions must be distinct positions in 0..{n_ctx - 1}; got {measured}")
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples={n_samples!r} must be a positive integer")
+        raise UsageError(f"n_samples={n_samples!r} must be a positive integer")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise UsageError(f"seed={seed!r} must be an integer")
     special = () if include_special else tuple(sorted(get_special_token_ids(loaded.model.tokenizer)))
     return Request(hooks, specs, patch, tuple(sorted(measured)), n_samples, int(seed), n_ctx, special)
 
@@ -161,12 +165,37 @@ def validate_tokens(loaded: Loaded, tokens: Tensor) -> None:
     if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.long, torch.int32, torch.int64):
         raise TypeError("tokens must be an integer tensor [n_seqs, n_ctx], e.g. loaded.tokens(64)")
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be [n_seqs >= 1, n_ctx >= 2]; got shape {tuple(tokens.shape)}")
+        raise UsageError(f"tokens must be [n_seqs >= 1, n_ctx >= 2]; got shape {tuple(tokens.shape)}")
     if tokens.shape[1] > cfg.n_ctx:
-        raise ValueError(f"contexts of {tokens.shape[1]} tokens exceed the model's n_ctx={cfg.n_ctx}")
+        raise UsageError(f"contexts of {tokens.shape[1]} tokens exceed the model's n_ctx={cfg.n_ctx}")
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= cfg.d_vocab:
-        raise ValueError(f"token ids must lie in 0..{cfg.d_vocab - 1} (the model's vocabulary); got {low}..{high}")
+        raise UsageError(f"token ids must lie in 0..{cfg.d_vocab - 1} (the model's vocabulary); got {low}..{high}")
+
+
+def _sequence(name: str, value) -> tuple:
+    """`value` (a list, tuple or other iterable) as a tuple, or a `UsageError` naming it."""
+    try:
+        return tuple(value)
+    except TypeError:
+        raise UsageError(f"{name}={value!r} must be a name or a list of them") from None
+
+
+def _positions(value) -> tuple[int, ...]:
+    """measure_positions as a tuple of ints, or a `UsageError`."""
+    try:
+        out = tuple(value)
+    except TypeError:
+        out = None
+    if out is None or not all(isinstance(q, numbers.Integral) and not isinstance(q, bool) for q in out):
+        raise UsageError(f"measure_positions={value!r} must be a list of positions (integers)")
+    return tuple(int(q) for q in out)
+
+
+def check_sizes(**sizes) -> None:
+    """Each keyword a positive integer (batch_size, memory_mb, chunk_seqs, ...), or a `UsageError` naming it."""
+    for name, value in sizes.items():
+        positive_int(name, value)
 
 
 def generator_for(seed: int, hook: str, seq: int) -> torch.Generator:
@@ -331,6 +360,9 @@ def measure(
                      (`graphs.captured_blocks`: fewer kernel launches; same functions, rounding differs); a no-op
                      on a CPU.
     """
+    check_sizes(batch_size=batch_size, memory_mb=memory_mb)
+    if isinstance(seq_offset, bool) or not isinstance(seq_offset, numbers.Integral) or seq_offset < 0:
+        raise UsageError(f"seq_offset={seq_offset!r} must be a non-negative integer (the index of tokens[0])")
     tokens = loaded.tokens() if tokens is None else tokens
     req = make_request(loaded, hooks, interventions, tokens, positions=positions, measure_positions=measure_positions,
                        n_samples=n_samples, seed=seed, include_special=include_special)
@@ -632,6 +664,7 @@ def measure_naive(
     `run_with_hooks` forward from the embedding per intervention and sample, with full-vocabulary logits
     and log-softmax in memory and torch's `kl_div`; the log-softmax and KL in float64 (in float32 they lose up to 1%
     of a KL of 1e-4), so that the reference's digits are right. Same arguments and frame as `measure`."""
+    check_sizes(batch_size=batch_size)
     tokens = loaded.tokens() if tokens is None else tokens
     req = make_request(loaded, hooks, interventions, tokens, positions=positions, measure_positions=measure_positions,
                        n_samples=n_samples, seed=seed, include_special=include_special)

@@ -181,6 +181,9 @@ def measure_cached(
     `ray` ("auto" or a cluster address): the parts run as tasks on a Ray cluster (`saenb.engine.distributed`); the frame
     is the same. `hooks_per_task` splits each chunk of contexts further into groups of hooks (one part each)."""
     tokens = loaded.tokens() if tokens is None else tokens
+    patching.check_sizes(chunk_seqs=chunk_seqs, **{k: engine_kwargs[k] for k in ("batch_size", "memory_mb")
+                                                   if k in engine_kwargs},
+                         **({} if hooks_per_task is None else {"hooks_per_task": hooks_per_task}))
     req = patching.make_request(loaded, hooks, interventions, tokens, positions=positions,
                                 measure_positions=measure_positions, n_samples=n_samples, seed=seed,
                                 include_special=include_special)

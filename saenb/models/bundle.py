@@ -48,6 +48,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.utilities import get_act_name
 
 from saenb import files
+from saenb.checks import UsageError, writable_folder
 from saenb.models import bundle_io, data, pretrained
 from saenb.models.bundle_io import BOS_TOKEN, write_json
 
@@ -584,6 +585,28 @@ def _parse_bool(text: str) -> bool:
     return text.lower() in ("true", "1")
 
 
+ZERO_MEANS_ALL = ("seed", "warmup_steps", "activation_cache_tokens", "model_eval_contexts")
+"""BuildConfig's integer options that may be 0 (a seed; no warm-up; 0 = every context); every other one is a size."""
+
+
+def check_options(args) -> None:
+    """BuildConfig's options as parsed: sizes positive, rates and coefficients in range; else a `UsageError`."""
+    for f in dataclasses.fields(BuildConfig):
+        value, flag = getattr(args, f.name), f"--{f.name.replace('_', '-')}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if f.name == "heldout_percent" and not 0 < value < 100:
+            raise UsageError(f"{flag} {value} must lie between 1 and 99 (the share of files held out)")
+        if f.name == "min_lr_ratio" and not 0 <= value <= 1:
+            raise UsageError(f"{flag} {value} must lie between 0 and 1")
+        if isinstance(value, int) and f.name not in ZERO_MEANS_ALL and value < 1:
+            raise UsageError(f"{flag} {value} must be a positive integer")
+        if f.name in ("lr", "sae_lr", "grad_clip") and not value > 0:
+            raise UsageError(f"{flag} {value} must be positive")
+        if value < 0:
+            raise UsageError(f"{flag} {value} must be at least 0")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m saenb.models.bundle", description=__doc__,
@@ -597,9 +620,17 @@ def main(argv: list[str] | None = None) -> None:
         kind = _parse_bool if isinstance(field.default, bool) else type(field.default)
         build.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
     args = parser.parse_args(argv)
+    work = args.work or Path("data/runs") / f"bundle-{args.out.name}"
+    try:  # every option before anything is built: argparse's `error: ...`, exit code 2
+        check_options(args)
+        writable_folder(args.out, "--out")
+        writable_folder(work, "--work")
+        if args.corpus is not None and not args.corpus.is_dir():
+            raise UsageError(f"--corpus {args.corpus}: no such folder; pass a folder of .py files")
+    except UsageError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = BuildConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildConfig)})
-    work = args.work or Path("data/runs") / f"bundle-{args.out.name}"
     manifest = Build(cfg, args.out, work, args.corpus).run(argv)
     print(json.dumps({"quality": manifest["quality"], "quality_met": manifest["quality_met"],
                       "stage_seconds": manifest["stage_seconds"]}, indent=2))

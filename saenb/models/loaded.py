@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from saenb import checks
 from saenb.hooks import HOOK_FAMILIES, PresetError, hook_family, hook_width, sae_layer
 from saenb.models import bundle_io, data
 from saenb.models.presets import Preset
@@ -25,9 +26,8 @@ if TYPE_CHECKING:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """'auto' (CUDA when present, else the CPU) or a device this machine has; else a `UsageError` naming the fix."""
+    return checks.device(device)
 
 
 @dataclass

@@ -53,6 +53,7 @@ from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from saenb import files
+from saenb.checks import UsageError, writable_folder
 from saenb.files import BundleError, sha256_file
 
 CACHE = Path(os.environ.get("SAENB_PRETRAINED", files.REPO / "data" / "cache" / "pretrained"))
@@ -229,11 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     get = sub.add_parser("fetch", help="download and check a pretrained model's file, then convert it")
     get.add_argument("name", choices=sorted(SOURCES))
     args = parser.parse_args(argv)
-    try:
+    try:  # the cache folder before anything is downloaded; a failed fetch names the fix: `error: ...`, exit code 2
+        writable_folder(CACHE, "the pretrained models' cache (data/cache/pretrained)")
         path = fetch(args.name)
         load_model(args.name)
-    except PretrainedError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except (PretrainedError, UsageError) as exc:
+        parser.error(str(exc))
     print(f"{args.name}: {path} (sha256 {source(args.name).sha256[:12]}... checked), converted")
 
 

@@ -28,6 +28,7 @@ import nbformat
 import pandas as pd
 from markdown_it import MarkdownIt
 
+from saenb.checks import writable_folder
 from saenb.files import NOTEBOOKS, REPO, runs_dir, write_text
 from saenb.models.presets import get_preset
 from saenb.output.plots import FIGURES, run_dir, short_title
@@ -341,7 +342,7 @@ def write_report(preset: str = "tiny-stdlib", root: Path = FIGURES, *, quick: bo
                  runs: Path | None = None) -> tuple[Path, Path]:
     """Write report.md and the self-contained report.html beside the run's figures; returns both paths."""
     get_preset(preset)  # an unknown preset fails here, listing the known ones
-    out = run_dir(preset, root, quick=quick)
+    out = writable_folder(run_dir(preset, root, quick=quick), "the report's folder")
     md_path, html_path = out / "report.md", out / "report.html"
     write_text(md_path, build_markdown(preset, root, quick=quick, runs=runs))
     body = MarkdownIt("commonmark", {"html": True}).enable("table").render(

@@ -23,7 +23,10 @@ from jupyter_client.kernelspec import KernelSpec
 from tqdm.auto import tqdm
 from traitlets.config import Config
 
+from saenb.checks import UsageError, writable_folder
 from saenb.files import NOTEBOOKS, runs_dir
+from saenb.models.presets import get_preset
+from saenb.output.plots import run_dir
 from saenb.output.report import write_report
 
 KERNEL = "saenb"
@@ -65,7 +68,8 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
         wanted = {o.removesuffix(".ipynb").split("_")[0].zfill(2) for o in only}
         unknown = wanted - {p.name[:2] for p in found}
         if unknown:
-            raise ValueError(f"no notebook numbered {sorted(unknown)}; notebooks: {[p.name for p in found]}")
+            raise UsageError(f"no notebook numbered {sorted(unknown)}; pass numbers of {[p.name for p in found]} "
+                             "(e.g. --only 01,03)")
         found = [p for p in found if p.name[:2] in wanted]
     return found
 
@@ -98,10 +102,20 @@ class Outcome:
     seconds: float = 0.0
 
 
+def check(preset: str, only: list[str] | None = None, *, quick: bool = False) -> list[Path]:
+    """What `reproduce` would run, checked before anything runs: the preset is registered, the notebook numbers
+    exist, and the folders the runs and figures go to can be written; a `UsageError` names the fix."""
+    get_preset(preset)
+    todo = notebooks(only)
+    writable_folder(runs_dir(preset, quick=quick), "the executed notebooks' folder")
+    writable_folder(run_dir(preset, quick=quick), "the figures' folder (SAENB_FIGURES)")
+    return todo
+
+
 def reproduce(preset: str = "tiny-stdlib", only: list[str] | None = None, parameters: dict | None = None, *,
               quick: bool = False, report: bool = True) -> list[Outcome]:
     """Run the notebooks (`quick`: each with its `quick` parameter on: a few contexts, for smoke runs and CI)."""
-    todo = notebooks(only)
+    todo = check(preset, only, quick=quick)
     if not todo:
         print(f"No numbered notebooks in {NOTEBOOKS} yet: nothing to run.")
         return []

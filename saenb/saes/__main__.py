@@ -12,9 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
+from pathlib import Path
 
+from saenb.checks import UsageError
 from saenb.models.presets import TINY_STDLIB, Preset, PresetError, register_preset
 from saenb.saes import cluster, library, sets
 from saenb.saes.quality import evaluate
@@ -36,16 +39,23 @@ def main(argv: list[str] | None = None) -> int:
                              "running cluster or start one here)")
     args = parser.parse_args(argv)
 
-    try:
+    try:  # every option before anything is trained: argparse's `error: ...`, exit code 2
         if args.bundle:
+            if not (Path(args.bundle) / "manifest.json").is_file():
+                raise UsageError(f"--bundle {args.bundle}: no manifest.json there; pass a bundle folder "
+                                 "(`python -m saenb.models.bundle build --out FOLDER` makes one)")
             register_preset(Preset(name=args.preset, bundle=args.bundle, sae_sources=TINY_STDLIB.sae_sources,
                                    layers=(0,), description=f"the bundle at {args.bundle}"))
         chosen = sets.get(args.name, args.preset)
+        if args.groups is not None:
+            groups, known = set(args.groups.split(",")), sorted({n.group for n in chosen})
+            if groups - set(known):
+                raise UsageError(f"--groups {sorted(groups - set(known))}: set {args.name!r} has groups {known}")
+            chosen = [n for n in chosen if n.group in groups]
+        if args.ray and importlib.util.find_spec("ray") is None:
+            raise UsageError("--ray needs Ray: pip install -e '.[ray]' (or drop --ray to train here)")
     except (ValueError, PresetError) as exc:
         parser.error(str(exc))
-    if args.groups:
-        groups = set(args.groups.split(","))
-        chosen = [n for n in chosen if n.group in groups]
     if args.command == "build" and args.ray:
         cluster.build_specs([n.spec for n in chosen], address=args.ray)  # then the loop below finds them
     for named in chosen:

@@ -10,6 +10,7 @@ import math
 import pandas as pd
 
 from saenb.assembly import from_model
+from saenb.checks import UsageError, positive_int
 from saenb.engine import interventions as iv
 from saenb.engine import metrics
 from saenb.engine.store import measure_cached
@@ -33,6 +34,11 @@ def score(model, saes: dict | None = None, tokens=None, *, hooks=None, n_tokens:
     interventions are measured too, as columns kl_<label>. All-token mode, BOS excluded; `tokens` (default: `n_tokens` rounded up
     to whole contexts of the preset's held-out set) are the contexts scored.
     """
+    if isinstance(model, Loaded) and hooks is None and (isinstance(saes, str) or (
+            isinstance(saes, (list, tuple)) and all(isinstance(h, str) for h in saes))):
+        saes, hooks = None, saes  # score(loaded, [hook, ...]): hook names, as measure takes them
+    if not 0 < confidence < 1:
+        raise UsageError(f"confidence={confidence!r} must lie between 0 and 1 (e.g. 0.95)")
     if isinstance(model, Loaded):
         if saes is not None:
             raise TypeError("score(loaded) scores the loaded preset's SAEs: pass hooks= to pick some, or "
@@ -44,7 +50,14 @@ def score(model, saes: dict | None = None, tokens=None, *, hooks=None, n_tokens:
                              "tokens, an integer tensor [n_contexts, n_ctx] with BOS first")
         loaded = from_model(model, saes, n_ctx=tokens.shape[1])
     if tokens is None:
-        tokens = loaded.tokens(max(1, math.ceil(n_tokens / loaded.preset.n_ctx)))
+        n_ctx = loaded.preset.n_ctx
+        n = math.ceil(positive_int("n_tokens", n_tokens, f" (tokens scored, in contexts of {n_ctx})") / n_ctx)
+        if n < 2:
+            raise UsageError(f"n_tokens={n_tokens} gives {n} context of {n_ctx} tokens: the bootstrap CI over contexts "
+                             f"needs at least two; pass n_tokens={2 * n_ctx} or more, or tokens")
+        tokens = loaded.tokens(n)
+    elif len(tokens) < 2:
+        raise UsageError(f"tokens holds {len(tokens)} context(s): the bootstrap CI over contexts needs at least two")
     num = iv.Intervention.of(intervention)
     extra = [iv.Intervention.of(e) for e in extra
              if iv.Intervention.of(e).label not in (num.label, *SCORE_INTERVENTIONS)]

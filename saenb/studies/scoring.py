@@ -20,6 +20,7 @@ import difflib
 import importlib.metadata as md
 import json
 import math
+import os
 import re
 import time
 import uuid
@@ -37,6 +38,7 @@ from transformer_lens.loading_from_pretrained import get_official_model_name
 from transformer_lens.utilities import get_act_name
 
 from saenb.assembly import load_preset
+from saenb.checks import UsageError, positive_int, writable_folder
 from saenb.engine import interventions as iv
 from saenb.engine import metrics, patching
 from saenb.files import __version__, sha256_file
@@ -50,7 +52,7 @@ SCHEMA = Path(__file__).parent / "schemas" / "pathology.schema.json"
 EVAL_TYPE = "pathology"
 
 
-class ScoreError(ValueError):
+class ScoreError(UsageError):
     """A request the scorer cannot serve; the message names the fix (the CLI prints it without a traceback)."""
 
 
@@ -80,7 +82,24 @@ class ScoreConfig:
     confidence: float = 0.95
     tokens_source: str = ""
 
+    def n_contexts(self, n_ctx: int) -> int:
+        """The contexts of `n_ctx` tokens that hold n_tokens (rounded up); at least two, or a `ScoreError`."""
+        n = math.ceil(max(self.n_tokens, 0) / n_ctx)
+        if n < 2:
+            raise ScoreError(f"--n-tokens {self.n_tokens} gives {n} context(s) of {n_ctx} tokens: the bootstrap CI "
+                             f"needs at least two; pass --n-tokens {2 * n_ctx} or more")
+        return n
+
     def __post_init__(self):
+        positive_int("--batch-size", self.batch_size, " (sequences per clean forward)")
+        if isinstance(self.n_tokens, bool) or not isinstance(self.n_tokens, int):
+            raise ScoreError(f"--n-tokens {self.n_tokens!r} must be an integer (tokens scored, e.g. 65536)")
+        size = self.context_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 3):
+            raise ScoreError(f"--context-size {self.context_size!r} must be an integer of at least 3 (positions 1 to "
+                             "n-2 are measured), or left unset for the preset's (128 for a hub model)")
+        if not 0 < self.confidence < 1:
+            raise ScoreError(f"confidence={self.confidence!r} must lie between 0 and 1 (e.g. 0.95)")
         missing = [i for i in SCORE_INTERVENTIONS if i not in self.interventions]
         if missing:
             raise ScoreError(f"--interventions must include {list(SCORE_INTERVENTIONS)} (the score needs them); "
@@ -170,14 +189,34 @@ def _model_kwargs(saes: list) -> dict:
     return kwargs
 
 
+def check_sae_folder(path: str) -> None:
+    """An SAE folder `SAE.load_from_disk` can read: a cfg.json that parses as a JSON object, and the weights file;
+    else a `ScoreError` naming the file."""
+    folder, layout = Path(path), "(sae_lens's training output: cfg.json + sae_weights.safetensors)"
+    cfg = folder / "cfg.json"
+    if not cfg.is_file():
+        raise ScoreError(f"--sae-path {path}: no cfg.json there; pass folders `SAE.load_from_disk` reads {layout}")
+    try:
+        parsed = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScoreError(f"--sae-path {path}: {cfg} cannot be read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ScoreError(f"--sae-path {path}: {cfg} is not JSON ({exc}); it should be sae_lens's SAE config, "
+                         f"as `SAE.save_model` writes it {layout}") from None
+    if not isinstance(parsed, dict):
+        raise ScoreError(f"--sae-path {path}: {cfg} holds a {type(parsed).__name__}, not sae_lens's config (an object)")
+    weights = folder / "sae_weights.safetensors"
+    if not weights.is_file() or not os.access(weights, os.R_OK):
+        raise ScoreError(f"--sae-path {path}: {weights} is missing or unreadable {layout}")
+
+
 def targets_from_paths(paths: list[str], model: str, device: torch.device, dataset: str | None,
                        context_size: int) -> tuple[Loaded, list[Target]]:
     saes = []
     for path in paths:
+        check_sae_folder(path)
+    for path in paths:
         folder = Path(path)
-        if not (folder / "cfg.json").exists():
-            raise ScoreError(f"--sae-path {path}: no cfg.json there; pass folders `SAE.load_from_disk` reads "
-                             "(sae_lens's training output: cfg.json + sae_weights.safetensors)")
         with hub.sae_loading():
             saes.append((folder, SAE.load_from_disk(folder, device=str(device)).eval()))
     # a preset's model is stored as its SAEs were trained on it; a hub model is loaded with the SAEs' settings
@@ -196,12 +235,13 @@ def tokens_for(loaded: Loaded, cfg: ScoreConfig, *, dataset: str | None = None, 
     n_ctx = cfg.context_size or loaded.preset.n_ctx
     if n_ctx > loaded.model.cfg.n_ctx:
         raise ScoreError(f"--context-size {n_ctx} exceeds the model's n_ctx={loaded.model.cfg.n_ctx}")
-    n = math.ceil(max(cfg.n_tokens, 0) / n_ctx)
-    if n < 2:
-        raise ScoreError(f"--n-tokens {cfg.n_tokens} gives {n} context(s) of {n_ctx} tokens: the bootstrap CI needs "
-                         f"at least two; pass --n-tokens {2 * n_ctx} or more")
+    n = cfg.n_contexts(n_ctx)
     if tokens_file:
-        tokens = torch.load(tokens_file)
+        try:
+            tokens = torch.load(tokens_file)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ScoreError(f"--tokens {tokens_file} cannot be read ({exc}); pass a tensor saved with torch.save") \
+                from None
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64):
             raise ScoreError(f"--tokens {tokens_file}: expected a saved integer tensor [n_contexts, n_ctx]")
         if len(tokens) < 2:
@@ -343,15 +383,28 @@ def write_outputs(table: pd.DataFrame, targets: list[Target], cfg: ScoreConfig, 
 
 
 def run(args) -> pd.DataFrame:
-    """The CLI's work: resolve the SAEs and tokens, score, write (argparse namespace from `__main__`)."""
-    device = resolve_device(args.device)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    """The CLI's work: resolve the SAEs and tokens, score, write (argparse namespace from `__main__`). Every option
+    is checked before anything is loaded: a user error is a `UsageError` naming the value and the fix."""
     cfg = ScoreConfig(n_tokens=args.n_tokens, context_size=args.context_size, batch_size=args.batch_size,
                       seed=args.seed, interventions=tuple(args.interventions.split(",")),
                       include_special=args.include_special,
                       tokens_source=args.tokens or args.text or args.dataset or "preset")
     for name in cfg.interventions:
         iv.Intervention.of(name)  # an unknown name fails here, listing the known ones
+    device = resolve_device(args.device)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.output_dir:
+        writable_folder(args.output_dir, "--output-dir")
+    if args.tokens and not Path(args.tokens).is_file():
+        raise ScoreError(f"--tokens {args.tokens}: no such file; pass a LongTensor [n_contexts, n_ctx] saved with "
+                         "torch.save")
+    if args.text and not Path(args.text).exists():
+        raise ScoreError(f"--text {args.text}: no such file or folder")
+    from_preset = not (args.release or args.sae_id or args.sae_path)
+    named = args.preset if from_preset else args.model if args.model in list_presets() else None
+    cfg.n_contexts(cfg.context_size or (get_preset(named).n_ctx if named else 128))
+    for path in args.sae_path or ():
+        check_sae_folder(path)
     context = cfg.context_size or 128
     if args.release or args.sae_id:
         if not (args.release and args.sae_id):
