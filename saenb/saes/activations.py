@@ -59,17 +59,20 @@ def cache_dir(spec: SAESpec) -> Path:
 def _contexts_held(spec: SAESpec, n_available: int, n_ctx: int) -> int:
     """How many contexts (from the front of the order) a cache holds: every context, or the recipe's
     activation_cache_tokens for the caches of the bundle's own SAE sets (`siblings`' order)."""
-    recipe = sets.recipe(spec.preset)
-    own = {(s.model, s.data_seed) for s in [*sets.base(spec.preset).values(), *sets.topk_sweep(spec.preset).values()]}
-    tokens = recipe.activation_cache_tokens if (spec.model, spec.data_seed) in own else 0
+    own = {(s.model, s.data_seed) for s in _own_specs(spec.preset)}
+    tokens = sets.recipe(spec.preset).activation_cache_tokens if (spec.model, spec.data_seed) in own else 0
     return n_available if not tokens else min(n_available, math.ceil(tokens / (n_ctx - 1)))
+
+
+def _own_specs(preset: str) -> list[SAESpec]:
+    """The bundle's own SAE sets (`sets.base`, `sets.topk_sweep`), whose caches its recipe shapes."""
+    return [*sets.base(preset).values(), *sets.topk_sweep(preset).values()]
 
 
 def siblings(spec: SAESpec) -> list[str]:
     """Hooks whose caches one model pass fills with spec's: those of the preset's own SAE sets (`sets.base`,
     `sets.topk_sweep`) that read the same model's contexts in the same order and have no cache yet."""
-    hooks = {s.hook for s in [*sets.base(spec.preset).values(), *sets.topk_sweep(spec.preset).values()]
-             if s.model == spec.model and s.data_seed == spec.data_seed}
+    hooks = {s.hook for s in _own_specs(spec.preset) if s.model == spec.model and s.data_seed == spec.data_seed}
     return [spec.hook, *sorted(h for h in hooks - {spec.hook}
                                if not (cache_dir(dataclasses.replace(spec, hook=h)) / "state.json").exists())]
 
@@ -192,17 +195,22 @@ def _linked(shard_dir: Path, names: list[str], out: Path) -> None:
     shutil.rmtree(src, ignore_errors=True)
 
 
+def _assemble(final: Path, names: list[str], out: Path) -> None:
+    """`out`: the named shards of the cache `final` as one sae_lens cache folder with its record, made under a name
+    private to this process and renamed into place."""
+    tmp = out.parent / (out.name + f".tmp-{os.getpid()}")
+    _linked(_shards(final), names, tmp)
+    files.write_text(tmp / RECORD, json.dumps(_record(final, names), indent=2) + "\n")
+    tmp.rename(out)
+
+
 def _view(spec: SAESpec, n_shards: int) -> Path:
     """A cache folder of the first n_shards shards of spec's cache (made once, then reused)."""
     final = cache_dir(spec)
     view = final.parent / (final.name + f".first{n_shards}")
     if (view / "state.json").exists():
         return view
-    names = [_shard_name(i * SHARD_CONTEXTS) for i in range(n_shards)]
-    tmp = view.parent / (view.name + f".tmp-{os.getpid()}")
-    _linked(_shards(final), names, tmp)
-    files.write_text(tmp / RECORD, json.dumps(_record(final, names), indent=2) + "\n")
-    tmp.rename(view)
+    _assemble(final, [_shard_name(i * SHARD_CONTEXTS) for i in range(n_shards)], view)
     return view
 
 
@@ -212,11 +220,7 @@ def _consolidate(spec: SAESpec) -> None:
     if (final / "state.json").exists():
         return
     shard_dir = _shards(final)
-    names = [p.name for p in _shard_list(shard_dir)]
-    tmp = final.parent / (final.name + f".tmp-{os.getpid()}")
-    _linked(shard_dir, names, tmp)
-    files.write_text(tmp / RECORD, json.dumps(_record(final, names), indent=2) + "\n")
-    tmp.rename(final)
+    _assemble(final, [p.name for p in _shard_list(shard_dir)], final)
     shutil.rmtree(shard_dir, ignore_errors=True)
     for suffix in (".times.json", ".info.json"):
         (final.parent / (final.name + suffix)).unlink(missing_ok=True)
