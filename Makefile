@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.saenb-installed
 
-.PHONY: venv smollm2 browser test reproduce score bench bundle bundle-smollm2 clean-results
+.PHONY: venv smollm2 browser test reproduce score bench bundle bundle-smollm2 sweep-smollm2 clean-results
 
 # torch is installed first, pinned, then the package with the pin as a constraint, so that pip never
 # resolves another torch (a CUDA build of several GB). The `saenb` kernel is registered inside the venv
@@ -68,6 +68,14 @@ bundle-smollm2: smollm2
 	$(BIN)/python -m saenb.saes build --set base --preset smollm2-135m --evaluate --commit
 	$(BIN)/python -m saenb.saes build --set topk_sweep --preset smollm2-135m --evaluate --commit
 	$(BIN)/python -m saenb.models.bundle build $(SMOLLM2_BUILD)
+
+# The real model at depth (issue 33, notebooks 08 and 09 on smollm2-135m): the layer-15 activation cache of the whole
+# training split (one pass, ~5 h on one core; resumable shard by shard), then the sweep, seeds and fixes of
+# `sets.get("fixes", "smollm2-135m")` (each SAE ~10-15 min on one core, 2M tokens), committed into the bundle.
+# Both steps resume: what exists is neither recomputed nor retrained. Run it in the background, pinned to a core.
+sweep-smollm2: smollm2
+	$(BIN)/python -m saenb.saes cache --set fixes --preset smollm2-135m
+	$(BIN)/python -m saenb.saes build --set fixes --preset smollm2-135m --commit
 
 clean-results:
 	rm -rf data/results figures data/runs/tiny-stdlib

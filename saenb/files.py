@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__version__ = "0.3.3"
+__version__ = "0.4.0"
 """The package's version, kept equal to pyproject.toml's (a test holds them together); part of every cache key."""
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,14 +20,16 @@ BUNDLES = Path(os.environ.get("SAENB_BUNDLES", REPO / "data" / "bundles"))
 NOTEBOOKS = REPO / "notebooks"
 """The numbered notebooks."""
 NOTEBOOK_RUNS = REPO / "data" / "runs"
-"""Where executed copies of the notebooks go (`runs_dir`)."""
+"""Where executed copies of the notebooks go (`runs_dir`), unless SAENB_RUNS names another folder."""
 RESULTS = Path(os.environ.get("SAENB_RESULTS", REPO / "data" / "results"))
 """Where computed results are cached (measurements, fitted parts, token contexts): SAENB_RESULTS, or data/results."""
 
 
 def runs_dir(preset: str, *, quick: bool = False) -> Path:
-    """Where the executed copies of one kind of run go (quick runs apart from full ones, as their figures)."""
-    return NOTEBOOK_RUNS / preset / "quick" if quick else NOTEBOOK_RUNS / preset
+    """Where the executed copies of one kind of run go (quick runs apart from full ones, as their figures): under
+    SAENB_RUNS, read at each call (a test or a second run points it at a temporary folder), or data/runs."""
+    root = Path(os.environ.get("SAENB_RUNS", NOTEBOOK_RUNS))
+    return root / preset / "quick" if quick else root / preset
 
 
 @contextlib.contextmanager

@@ -68,15 +68,14 @@ def run_notebooks(tmp_path_factory):
     from saenb.output import reproduce as rep
 
     tmp = tmp_path_factory.mktemp("nb01")
-    env = {"SAENB_FIGURES": str(tmp / "figures"), "SAENB_RESULTS": str(tmp / "results")}
+    env = {"SAENB_FIGURES": str(tmp / "figures"), "SAENB_RESULTS": str(tmp / "results"),
+           "SAENB_RUNS": str(tmp / "runs"), "SAENB_CELL_TIMEOUT": "900"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the papermill kernel inherits them
     try:
-        rep.RUNS = tmp / "runs"
         outcomes = rep.reproduce("tiny-stdlib", ["01", "02", "03", "04", "05", "06", "07", "08", "09"], quick=True,
                                  report=False)
     finally:
-        rep.RUNS = REPO / "data" / "runs"
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return tmp, outcomes

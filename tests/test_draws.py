@@ -172,3 +172,33 @@ def test_same_bits_on_cuda():
     cuda = draws.uniform_words(key, args[0].cuda(), 48, args[2].cuda(), 576)
     assert torch.equal(cpu, cuda.cpu())
     torch.testing.assert_close(draws.box_muller(cuda).cpu(), draws.box_muller(cpu), rtol=2e-6, atol=2e-6)  # ulps
+
+
+def test_engine_draws_are_keyed_by_sequence_position_and_sample(tiny, monkeypatch):
+    """`patching.perturb` draws each random intervention's noise from its own stream, keyed by (sequence, position,
+    sample): the same whichever sequences share the batch and however the batch is split into draw calls; streams
+    are shared only where declared (eps_random_like draws eps_random's direction), and otherwise independent."""
+    from saenb.engine import patching
+
+    hook = "blocks.3.hook_resid_pre"
+    tokens = tiny.tokens(4)
+    specs = ["eps_random", "theta_random_true_norm", patching.iv.intervention("eps_random_like", of="sae_scaled",
+                                                                              scale=0.5)]
+    req = patching.make_request(tiny, hook, specs, tokens, positions="all", n_samples=3, seed=11)
+    with torch.inference_mode():
+        x = patching.flat(tiny.model.run_with_cache(tokens, names_filter=[hook])[1][hook], hook)
+
+        def patched(rows, seqs):
+            return patching.perturb(tiny, req, hook, x[rows], seqs, None)[0]
+
+        whole = patched([0, 1, 2, 3], [0, 1, 2, 3])
+        assert torch.equal(patched([2], [2])[0], whole[2])  # a sequence's draws do not depend on its batch
+        monkeypatch.setattr(patching, "DRAW_ELEMENTS", 1)  # one sequence per draw call
+        assert torch.equal(patched([0, 1, 2, 3], [0, 1, 2, 3]), whole)
+        assert not torch.equal(patched([0], [1])[0], whole[0])  # the sequence index enters the key
+    direction = (whole - x[:, None, None]) / (whole - x[:, None, None]).norm(dim=-1, keepdim=True)
+    cos = lambda a, b: (direction[:, a] * direction[:, b]).sum(-1)  # noqa: E731
+    torch.testing.assert_close(cos(0, 2), torch.ones_like(cos(0, 2)))  # shared: the same direction
+    assert cos(0, 1).abs().mean() < 0.2  # independent streams: unrelated directions (d = 128: |cos| ~ 0.07)
+    samples = direction[:, 0]  # [b, n, p, d]
+    assert (samples[:, 0] * samples[:, 1]).sum(-1).abs().mean() < 0.2  # each sample a fresh draw

@@ -9,6 +9,7 @@ import torch
 
 from saenb import score
 from saenb.engine import patching
+from saenb.engine.draws import Draws
 from saenb.studies import nfm
 
 HOOK = "blocks.3.hook_resid_pre"
@@ -82,13 +83,13 @@ def test_training_lowers_held_out_error_and_is_cached(tiny, tmp_path, monkeypatc
     x, z, x_sae, _ = nfm.activations(tiny, HOOK, toks[:1])
     site = patching.iv.Site(x, x_sae, z, tiny.saes[HOOK].W_dec.detach(), None, HOOK)
     with torch.no_grad():
-        x_hat = patching.iv.get("sae_nfm")(site, generator=None, key=trained.key, fitted=trained.models[HOOK])
-        own = trained.eps_intervention(site, torch.Generator().manual_seed(5))
-        sae_eps = patching.iv.intervention("eps_random")(site, torch.Generator().manual_seed(5))
+        x_hat = patching.iv.get("sae_nfm")(site, draws=None, key=trained.key, fitted=trained.models[HOOK])
+        own = trained.eps_intervention(site, Draws(5))
+        sae_eps = patching.iv.intervention("eps_random")(site, Draws(5))
     torch.testing.assert_close((own - x).norm(dim=-1), (x_hat - x).norm(dim=-1))
     for splice in (trained.intervention, trained.eps_intervention):  # the engine batches deterministic ones
         with torch.no_grad():
-            one, two = (splice(site, torch.Generator().manual_seed(s)) for s in (1, 2))
+            one, two = (splice(site, Draws(s)) for s in (1, 2))
         same = torch.equal(one, two)
         assert same == patching.iv.is_deterministic(splice.name)  # the flag must be right
     torch.testing.assert_close(torch.nn.functional.cosine_similarity(own - x, sae_eps - x, dim=-1),

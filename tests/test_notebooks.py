@@ -213,7 +213,7 @@ def test_reproduce_names_the_failing_notebook_and_cell_and_runs_the_others(tmp_p
     nbformat.write(bad, tmp_path / "01_bad.ipynb")
     nbformat.write(good, tmp_path / "02_good.ipynb")
     monkeypatch.setattr(rep, "NOTEBOOKS", tmp_path)
-    monkeypatch.setattr(rep, "RUNS", tmp_path / "runs")
+    monkeypatch.setenv("SAENB_RUNS", str(tmp_path / "runs"))
     outcomes = rep.reproduce("tiny-stdlib", report=False)
     assert [(o.notebook, o.ok) for o in outcomes] == [("01_bad.ipynb", False), ("02_good.ipynb", True)]
     assert "cell" in outcomes[0].error and "broken on purpose" in outcomes[0].error
@@ -427,7 +427,7 @@ def test_notebooks_run_on_smollm2_changing_only_the_preset(tmp_path, monkeypatch
     parameters differ. Its layers and hook families come from the preset; the report's headline follows."""
     for k, v in {"SAENB_FIGURES": tmp_path / "figures", "SAENB_RESULTS": tmp_path / "results"}.items():
         monkeypatch.setenv(k, str(v))
-    monkeypatch.setattr(rep, "RUNS", tmp_path / "runs")
+    monkeypatch.setenv("SAENB_RUNS", str(tmp_path / "runs"))
     outcomes = rep.reproduce("smollm2-135m", ["01", "02", "03", "05"], quick=True, report=False)
     assert [o.ok for o in outcomes] == [True] * 4, outcomes
     figures = tmp_path / "figures" / "smollm2-135m" / "quick"

@@ -179,3 +179,21 @@ def test_every_published_figure_names_its_source():
     assert {"GURNEE_RESID", "GURNEE_Z", "BRAUN_RATIO", "KARVONEN_CE_GAP_CUT", "WRIGHT_SHARKEY_PPL_CUT",
             "LEE_HEIMERSHEIM_COV", "ENGELS_VARIANCE", "CLAFLIN_NFM"} <= set(table.name)
     assert (table.source.str.len() > 20).all() and (table.measured.str.len() > 10).all()
+
+
+def test_fixes_evaluate_skips_or_names_the_sae_stored_nowhere(tiny):
+    """A sweep still being trained: `missing="error"` names the build command before any work, `"skip"` scores the
+    stored SAEs and its readings list the skipped one."""
+    import dataclasses
+
+    from saenb.saes import SpecError, sets
+
+    named = [n for n in sets.get("fixes") if n.name == "base"]
+    absent = sets.NamedSpec("not trained", "l1", dataclasses.replace(named[0].spec, sparsity=123.0))
+    tokens = tiny.tokens(3)
+    with pytest.raises(SpecError, match=r"\['not trained'\] are stored nowhere.*python -m saenb.saes build"):
+        fixes.evaluate(tiny, [*named, absent], tokens)
+    table = fixes.evaluate(tiny, [*named, absent], tokens, missing="skip", progress=False)
+    assert list(table.name) == ["base"] and table.attrs["missing"] == ["not trained"]
+    r = fixes.readings(table, fixes.fix_effects(table))
+    assert r.here.str.contains("1: not trained").any()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from saenb.engine import interventions as iv
+from saenb.engine.draws import Draws
 from saenb.engine.patching import measure, measure_naive
 from saenb.studies import baselines, curvature, why
 
@@ -43,7 +44,7 @@ def test_cov_random_is_at_eps_and_shaped_like_the_covariance():
     d, n = 16, 40_000
     key, fit, cov = synthetic_fit(d)
     s = site(n, d)
-    patched = iv.cov_random(s, generator=torch.Generator().manual_seed(0), key=key, fitted=fit)
+    patched = iv.cov_random(s, draws=Draws(0), key=key, fitted=fit)
     step = (patched - s.x).double()
     torch.testing.assert_close(step.norm(dim=-1), s.eps.double(), rtol=1e-5, atol=0)
     u = (step / step.norm(dim=-1, keepdim=True)).numpy()
@@ -64,7 +65,7 @@ def test_error_shuffled_and_linear_split():
     d = 16
     key, fit, _ = synthetic_fit(d)
     s = site(500, d, seed=3)
-    step = iv.error_shuffled(s, generator=torch.Generator().manual_seed(0), key=key, fitted=fit) - s.x
+    step = iv.error_shuffled(s, draws=Draws(0), key=key, fitted=fit) - s.x
     torch.testing.assert_close(step.norm(dim=-1), s.eps, rtol=1e-5, atol=0)
     unit = step / step.norm(dim=-1, keepdim=True)
     nearest = (unit @ fit.bank.T).max(-1).values
@@ -72,10 +73,10 @@ def test_error_shuffled_and_linear_split():
     assert len(torch.unique((unit @ fit.bank.T).argmax(-1))) == len(fit.bank)  # drawn from the whole bank
     linear = fit.linear_part(s.x)
     n = (s.x - s.x_sae) - linear
-    torch.testing.assert_close(s.x - iv.sae_plus_linear(s, generator=None, key=key, fitted=fit), n)
-    torch.testing.assert_close(s.x - iv.sae_plus_nonlinear(s, generator=None, key=key, fitted=fit), linear)
+    torch.testing.assert_close(s.x - iv.sae_plus_linear(s, draws=None, key=key, fitted=fit), n)
+    torch.testing.assert_close(s.x - iv.sae_plus_nonlinear(s, draws=None, key=key, fitted=fit), linear)
     like = iv.intervention("eps_random_like", of="sae_plus_linear", key=key, fitted={"h": fit})
-    like = like(s, torch.Generator().manual_seed(0))
+    like = like(s, Draws(0))
     torch.testing.assert_close((like - s.x).norm(dim=-1), n.norm(dim=-1), rtol=1e-5, atol=1e-6)
 
 
@@ -96,11 +97,11 @@ def test_bad_arguments_name_the_fix(tiny, tmp_path):
         iv.intervention("cov_random", key="never-fitted")
     key, fit, _ = synthetic_fit(16)
     with pytest.raises(ValueError, match=r"no fit at hook 'h'.*fitted at \['other'\]"):
-        iv.intervention("cov_random", key=key, fitted={"other": fit})(s, torch.Generator())
+        iv.intervention("cov_random", key=key, fitted={"other": fit})(s, Draws(0))
     with pytest.raises(ValueError, match=r"cos=1.5 must lie in \[-1, 1\]"):
-        iv.theta_random_cos(s, generator=torch.Generator(), cos=1.5)
+        iv.theta_random_cos(s, draws=Draws(0), cos=1.5)
     with pytest.raises(ValueError, match="deterministic"):
-        iv.eps_random_like(s, generator=torch.Generator(), of="eps_random")
+        iv.eps_random_like(s, draws=Draws(0), of="eps_random")
     with pytest.raises(ValueError, match="no SAE at hook"):
         baselines.fit(tiny, ["blocks.9.hook_resid_pre"], tiny.tokens(2), root=tmp_path)
     with pytest.raises(ValueError, match="more fit contexts"):
@@ -151,12 +152,12 @@ def test_new_interventions_fast_equals_naive(tiny, fitted, mode):
 
 def test_theta_random_cos_and_sae_scaled_geometry():
     s = site(200, 16, seed=4)
-    out = iv.theta_random_cos(s, generator=torch.Generator().manual_seed(0), cos=0.9)
+    out = iv.theta_random_cos(s, draws=Draws(0), cos=0.9)
     torch.testing.assert_close(torch.nn.functional.cosine_similarity(out, s.x, dim=-1), torch.full((200,), 0.9))
     torch.testing.assert_close(out.norm(dim=-1), s.x.norm(dim=-1))
-    half = iv.sae_scaled(s, generator=None, scale=0.5)
+    half = iv.sae_scaled(s, draws=None, scale=0.5)
     torch.testing.assert_close((half - s.x).norm(dim=-1), 0.5 * s.eps)
-    step = iv.eps_random(s, generator=torch.Generator().manual_seed(0), scale=0.5) - s.x
+    step = iv.eps_random(s, draws=Draws(0), scale=0.5) - s.x
     torch.testing.assert_close(step.norm(dim=-1), 0.5 * s.eps)
 
 

@@ -10,10 +10,9 @@ any other string is a cluster's address. Without `ray=` nothing changes.
 - **measure** (`measure_cached`, hence `score` and the notebooks): one task per (chunk of contexts x group of
   hooks). Actors (one per GPU when the cluster has GPUs, else one per `cpus_per_worker` CPUs) each fetch the
   loaded model and SAEs once from Ray's object store (and stay for the next measurement of the same objects),
-  run the local path's own `store.measure_part` on each part they are given (`seq_offset` and per-(hook,
-  intervention) generators make every chunk's draws independent of where it runs), which writes the part into
-  the store; the driver assembles the frame the local path
-  would. Finished parts are skipped on a rerun. An actor that dies is restarted and its task retried.
+  run the local path's own `store.measure_part` on each part they are given (`seq_offset` and the counter-based
+  draws keyed by (hook, intervention, sequence, position, sample) make every chunk's draws independent of where
+  it runs), which writes the part into the store; the driver assembles the frame the local path would. Finished parts are skipped on a rerun. An actor that dies is restarted and its task retried.
 - **SAE specs** (`saenb.saes.cluster.build_specs`, on this module's connection and workers): one spec per task.
 
 The store and the SAE library must be on storage every node sees (one machine: always; a cluster: a shared file

@@ -1,16 +1,18 @@
 """Perturbations of an activation at one hook, per token: pure functions, randomness passed in.
 
 Each intervention maps a `Site` (the clean activation `x`, its SAE reconstruction `x_sae`, the SAE
-latents, decoder and the hook's mean activation) and a `torch.Generator` to a new tensor shaped like `x`.
+latents, decoder and the hook's mean activation) and a `Draws` (`saenb.engine.draws`: counter-based random numbers,
+made on the site's device, the same on every device) to a new tensor shaped like `x`.
 Nothing here runs a model: `saenb.engine.patching` splices the results in. Names follow DESIGN.md; the original
 study's function names are given in each docstring. What is spliced is an `Intervention`: a registered name, its
 parameters and, for the fitted ones (`cov_random`, `error_shuffled`, `sae_plus_linear`, `sae_plus_nonlinear`,
 `sae_nfm`, `nfm_eps_random`), the parts fitted at each hook (`saenb.studies.baselines`, `saenb.studies.nfm`), carried
 with it: no process holds fitted state of its own, so a Ray worker or a fresh kernel runs any of them.
 
-Random interventions draw their noise in a fixed order from the generator they are given, so two
-interventions called with equally seeded generators share their draws: `sae_plus_random` gets exactly the
-latent perturbation that `latent_perturb` applied, and sampling is reproducible from a seed.
+Random interventions draw their noise in a fixed order from the `Draws` they are given, whose numbers are a
+function of (seed, hook, stream, sequence, position, sample): each intervention draws from its own stream
+(`stream`), except where a comparison needs shared draws: `sae_plus_random` gets exactly the latent perturbation
+that `latent_perturb` applied, and `eps_random_like` and `nfm_eps_random` the direction `eps_random` drew.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from saenb.engine.draws import Draws
 
 Act = Float[Tensor, "... d"]
 
@@ -53,15 +57,19 @@ _DETERMINISTIC: set[str] = set()
 _CONSTANT: set[str] = set()
 _NEEDS_FIT: dict[str, str] = {}
 """Interventions that read a part fitted at each hook -> the call that fits it (named in errors)."""
+_STREAMS: dict[str, str] = {}
+"""Interventions that draw from another's stream -> that one (`stream`)."""
 
 
-def register(name: str, *, deterministic: bool = False, constant: bool = False,
-             fitted_by: str | None = None) -> Callable[[InterventionFn], InterventionFn]:
-    """Register an intervention under `name`; `deterministic` ones never draw from the generator (the engine
+def register(name: str, *, deterministic: bool = False, constant: bool = False, fitted_by: str | None = None,
+             shares_draws_of: str | None = None) -> Callable[[InterventionFn], InterventionFn]:
+    """Register an intervention under `name`; `deterministic` ones never draw (the engine
     may then apply them to many sequences at once); `constant` ones put the same activation at every token,
     whatever it was (the engine reduces their logits as those of streams far from the clean ones, which
     several sequences may share). `fitted_by` marks one that reads a part fitted at each hook (its keyword
-    argument `fitted`), naming the call that fits it: it runs only as an `Intervention` carrying its fits."""
+    argument `fitted`), naming the call that fits it: it runs only as an `Intervention` carrying its fits.
+    `shares_draws_of` names the intervention whose random stream it draws from (its first draws are then that
+    one's), for comparisons on the same noise; others draw from a stream of their own name."""
 
     def wrap(fn: InterventionFn) -> InterventionFn:
         if name in _REGISTRY:
@@ -73,6 +81,8 @@ def register(name: str, *, deterministic: bool = False, constant: bool = False,
             _CONSTANT.add(name)
         if fitted_by is not None:
             _NEEDS_FIT[name] = fitted_by
+        if shares_draws_of is not None:
+            _STREAMS[name] = shares_draws_of
         return fn
 
     return wrap
@@ -91,6 +101,13 @@ def is_constant(name: str) -> bool:
 def needs_fit(name: str) -> bool:
     get(name)
     return name in _NEEDS_FIT
+
+
+def stream(name: str) -> str:
+    """The random stream `name` draws from: its own, or the one it shares (`register(shares_draws_of=...)`).
+    Parameters do not enter it: eps_random(scale=0.5) draws the directions eps_random draws."""
+    get(name)
+    return _STREAMS.get(name, name)
 
 
 def get(name: str) -> InterventionFn:
@@ -150,9 +167,9 @@ class Intervention:
             return self
         return dataclasses.replace(self, fitted={h: p.to(device) for h, p in self.fitted.items()})
 
-    def __call__(self, site: Site, generator: torch.Generator) -> Act:
+    def __call__(self, site: Site, draws: Draws) -> Act:
         fitted = {} if self.fitted is None else {"fitted": self.part(site.hook)}
-        return get(self.name)(site, generator=generator, **dict(self.params), **fitted)
+        return get(self.name)(site, draws=draws, **dict(self.params), **fitted)
 
 
 def intervention(name: str, *, fitted: Mapping[str, Any] | None = None, **params: Any) -> Intervention:
@@ -164,103 +181,91 @@ def _unit(v: Act) -> Act:
     return v / v.norm(dim=-1, keepdim=True)
 
 
-def _to(drawn: Tensor, device: torch.device) -> Tensor:
-    """Draws made on the (CPU) generator's device moved to `device`: to a GPU through pinned memory without
-    waiting, so the host goes on drawing while the device computes."""
-    if drawn.device == device:
-        return drawn
-    return drawn.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else drawn.to(device)
-
-
-def _gaussian(like: Tensor, generator: torch.Generator) -> Tensor:
-    return _to(torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype), like.device)
-
-
-def random_unit(like: Act, generator: torch.Generator) -> Act:
+def random_unit(like: Act, draws: Draws) -> Act:
     """Directions uniform on the unit sphere (normalised Gaussians), one per row of `like`."""
-    return _unit(_gaussian(like, generator))
+    return draws.unit(like)
 
 
 # ------------------------------------------------------------------------------------- interventions
 @register("identity", deterministic=True)
-def identity(site: Site, *, generator: torch.Generator) -> Act:
+def identity(site: Site, *, draws: Draws) -> Act:
     """x itself: the patched model must equal the clean one (a check of the engine)."""
     return site.x.clone()
 
 
 @register("sae", deterministic=True)
-def sae(site: Site, *, generator: torch.Generator) -> Act:
+def sae(site: Site, *, draws: Draws) -> Act:
     """x <- x_sae (substitution)."""
     return site.x_sae.clone()
 
 
 @register("sae_norm_corrected", deterministic=True)
-def sae_norm_corrected(site: Site, *, generator: torch.Generator) -> Act:
+def sae_norm_corrected(site: Site, *, draws: Draws) -> Act:
     """x_sae rescaled to ||x|| (norm_corrected_substitution): is the gap feature suppression?"""
     return site.x_sae * (site.x.norm(dim=-1, keepdim=True) / site.x_sae.norm(dim=-1, keepdim=True))
 
 
 @register("sae_norm", deterministic=True)
-def sae_norm(site: Site, *, generator: torch.Generator) -> Act:
+def sae_norm(site: Site, *, draws: Draws) -> Act:
     """x rescaled to ||x_sae|| (cos_corrected_substitution, the post's SAE-norm substitution)."""
     return site.x * (site.x_sae.norm(dim=-1, keepdim=True) / site.x.norm(dim=-1, keepdim=True))
 
 
 @register("eps_random")
-def eps_random(site: Site, *, generator: torch.Generator, scale: float = 1.0) -> Act:
+def eps_random(site: Site, *, draws: Draws, scale: float = 1.0) -> Act:
     """x + eps * u, u uniform on the unit sphere, eps = ||x_sae - x|| (l2_error_preserving_substitution);
     `scale` multiplies the distance (`sae_scaled`'s baseline)."""
-    return site.x + scale * site.eps.unsqueeze(-1) * random_unit(site.x, generator)
+    return site.x + scale * site.eps.unsqueeze(-1) * random_unit(site.x, draws)
 
 
 @register("sae_scaled", deterministic=True)
-def sae_scaled(site: Site, *, generator: torch.Generator | None, scale: float = 1.0) -> Act:
+def sae_scaled(site: Site, *, draws: Draws | None, scale: float = 1.0) -> Act:
     """x + scale * (x_sae - x): the SAE's error shrunk (or grown) along its own direction; scale 1 is `sae`."""
     return site.x + scale * (site.x_sae - site.x)
 
 
-@register("eps_random_like")
-def eps_random_like(site: Site, *, generator: torch.Generator, of: str, **params: Any) -> Act:
+@register("eps_random_like", shares_draws_of="eps_random")
+def eps_random_like(site: Site, *, draws: Draws, of: str, **params: Any) -> Act:
     """x + ||x' - x|| * u with x' the deterministic intervention `of` (with `params`): a random error as large as
-    that splice's own (u is the direction `eps_random` draws from the same generator)."""
+    that splice's own (u is the direction `eps_random` draws: the same stream)."""
     if not is_deterministic(of):
         raise ValueError(f"eps_random_like(of={of!r}) needs a deterministic intervention; deterministic ones: "
                          f"{sorted(_DETERMINISTIC)}")
-    x_other = get(of)(site, generator=None, **params)
-    return site.x + (x_other - site.x).norm(dim=-1, keepdim=True) * random_unit(site.x, generator)
+    x_other = get(of)(site, draws=None, **params)
+    return site.x + (x_other - site.x).norm(dim=-1, keepdim=True) * random_unit(site.x, draws)
 
 
-def _theta_random(site: Site, generator: torch.Generator, cos: Tensor | float | None = None) -> Act:
+def _theta_random(site: Site, draws: Draws, cos: Tensor | float | None = None) -> Act:
     """A unit vector whose cosine to x equals `cos` (default: cos(x, x_sae)), its orthogonal part uniform at
     random."""
     x_hat = _unit(site.x)
     if cos is None:
         cos = (x_hat * _unit(site.x_sae)).sum(-1, keepdim=True)
     cos = torch.as_tensor(cos, dtype=x_hat.dtype, device=x_hat.device)
-    g = _gaussian(site.x, generator)
+    g = draws.normal(site.x)
     ortho = _unit(g - (g * x_hat).sum(-1, keepdim=True) * x_hat)
     return cos * x_hat + (1 - cos**2).clamp_min(0).sqrt() * ortho
 
 
 @register("theta_random_sae_norm")
-def theta_random_sae_norm(site: Site, *, generator: torch.Generator) -> Act:
+def theta_random_sae_norm(site: Site, *, draws: Draws) -> Act:
     """Same cosine to x as x_sae, norm ||x_sae|| (cos_preserving_substitution_w_sae_norm)."""
-    return _theta_random(site, generator) * site.x_sae.norm(dim=-1, keepdim=True)
+    return _theta_random(site, draws) * site.x_sae.norm(dim=-1, keepdim=True)
 
 
 @register("theta_random_true_norm")
-def theta_random_true_norm(site: Site, *, generator: torch.Generator) -> Act:
+def theta_random_true_norm(site: Site, *, draws: Draws) -> Act:
     """Same cosine to x as x_sae, norm ||x|| (cos_preserving_substitution_w_true_norm)."""
-    return _theta_random(site, generator) * site.x.norm(dim=-1, keepdim=True)
+    return _theta_random(site, draws) * site.x.norm(dim=-1, keepdim=True)
 
 
 @register("theta_random_cos")
-def theta_random_cos(site: Site, *, generator: torch.Generator, cos: float) -> Act:
+def theta_random_cos(site: Site, *, draws: Draws, cos: float) -> Act:
     """A random direction at cosine `cos` to x, norm ||x||: one point of a robustness curve, KL against the
     cosine to the clean activation at a fixed norm (Logan Riggs' curves in seed 001)."""
     if not -1.0 <= cos <= 1.0:
         raise ValueError(f"cos={cos!r} must lie in [-1, 1]")
-    return _theta_random(site, generator, cos) * site.x.norm(dim=-1, keepdim=True)
+    return _theta_random(site, draws, cos) * site.x.norm(dim=-1, keepdim=True)
 
 
 def orthogonal_error(site: Site) -> Float[Tensor, "... d"]:
@@ -271,55 +276,55 @@ def orthogonal_error(site: Site) -> Float[Tensor, "... d"]:
 
 
 @register("sae_orthogonal", deterministic=True)
-def sae_orthogonal(site: Site, *, generator: torch.Generator) -> Act:
+def sae_orthogonal(site: Site, *, draws: Draws) -> Act:
     """x + the SAE error's part orthogonal to x: the splice without its shrinkage along x, which a following
     LayerNorm largely undoes and which flatters heavily shrunk SAEs (e.g. end-to-end ones)."""
     return site.x + orthogonal_error(site)
 
 
 @register("eps_random_orthogonal")
-def eps_random_orthogonal(site: Site, *, generator: torch.Generator) -> Act:
+def eps_random_orthogonal(site: Site, *, draws: Draws) -> Act:
     """x + ||e_perp|| * u, u a random unit direction orthogonal to x: `sae_orthogonal`'s random baseline."""
     x_hat = _unit(site.x)
-    g = _gaussian(site.x, generator)
+    g = draws.normal(site.x)
     u = _unit(g - (g * x_hat).sum(-1, keepdim=True) * x_hat)
     return site.x + orthogonal_error(site).norm(dim=-1, keepdim=True) * u
 
 
 @register("zero", constant=True)
-def zero(site: Site, *, generator: torch.Generator) -> Act:
+def zero(site: Site, *, draws: Draws) -> Act:
     """Zero ablation (zero_ablation)."""
     return torch.zeros_like(site.x)
 
 
 @register("mean", constant=True)
-def mean(site: Site, *, generator: torch.Generator) -> Act:
+def mean(site: Site, *, draws: Draws) -> Act:
     """Mean ablation (mean_ablation): the hook's mean activation over a reference set of tokens."""
     return site.mean.expand_as(site.x).clone()
 
 
-def latent_delta(site: Site, generator: torch.Generator, scale: float) -> Float[Tensor, "... d"]:
+def latent_delta(site: Site, draws: Draws, scale: float) -> Float[Tensor, "... d"]:
     """The change in x_sae when each active latent f_i is multiplied by exp(scale * z_i), z_i ~ N(0, 1).
 
     A multiplicative log-normal factor keeps every active latent positive and every inactive one zero,
     so the support (and L0) are kept, as seed 004's prediction requires.
     """
-    z = _gaussian(site.latents, generator)
+    z = draws.normal(site.latents)
     new_latents = site.latents * torch.exp(scale * z)
     return (new_latents - site.latents) @ site.W_dec
 
 
 @register("latent_perturb")
-def latent_perturb(site: Site, *, generator: torch.Generator, scale: float = 0.1) -> Act:
+def latent_perturb(site: Site, *, draws: Draws, scale: float = 0.1) -> Act:
     """Decode the active latents perturbed (support and L0 kept): x_sae + delta (seed 004)."""
-    return site.x_sae + latent_delta(site, generator, scale)
+    return site.x_sae + latent_delta(site, draws, scale)
 
 
-@register("sae_plus_random")
-def sae_plus_random(site: Site, *, generator: torch.Generator, scale: float = 0.1) -> Act:
+@register("sae_plus_random", shares_draws_of="latent_perturb")
+def sae_plus_random(site: Site, *, draws: Draws, scale: float = 0.1) -> Act:
     """x_sae + a uniformly random vector of the norm of `latent_perturb`'s change (same draws, same seed)."""
-    norm = latent_delta(site, generator, scale).norm(dim=-1, keepdim=True)
-    return site.x_sae + norm * random_unit(site.x, generator)
+    norm = latent_delta(site, draws, scale).norm(dim=-1, keepdim=True)
+    return site.x_sae + norm * random_unit(site.x, draws)
 
 
 def _signed(c: int) -> int:
@@ -346,10 +351,10 @@ DENSE_TRIES = 16
 """Candidates tried per row by `uniform_choice(dense=True)` before the sparse rule."""
 
 
-def uniform_choice(allowed: Tensor, generator: torch.Generator, *, dense: bool = False) -> Tensor:
+def uniform_choice(allowed: Tensor, draws: Draws, *, dense: bool = False) -> Tensor:
     """One allowed index per row of `allowed` ([..., d] bool), uniformly at random; index 0 where none is.
 
-    The generator draws one 64-bit key per row; everything else is a hash of (key, counter). Sparse rows
+    `draws` gives one 64-bit key per row; everything else is a hash of (key, counter). Sparse rows
     (`dense=False`): the allowed index of highest score hash(key, index), scored on the allowed entries only.
     Dense rows (`dense=True`, most indices allowed): the first allowed of the candidates hash(key, t) mod d,
     t = 0, 1, ... (a rejection sampler; a row whose first DENSE_TRIES candidates are all refused takes the sparse
@@ -357,12 +362,11 @@ def uniform_choice(allowed: Tensor, generator: torch.Generator, *, dense: bool =
     one leaves the choice unchanged, so a latent at the edge of being active, which rounding can flip between
     two equal computations, changes the choice only in the rare case that it ranks first.
 
-    Written here because the library samplers draw d numbers per row from the generator (torch.multinomial, or
+    Written here because the library samplers draw d numbers per row from a generator (torch.multinomial, or
     uniform scores over all latents: 17 ms per sequence at 24,576 latents on the CPU) and are not stable."""
     shape, d = allowed.shape[:-1], allowed.shape[-1]
     allowed = allowed.reshape(-1, d)
-    keys = _to(torch.randint(-2**63, 2**63 - 1, (len(allowed),), generator=generator, dtype=torch.int64,
-                             device=generator.device), allowed.device)
+    keys = draws.bits(shape, allowed.device).reshape(-1)
     pick = torch.zeros_like(keys)
     todo = torch.ones_like(keys, dtype=torch.bool)
     if dense:
@@ -383,7 +387,7 @@ def uniform_choice(allowed: Tensor, generator: torch.Generator, *, dense: bool =
 
 
 @register("feature_aligned")
-def feature_aligned(site: Site, *, generator: torch.Generator, which: str = "active") -> Act:
+def feature_aligned(site: Site, *, draws: Draws, which: str = "active") -> Act:
     """x + eps * (+/- a unit decoder direction): seed 004's "spikes along feature directions" test.
 
     `which="active"` picks, per token, one of its active latents uniformly (a token with none falls back
@@ -398,8 +402,8 @@ def feature_aligned(site: Site, *, generator: torch.Generator, which: str = "act
         allowed = ~active
     else:
         allowed = torch.ones_like(active)
-    pick = uniform_choice(allowed, generator, dense=which != "active")
-    sign = _to(torch.randint(0, 2, pick.shape, generator=generator, device=generator.device), site.x.device)
+    pick = uniform_choice(allowed, draws, dense=which != "active")
+    sign = draws.integers(2, pick.shape, site.x.device)
     directions = _unit(site.W_dec[pick]) * (2 * sign - 1).to(site.x.dtype).unsqueeze(-1)
     return site.x + site.eps.unsqueeze(-1) * directions
 
@@ -410,45 +414,45 @@ _NFM = "saenb.studies.nfm.fit(loaded, hooks, tokens, cfg).intervention"
 
 
 @register("cov_random", fitted_by=_BASELINES.format(name="cov_random"))
-def cov_random(site: Site, *, generator: torch.Generator, key: str, fitted) -> Act:
+def cov_random(site: Site, *, draws: Draws, key: str, fitted) -> Act:
     """x + eps * u, u ~ N(0, Sigma) scaled to length 1, Sigma the held-in activations' covariance at the hook
     (`fitted.variances`, `fitted.components`: its eigendecomposition; `key` names the fit)."""
-    g = random_unit(site.x, generator)  # a Gaussian's direction; its length cancels in the normalisation
+    g = random_unit(site.x, draws)  # a Gaussian's direction; its length cancels in the normalisation
     u = (g * fitted.variances.sqrt().to(g.dtype)) @ fitted.components.T.to(g.dtype)
     return site.x + site.eps.unsqueeze(-1) * u / u.norm(dim=-1, keepdim=True)
 
 
 @register("error_shuffled", fitted_by=_BASELINES.format(name="error_shuffled"))
-def error_shuffled(site: Site, *, generator: torch.Generator, key: str, fitted) -> Act:
+def error_shuffled(site: Site, *, draws: Draws, key: str, fitted) -> Act:
     """x + eps * the unit SAE-error direction of a held-in token drawn uniformly from the fit's bank
     (`fitted.bank`)."""
     bank = fitted.bank
-    pick = torch.randint(0, len(bank), site.x.shape[:-1], generator=generator, device=generator.device)
+    pick = draws.integers(len(bank), site.x.shape[:-1], bank.device)
     return site.x + site.eps.unsqueeze(-1) * bank.to(site.x.dtype)[pick.to(bank.device)]
 
 
 @register("sae_plus_linear", deterministic=True, fitted_by=_BASELINES.format(name="sae_plus_linear"))
-def sae_plus_linear(site: Site, *, generator: torch.Generator | None, key: str, fitted) -> Act:
+def sae_plus_linear(site: Site, *, draws: Draws | None, key: str, fitted) -> Act:
     """x_sae + (x A + b): the error's linear part restored, its nonlinear part n left (`fitted.linear_part`)."""
     return site.x_sae + fitted.linear_part(site.x)
 
 
 @register("sae_plus_nonlinear", deterministic=True, fitted_by=_BASELINES.format(name="sae_plus_nonlinear"))
-def sae_plus_nonlinear(site: Site, *, generator: torch.Generator | None, key: str, fitted) -> Act:
+def sae_plus_nonlinear(site: Site, *, draws: Draws | None, key: str, fitted) -> Act:
     """x_sae + n = x - (x A + b): the error's nonlinear part restored, its linear part left."""
     return site.x - fitted.linear_part(site.x)
 
 
 @register("sae_nfm", deterministic=True, fitted_by=_NFM)
-def sae_nfm(site: Site, *, generator: torch.Generator | None, key: str, fitted, variant: str = "both") -> Act:
+def sae_nfm(site: Site, *, draws: Draws | None, key: str, fitted, variant: str = "both") -> Act:
     """x_sae + NFM(latents) (seed 003's "feature integration"): `fitted` is the hook's NFM, `key` names the NFMs
     trained together (`variant` is recorded in the label only)."""
     return site.x_sae + fitted(site.latents).to(site.x_sae.dtype)
 
 
-@register("nfm_eps_random", fitted_by=_NFM)
-def nfm_eps_random(site: Site, *, generator: torch.Generator, key: str, fitted, variant: str = "both") -> Act:
+@register("nfm_eps_random", fitted_by=_NFM, shares_draws_of="eps_random")
+def nfm_eps_random(site: Site, *, draws: Draws, key: str, fitted, variant: str = "both") -> Act:
     """x + ||x_hat - x|| * u with x_hat = x_sae + NFM(latents): a random error as large as the SAE + NFM
-    splice's own (u is the direction `eps_random` draws from the same generator)."""
-    x_hat = sae_nfm(site, generator=None, key=key, fitted=fitted, variant=variant)
-    return site.x + (x_hat - site.x).norm(dim=-1, keepdim=True) * random_unit(site.x, generator)
+    splice's own (u is the direction `eps_random` draws: the same stream)."""
+    x_hat = sae_nfm(site, draws=None, key=key, fitted=fitted, variant=variant)
+    return site.x + (x_hat - site.x).norm(dim=-1, keepdim=True) * random_unit(site.x, draws)

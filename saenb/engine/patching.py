@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import math
 import numbers
 from typing import Literal
@@ -55,6 +54,7 @@ from transformer_lens.utilities.activation_functions import apply_softcap
 
 from saenb.checks import UsageError, positive_int
 from saenb.engine import interventions as iv
+from saenb.engine.draws import Draws
 from saenb.engine.graphs import captured_blocks
 from saenb.engine.kernels import CLEAN_ATTENTION_HOOKS, CleanAttention, SharedPrefix, fused_kernels
 from saenb.engine.metrics import (
@@ -198,12 +198,6 @@ def check_sizes(**sizes) -> None:
         positive_int(name, value)
 
 
-def generator_for(seed: int, hook: str, seq: int) -> torch.Generator:
-    """The CPU generator of one (seed, hook, sequence): draws do not depend on batching or device."""
-    digest = hashlib.sha256(f"{seed}/{hook}/{seq}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
 def hook_means(loaded: Loaded, hooks, tokens: Tensor) -> dict[str, Float[Tensor, "d"]]:
     """Mean clean activation at each hook over the first MEAN_REFERENCE_SEQS sequences, special tokens excluded."""
     ref = tokens[:MEAN_REFERENCE_SEQS].to(loaded.device)
@@ -231,30 +225,51 @@ def means_for(loaded: Loaded, req: Request, tokens: Tensor,
     return dict.fromkeys(req.hooks)
 
 
-def perturb(loaded: Loaded, req: Request, hook: str, x: Float[Tensor, "b p d"], seqs: list[int],
-            mean: Float[Tensor, "d"] | None) -> tuple[Float[Tensor, "b k n p d"], dict[str, Tensor]]:
-    """Every intervention's patched activations at the candidate positions, and the tokens' geometry.
+DRAW_ELEMENTS = 1 << 24
+"""At most this many numbers are drawn by one call of a random intervention (`perturb` splits the sequences to keep
+to it: an all-token `latent_perturb` at 24,576 latents draws that many per token)."""
 
-    Each sequence draws from its own generator, restarted for every intervention, so equally-seeded
-    interventions share their draws (`latent_perturb` / `sae_plus_random`).
+
+def perturb(loaded: Loaded, req: Request, hook: str, x: Float[Tensor, "b p d"], seqs: list[int],
+            mean: Float[Tensor, "d"] | None, positions=None) -> tuple[Float[Tensor, "b k n p d"], dict[str, Tensor]]:
+    """Every intervention's patched activations at the candidate positions (`positions`, default `req.patch`: the
+    token positions of x's second axis), and the tokens' geometry.
+
+    Random interventions draw from counter-based streams (`saenb.engine.draws.Draws`) keyed by (seed, hook, the
+    intervention's `stream`) and counted by (sequence, position, sample): the draws are made on x's device, in one
+    call over every sequence of the batch, and do not depend on batching, chunking or device.
     """
     sae = loaded.saes[hook]
     latents = sae.encode(x)
     x_sae = sae.decode(latents)
     W_dec = sae.W_dec.detach()
     n = req.n_samples
-    out = torch.empty((x.shape[0], len(req.specs), n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    b, p = x.shape[:2]
+    positions = req.patch if positions is None else positions
+    if len(positions) != p:
+        raise ValueError(f"perturb: {len(positions)} positions for activations at {p}")
+    out = torch.empty((b, len(req.specs), n, *x.shape[1:]), dtype=x.dtype, device=x.device)
     random = [k for k, spec in enumerate(req.specs) if not iv.is_deterministic(spec.name)]
-    # deterministic interventions see every sequence at once (the draws of random ones are per sequence)
+    # deterministic interventions see every sequence at once, without a samples axis
     whole = iv.Site(x, x_sae, latents, W_dec, mean, hook)
     for k, spec in enumerate(req.specs):
         if k not in random:
             out[:, k] = spec(whole, None).unsqueeze(1)
-    for b, seq in enumerate(seqs):
-        site = iv.Site(x[b].expand(n, *x.shape[1:]), x_sae[b].expand(n, *x.shape[1:]),
-                       latents[b].expand(n, *latents.shape[1:]), W_dec, mean, hook)
-        for k in random:
-            out[b, k] = req.specs[k](site, generator_for(req.seed, hook, seq))
+    if random:
+        dev = x.device
+        seq = torch.as_tensor(seqs, dtype=torch.int64, device=dev).view(b, 1, 1)
+        pos = torch.as_tensor(positions, dtype=torch.int64, device=dev).view(1, 1, p)
+        sample = torch.arange(n, device=dev).view(1, n, 1)
+        step = max(1, DRAW_ELEMENTS // (n * p * max(latents.shape[-1], x.shape[-1])))
+        for s0 in range(0, b, step):
+            s1 = min(b, s0 + step)
+            rows = (s1 - s0, n, p)
+            site = iv.Site(x[s0:s1, None].expand(*rows, -1), x_sae[s0:s1, None].expand(*rows, -1),
+                           latents[s0:s1, None].expand(*rows, -1), W_dec, mean, hook)
+            for k in random:
+                spec = req.specs[k]
+                draws = Draws(req.seed, hook, iv.stream(spec.name), seq=seq[s0:s1], pos=pos, sample=sample)
+                out[s0:s1, k] = spec(site, draws)
     geo = geometry(x, x_sae, latents)
     geo["dist_sae"] = (out - x_sae[:, None, None]).norm(dim=-1)  # [b, k, n, p]: how far each splice is from x_sae
     return out, geo

@@ -11,8 +11,9 @@ part (or a finished result) that cannot be read, whose bytes do not match its ch
 configuration is reported in one line (a `saenb.engine.store` log warning) and computed again.
 
 A request whose hooks and interventions are a subset of a finished result's (everything else equal) is
-read from that result: each (hook, intervention) draws from its own generator (`patching.perturb`), so its
-rows do not depend on what else was measured with it. Notebook 04 reads notebook 01's measurements this way.
+read from that result: each (hook, intervention) draws from its own counter-based stream, keyed by sequence,
+position and sample (`patching.perturb`), so its rows do not depend on what else was measured with it. Notebook 04
+reads notebook 01's measurements this way.
 """
 
 from __future__ import annotations

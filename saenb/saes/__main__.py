@@ -1,6 +1,8 @@
-"""`python -m saenb.saes {list,build,commit}`: the declared SAE sets, trained and committed.
+"""`python -m saenb.saes {list,cache,build,commit}`: the declared SAE sets, trained and committed.
 
     python -m saenb.saes list --set fixes               # each spec, its key and where it is stored
+    python -m saenb.saes cache --set fixes --preset smollm2-135m   # the set's activation caches, whole (resumable;
+                                                        # a real model's long pass, run ahead in the background)
     python -m saenb.saes build --set fixes              # train what is stored nowhere (resumable)
     python -m saenb.saes build --set fixes --evaluate   # and record sae_lens run_evals quality figures
     python -m saenb.saes commit --set fixes             # copy the set's locally trained SAEs into the bundle
@@ -17,16 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-from saenb.checks import UsageError
+from saenb.checks import UsageError, positive_int
 from saenb.models.presets import TINY_STDLIB, Preset, PresetError, register_preset
-from saenb.saes import cluster, library, sets
+from saenb.saes import activations, cluster, library, sets
 from saenb.saes.quality import evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m saenb.saes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("list", "build", "commit"))
+    parser.add_argument("command", choices=("list", "cache", "build", "commit"))
     parser.add_argument("--set", dest="name", default="fixes", help=f"one of {sorted(sets.SETS)}")
     parser.add_argument("--preset", default="tiny-stdlib", help="a registered bundle preset, or a name for --bundle")
     parser.add_argument("--bundle", default=None,
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", default=None, help="comma-separated groups of the set (default: all)")
     parser.add_argument("--evaluate", action="store_true", help="record run_evals quality in each record.json")
     parser.add_argument("--commit", action="store_true", help="with build: copy what it trained into the bundle")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="with cache: only the first N shards of each cache (1,024 contexts each)")
     parser.add_argument("--ray", default=None, metavar="auto|ADDRESS",
                         help="with build: train the specs on a Ray cluster, one spec per task ('auto': join a "
                              "running cluster or start one here)")
@@ -52,10 +56,18 @@ def main(argv: list[str] | None = None) -> int:
             if groups - set(known):
                 raise UsageError(f"--groups {sorted(groups - set(known))}: set {args.name!r} has groups {known}")
             chosen = [n for n in chosen if n.group in groups]
+        if args.shards is not None:
+            positive_int("--shards", args.shards)
         if args.ray and importlib.util.find_spec("ray") is None:
             raise UsageError("--ray needs Ray: pip install -e '.[ray]' (or drop --ray to train here)")
     except (ValueError, PresetError) as exc:
         parser.error(str(exc))
+    if args.command == "cache":  # one pass per (model, hook, data_seed): SAEs that differ otherwise share it
+        for spec in {(n.spec.model, n.spec.hook, n.spec.data_seed): n.spec for n in reversed(chosen)}.values():
+            t0 = time.time()
+            where = activations.complete(spec, args.shards)
+            print(f"{spec.model} {spec.hook} seed {spec.data_seed}: {where} ({time.time() - t0:.0f} s)", flush=True)
+        return 0
     if args.command == "build" and args.ray:
         cluster.build_specs([n.spec for n in chosen], address=args.ray)  # then the loop below finds them
     for named in chosen:

@@ -158,6 +158,19 @@ def activation_cache(spec: SAESpec, *, batch_size: int = 16, progress: bool = Tr
     return final
 
 
+def complete(spec: SAESpec, n_shards: int | None = None, *, batch_size: int = 16, progress: bool = True) -> Path:
+    """The whole cache of spec's hook (and its `siblings`): every shard computed (resuming), then consolidated; with
+    `n_shards`, only the first ones, returned as a view (`python -m saenb.saes cache`: the long pass of a real model,
+    run ahead of the trainings, in the background)."""
+    hooks = fill(spec, n_shards, batch_size=batch_size, progress=progress)
+    total = math.ceil(len(_held(spec)) / SHARD_CONTEXTS)
+    if n_shards is not None and n_shards < total:
+        return _view(spec, n_shards)
+    for h in hooks:
+        _consolidate(dataclasses.replace(spec, hook=h))
+    return cache_dir(spec)
+
+
 def _shard_name(start: int) -> str:
     return f"shard_{start // SHARD_CONTEXTS:05d}"
 

@@ -87,11 +87,12 @@ def _row(df: pd.DataFrame, num: str, den: str, ce_zero: float, seed: int, orthog
 
 
 def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fit_tokens: torch.Tensor | None = None,
-             nfm_cfg: nfm.NFMConfig = nfm.NFMConfig(), seed: int = 0, train: bool = False,
+             nfm_cfg: nfm.NFMConfig = nfm.NFMConfig(), seed: int = 0, missing: str = "error",
              progress: bool = True) -> pd.DataFrame:
     """One row per SAE of `named` (all at one hook) and, with `fit_tokens`, per NFM fix of the base SAE (the set's
-    "base" entry; trained on `fit_tokens`). SAEs not stored anywhere are trained when `train`, else an error
-    names the command that trains them.
+    "base" entry; trained on `fit_tokens`). SAEs stored nowhere (`missing`): "error" names the command that trains
+    them; "train" trains them here; "skip" scores the others and lists the skipped ones in `table.attrs["missing"]`
+    (a sweep still being trained, as the real model's).
 
     Columns: name, group, key, base (the SAE a fix starts from, else ""), l0, explained_variance,
     error_along_x, norm_ratio, kl_sae (the splice's mean KL), kl_eps_random, ratio, ratio_ci_low, ratio_ci_high,
@@ -105,10 +106,17 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
     if len(hooks) != 1:
         raise ValueError(f"fixes.evaluate compares SAEs at one hook; got {sorted(hooks)}")
     hook = hooks.pop()
-    missing = [n.name for n in named if saes.find(n.spec) is None]
-    if missing and not train:
-        raise saes.SpecError(f"SAEs {missing} are stored nowhere: train them with `python -m saenb.saes build "
-                             f"--set fixes --preset {named[0].spec.preset}` (or pass train=True)")
+    if missing not in ("error", "train", "skip"):
+        raise ValueError(f"missing={missing!r} must be 'error', 'train' or 'skip'")
+    absent = [n.name for n in named if saes.find(n.spec) is None]
+    if absent and missing == "error":
+        raise saes.SpecError(f"SAEs {absent} are stored nowhere: train them with `python -m saenb.saes build "
+                             f"--set fixes --preset {named[0].spec.preset}` (or pass missing='train', or 'skip')")
+    if missing == "skip":
+        named = [n for n in named if n.name not in absent]
+        if not any(n.name == "base" for n in named):
+            raise saes.SpecError(f"the set's base SAE is stored nowhere: nothing to compare against; train it with "
+                                 f"`python -m saenb.saes build --set fixes --preset {loaded.preset.name}`")
     zero = measure_cached(loaded, [hook], ["zero"], tokens, seed=seed, progress=False)
     ce_zero = zero["ce_patched"].mean()
     x = hook_activations(loaded, hook, tokens)
@@ -145,7 +153,9 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
                          **_row(df, trained.intervention.label, trained.eps_intervention.label, ce_zero, seed,
                                 orthogonal=False)})
     table = pd.DataFrame(rows).merge(describe(named).drop(columns=["group", "key"]), on="name", how="left")
-    return _with_seed_intervals(table, seed_points, per_seq, seed)
+    table = _with_seed_intervals(table, seed_points, per_seq, seed)
+    table.attrs["missing"] = absent if missing == "skip" else []
+    return table
 
 
 def _with_seed_intervals(table: pd.DataFrame, seed_points: dict[str, str], per_seq: dict[str, pd.DataFrame],
@@ -181,9 +191,9 @@ def fix_effects(table: pd.DataFrame) -> pd.DataFrame:
                      "l0_change": fix.l0 / b.l0 - 1,
                      "l1_curve_ratio": float(np.interp(np.log(fix.l0), np.log(curve.l0), curve.ratio))
                      if len(curve) > 1 else float("nan")})
-    out = pd.DataFrame(rows)
-    if len(out):
-        out["ratio_vs_curve"] = out.fix.map(by_name.ratio) / out.l1_curve_ratio - 1
+    out = pd.DataFrame(rows, columns=["fix", "base", "kl_change", "ratio_change", "ce_delta_change", "ce_gap_change",
+                                      "mse_change", "l0_change", "l1_curve_ratio"])
+    out["ratio_vs_curve"] = out.fix.map(by_name.ratio) / out.l1_curve_ratio - 1
     return out
 
 
@@ -199,7 +209,8 @@ def dose_response(table: pd.DataFrame, groups=ARCHITECTURES) -> pd.DataFrame:
         rows.append({"group": group, "n": len(sub), "l0_low": sub.l0.iloc[0], "l0_high": sub.l0.iloc[-1],
                      "ratio_at_low_l0": sub.ratio.iloc[0], "ratio_at_high_l0": sub.ratio.iloc[-1],
                      "spearman_ratio_l0": rho})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["group", "n", "l0_low", "l0_high", "ratio_at_low_l0", "ratio_at_high_l0",
+                                       "spearman_ratio_l0"])
 
 
 # ------------------------------------------------------------------------------- notebook 08's frames
@@ -290,7 +301,6 @@ def readings(table: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
     eff = effects.set_index("fix")
     pct = lambda v: f"{v:+.0%}"  # noqa: E731
     fixed = table[table.base != ""].set_index("name")
-    best, overlapping = rd.largest(-fixed.ratio, -fixed.ratio_ci_high, -fixed.ratio_ci_low)
     braun = literature.BRAUN_RATIO.value
     karvonen, wright, claflin = (literature.KARVONEN_CE_GAP_CUT.value, literature.WRIGHT_SHARKEY_PPL_CUT.value,
                                  literature.CLAFLIN_NFM.value["kl_reduction"])
@@ -308,19 +318,35 @@ def readings(table: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
                  holds=bool(len(falls)) and (falls.spearman_ratio_l0 < 0).all(),
                  published=f"local SAEs {braun['local (L0 43)']} at L0 43 to {braun['local (L0 513)']} at L0 513, "
                            "GPT-2 small layer 6 (Braun et al. 2024)"),
-        rd.claim("each fix against the base SAE (KL / ratio / CE-delta gap to eps-random / MSE / L0)", "; ".join(
-            f"{f}: {pct(e.kl_change)} / {pct(e.ratio_change)} / {pct(e.ce_gap_change)} / {pct(e.mse_change)} / "
-            f"{pct(e.l0_change)}" for f, e in eff.iterrows()),
-            published=f"KL + MSE fine-tuning cuts the CE-delta gap {karvonen[0]:.0%}-{karvonen[1]:.0%} (Karvonen "
-                      f"2025); the suppression fine-tune the perplexity increase {wright:.0%} (Wright & Sharkey); the "
-                      f"NFM the KL {claflin:.0%} (seed 003)"),
-        rd.claim("each fix's ratio against a plain ReLU + L1 SAE of its own L0 (the sweep's curve)", "; ".join(
-            f"{f} {e.ratio_vs_curve:+.0%}" for f, e in eff.iterrows() if e.ratio_vs_curve == e.ratio_vs_curve)),
-        rd.claim("one fix cuts the ratio most (its CI clears every other fix's)",
-                 f"{rd.overlap(best, overlapping)}: ratio {fixed.ratio[best]:.2f} [{fixed.ratio_ci_low[best]:.2f}, "
-                 f"{fixed.ratio_ci_high[best]:.2f}], {pct(eff.ratio_change[best])} against the base",
-                 holds=not overlapping),
     ]
+    if len(fixed):
+        best, overlapping = rd.largest(-fixed.ratio, -fixed.ratio_ci_high, -fixed.ratio_ci_low)
+        rows += [
+            rd.claim("each fix against the base SAE (KL / ratio / CE-delta gap to eps-random / MSE / L0)", "; ".join(
+                f"{f}: {pct(e.kl_change)} / {pct(e.ratio_change)} / {pct(e.ce_gap_change)} / {pct(e.mse_change)} / "
+                f"{pct(e.l0_change)}" for f, e in eff.iterrows()),
+                published=f"KL + MSE fine-tuning cuts the CE-delta gap {karvonen[0]:.0%}-{karvonen[1]:.0%} "
+                          f"(Karvonen 2025); the suppression fine-tune the perplexity increase {wright:.0%} (Wright & "
+                          f"Sharkey); the NFM the KL {claflin:.0%} (seed 003)"),
+            rd.claim("each fix's ratio against a plain ReLU + L1 SAE of its own L0 (the sweep's curve)", "; ".join(
+                f"{f} {e.ratio_vs_curve:+.0%}" for f, e in eff.iterrows() if e.ratio_vs_curve == e.ratio_vs_curve)),
+            rd.claim("one fix cuts the ratio most (its CI clears every other fix's)",
+                     f"{rd.overlap(best, overlapping)}: ratio {fixed.ratio[best]:.2f} [{fixed.ratio_ci_low[best]:.2f}, "
+                     f"{fixed.ratio_ci_high[best]:.2f}], {pct(eff.ratio_change[best])} against the base",
+                     holds=not overlapping),
+        ]
+    seeds = table[table.n_seeds > 1].drop_duplicates("seed_point") if "n_seeds" in table else table.iloc[:0]
+    for point in seeds.itertuples():
+        own = table.set_index("name").loc[point.seed_point]
+        half = (own.ratio_ci_high - own.ratio_ci_low) / 2
+        rows.append(rd.claim(
+            f"{point.seed_point}: the ratio over its {int(point.n_seeds)} training seeds (bootstrap over seeds, then "
+            "contexts), and the seed-to-seed spread beside one SAE's context CI",
+            f"{point.ratio_seeds:.2f} [{point.ratio_seeds_ci_low:.2f}, {point.ratio_seeds_ci_high:.2f}]; seed-to-seed "
+            f"sd {point.ratio_seed_sd:.3f}, the seed-0 SAE's context CI half-width {half:.3f}"))
+    if table.attrs.get("missing"):
+        rows.append(rd.claim("SAEs of the set stored nowhere yet, left out of this run (`missing='skip'`)",
+                             f"{len(table.attrs['missing'])}: {', '.join(table.attrs['missing'])}"))
     if len(e2e):
         rows.append(rd.claim("end-to-end SAEs (L0, ratio, orthogonal ratio, error energy along x)", "; ".join(
             f"{r['name']}: {r.l0:.0f}, {r.ratio:.2f}, {r.ratio_orthogonal:.2f}, {r.error_along_x:.0%}"

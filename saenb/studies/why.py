@@ -208,7 +208,7 @@ def curvature_interventions(fitted: baselines.Fitted, scales=SCALES
 def _patched(loaded: Loaded, hook: str, specs, tokens: torch.Tensor, x: torch.Tensor, position: int,
              n_samples: int, seed: int) -> torch.Tensor:
     """The engine's own patched activations at `position` [n, k, samples, d] for clean activations `x` [n, d]
-    there (same generators, so the same draws as `measure`)."""
+    there (the same counter-based draws as `measure`)."""
     req = patching.make_request(loaded, hook, specs, tokens, positions=position, n_samples=n_samples, seed=seed)
     with torch.inference_mode():
         patched, _ = patching.perturb(loaded, req, hook, x[:, None].to(loaded.device), list(range(len(tokens))), None)
