@@ -152,8 +152,7 @@ def make_request(
                                  "patching cannot change earlier positions")
     if not measured or any(not 0 <= q < n_ctx for q in measured) or len(set(measured)) != len(measured):
         raise UsageError(f"measure_positions must be distinct positions in 0..{n_ctx - 1}; got {measured}")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise UsageError(f"n_samples={n_samples!r} must be a positive integer")
+    n_samples = positive_int("n_samples", n_samples)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise UsageError(f"seed={seed!r} must be an integer")
     special = () if include_special else tuple(sorted(get_special_token_ids(loaded.model.tokenizer)))

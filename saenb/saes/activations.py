@@ -145,30 +145,23 @@ def activation_cache(spec: SAESpec, *, batch_size: int = 16, progress: bool = Tr
     """The cache folder for spec's (preset, model, hook, data_seed), computed first when missing (together with
     the `siblings` that share its pass): the whole cache once every shard exists, else a view of the first
     `shards_needed` shards (hard links, no copy), so training starts before a long pass has finished."""
-    final = cache_dir(spec)
-    if (final / "state.json").exists():
-        return final
-    n = shards_needed(spec)
-    hooks = fill(spec, n, batch_size=batch_size, progress=progress)
-    total = math.ceil(len(_held(spec)) / SHARD_CONTEXTS)
-    if n < total and len(_shard_list(_shards(final))) < total:
-        return _view(spec, n)
-    for h in hooks:
-        _consolidate(dataclasses.replace(spec, hook=h))
-    return final
+    return complete(spec, shards_needed(spec), batch_size=batch_size, progress=progress)
 
 
 def complete(spec: SAESpec, n_shards: int | None = None, *, batch_size: int = 16, progress: bool = True) -> Path:
-    """The whole cache of spec's hook (and its `siblings`): every shard computed (resuming), then consolidated; with
-    `n_shards`, only the first ones, returned as a view (`python -m saenb.saes cache`: the long pass of a real model,
-    run ahead of the trainings, in the background)."""
+    """The cache of spec's hook (and its `siblings`): its first `n_shards` shards (all when None) computed where
+    missing, then, once every shard exists, consolidated into the whole cache; until then a view of the first
+    `n_shards` (`python -m saenb.saes cache`: a real model's long pass, run ahead of the trainings)."""
+    final = cache_dir(spec)
+    if (final / "state.json").exists():
+        return final
     hooks = fill(spec, n_shards, batch_size=batch_size, progress=progress)
     total = math.ceil(len(_held(spec)) / SHARD_CONTEXTS)
-    if n_shards is not None and n_shards < total:
+    if n_shards is not None and n_shards < total and len(_shard_list(_shards(final))) < total:
         return _view(spec, n_shards)
     for h in hooks:
         _consolidate(dataclasses.replace(spec, hook=h))
-    return cache_dir(spec)
+    return final
 
 
 def _shard_name(start: int) -> str:

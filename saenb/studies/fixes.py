@@ -295,7 +295,8 @@ def arrows(table: pd.DataFrame) -> pd.DataFrame:
 
 def readings(table: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
     """Notebook 08's verdicts, from `evaluate` and `fix_effects`."""
-    base = table.set_index("name").loc["base"]
+    by_name = table.set_index("name")
+    base = by_name.loc["base"]
     dose = dose_response(table)
     falls = dose[dose.n > 2]
     eff = effects.set_index("fix")
@@ -337,7 +338,7 @@ def readings(table: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
         ]
     seeds = table[table.n_seeds > 1].drop_duplicates("seed_point") if "n_seeds" in table else table.iloc[:0]
     for point in seeds.itertuples():
-        own = table.set_index("name").loc[point.seed_point]
+        own = by_name.loc[point.seed_point]
         half = (own.ratio_ci_high - own.ratio_ci_low) / 2
         rows.append(rd.claim(
             f"{point.seed_point}: the ratio over its {int(point.n_seeds)} training seeds (bootstrap over seeds, then "
