@@ -71,11 +71,14 @@ bundle-smollm2: smollm2
 
 # The real model at depth (issue 33, notebooks 08 and 09 on smollm2-135m): the layer-15 activation cache of the whole
 # training split (one pass, ~5 h on one core; resumable shard by shard), then the sweep, seeds and fixes of
-# `sets.get("fixes", "smollm2-135m")` (each SAE ~10-15 min on one core, 2M tokens), committed into the bundle.
+# `sets.get("fixes", "smollm2-135m")` (each SAE ~10-15 min on one core, 2M tokens), then each point committed into
+# the bundle: its record and its measurements on notebook 08's contexts, its weights only where
+# `sets.WEIGHTS_COMMITTED` lists it (notebook 08 recomputes those and reads the others).
 # Both steps resume: what exists is neither recomputed nor retrained. Run it in the background, pinned to a core.
 sweep-smollm2: smollm2
 	$(BIN)/python -m saenb.saes cache --set fixes --preset smollm2-135m
-	$(BIN)/python -m saenb.saes build --set fixes --preset smollm2-135m --commit
+	$(BIN)/python -m saenb.saes build --set fixes --preset smollm2-135m
+	$(BIN)/python -m saenb sweep --preset smollm2-135m
 
 clean-results:
 	rm -rf data/results figures data/runs/tiny-stdlib

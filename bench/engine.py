@@ -278,7 +278,7 @@ def main() -> None:
     parser.add_argument("--sample-seqs", type=int, default=8, help="sequences for the many-sample mode")
     parser.add_argument("--repeats", type=int, default=3, help="timings per path (the median and spread shown)")
     parser.add_argument("--memory-seqs", type=int, default=16,
-                        help="peak memory is measured at this many sequences and 4x as many")
+                        help="peak memory is measured at this many sequences and 4x as many (0: not measured)")
     parser.add_argument("--memory-mb", type=int, default=None,
                         help="the fast path's memory budget per chunk of patched forwards (default: measure's)")
     parser.add_argument("--profile", choices=("all-token", "single-token", "sample"), default=None,
@@ -357,17 +357,18 @@ def main() -> None:
     # glibc keeps freed blocks mapped, so RSS would show the high-water mark of fragmentation rather than of
     # live memory: the workers allocate anything above 64 KiB with mmap and trim on free.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    print(f"\nfast all-token peak {'device' if loaded.device.type == 'cuda' else 'resident'} memory above the "
-          "loaded model (fresh process each):")
-    print(f"  {'sequences':>9} {'tokens':>7} {'peak MiB':>9} {'frame MiB':>10} {'peak - frame':>13}")
-    for n in (args.memory_seqs, 4 * args.memory_seqs):
-        out = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--device", args.device, "--layers",
-                              *map(str, args.layers), "--interventions", *interventions(args), "--worker", str(n),
-                              *(["--graphs"] if args.graphs else [])], capture_output=True, text=True, check=True,
-                             env=env)
-        got = json.loads(out.stdout.strip().splitlines()[-1])
-        peak, frame = got["peak_bytes"] / 2**20, got["frame_bytes"] / 2**20
-        print(f"  {n:>9} {n * tokens.shape[1]:>7} {peak:>9.1f} {frame:>10.1f} {peak - frame:>13.1f}")
+    if args.memory_seqs > 0:  # --memory-seqs 0 skips the memory measurement
+        print(f"\nfast all-token peak {'device' if loaded.device.type == 'cuda' else 'resident'} memory above the "
+              "loaded model (fresh process each):")
+        print(f"  {'sequences':>9} {'tokens':>7} {'peak MiB':>9} {'frame MiB':>10} {'peak - frame':>13}")
+        for n in (args.memory_seqs, 4 * args.memory_seqs):
+            out = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--device", args.device, "--layers",
+                                  *map(str, args.layers), "--interventions", *interventions(args), "--worker", str(n),
+                                  *(["--graphs"] if args.graphs else [])], capture_output=True, text=True, check=True,
+                                 env=env)
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            peak, frame = got["peak_bytes"] / 2**20, got["frame_bytes"] / 2**20
+            print(f"  {n:>9} {n * tokens.shape[1]:>7} {peak:>9.1f} {frame:>10.1f} {peak - frame:>13.1f}")
 
     # achieved FLOP/s of each mode's fast path (its median time above) vs a plain matmul, same run
     n = matmul_size(loaded.device)

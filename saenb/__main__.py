@@ -1,4 +1,4 @@
-"""Command line: `python -m saenb {presets,reproduce,report,score} ...`."""
+"""Command line: `python -m saenb {presets,reproduce,report,score,sweep} ...`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from saenb.models.presets import get_preset, list_presets
 from saenb.output.report import write_report
 from saenb.output.reproduce import check, reproduce
 from saenb.saes.library import SpecError
-from saenb.studies import scoring
+from saenb.studies import fixes, scoring
 from saenb.studies.pathology import format_table
 
 
@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--ray", default=None, metavar="auto|ADDRESS",
                     help="measure on a Ray cluster: 'auto' joins a running one or starts one here, or its address "
                          "(needs pip install -e '.[ray]')")
+    sw = sub.add_parser("sweep", help="commit a preset's trained sweep points into its bundle (records, "
+                        "measurements, the listed weights)", description=fixes.commit_sweep.__doc__)
+    sw.add_argument("--preset", default="smollm2-135m")
+    sw.add_argument("--set", default="fixes", help="a named SAE set at one hook (saenb.saes.sets)")
+    sw.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
     if args.command == "presets":
@@ -88,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
             return fail(parser.prog, "report", exc)
         for path in paths:
             print(path)
+        return 0
+    if args.command == "sweep":
+        try:
+            get_preset(args.preset)
+            names = fixes.commit_sweep(args.preset, args.set, device=args.device)
+        except USER_ERRORS as exc:
+            return fail(parser.prog, "sweep", exc)
+        print(f"recorded {len(names)} points into the {args.preset} bundle: {', '.join(names) or 'none new'}")
         return 0
     if args.command == "reproduce":
         only = args.only.split(",") if args.only is not None else None

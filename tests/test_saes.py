@@ -7,15 +7,15 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from saenb import saes
 from saenb.engine.metrics import kl_per_token
-from saenb.files import sha256_file
+from saenb.files import __version__, sha256_file
 from saenb.hooks import clean_activations
-from saenb.models import bundle_io
 from saenb.models.data import non_special
 from saenb.models.presets import TINY_STDLIB, Preset, register_preset
 from saenb.saes import activations, library, sets, sources, train
@@ -168,6 +168,44 @@ def test_a_matryoshka_spec_trains_and_loads_for_the_engine(small_preset):
     df = measure(from_model(model, {spec.hook: sae}, n_ctx=tokens.shape[1]), spec.hook, ["sae", "eps_random"],
                  tokens, progress=False)
     assert df.kl.notna().all() and (df.kl >= 0).all() and (df[df.intervention == "sae"].l0 > 0).any()
+
+
+def test_a_point_committed_as_its_record_is_read_as_it_was_measured(small_preset):
+    """`fixes.record` commits a trained point's record and per-context measurements (its weights only when listed);
+    with its weights nowhere, `fixes.evaluate` reads its row from the record, equal to the row it measured."""
+    from saenb.assembly import from_model
+    from saenb.studies import fixes
+
+    relu = SAESpec(preset=small_preset, hook="blocks.1.hook_resid_pre", sparsity=1.0, training_tokens=8192,
+                   batch_tokens=512, data_seed=7)
+    topk = dataclasses.replace(relu, architecture="topk", sparsity=4)
+    named = [sets.NamedSpec("base", "l1", relu), sets.NamedSpec("topk k=4", "topk", topk)]
+    for n in named:
+        saes.load(n.spec, progress=False)
+    held_out = torch.from_numpy(sources.train_contexts(small_preset)[activations.order(relu)[-10:]])
+    tokens, other = held_out[:6], held_out[6:]
+    loaded = from_model(sources.load_model(small_preset), {relu.hook: saes.load(relu)}, n_ctx=tokens.shape[1])
+    measured = fixes.evaluate(loaded, named, tokens, missing="error", progress=False)
+    assert (measured.source == "measured").all()
+    assert fixes.record(loaded, named, tokens, weights=("base",), progress=False) == ["base", "topk k=4"]
+    assert fixes.record(loaded, named, tokens, weights=("base",), progress=False) == []  # resumable: done
+    committed = library.bundle_dir(topk)
+    assert (committed / "record.json").exists() and not (committed / library.WEIGHTS).exists()
+    assert (library.bundle_dir(relu) / library.WEIGHTS).exists()
+    import shutil
+
+    shutil.rmtree(library.local_dir(topk))  # its weights are now nowhere: only its record is committed
+    assert library.find(topk) is None and library.record_only_dir(topk) == committed
+    with pytest.raises(library.SpecError, match="committed as its record only"):
+        saes.load(topk, train=False)
+    read = fixes.evaluate(loaded, named, tokens, missing="error", progress=False)
+    assert list(read.source) == ["measured", f"record (saenb {__version__})"]
+    numbers = [c for c in measured.columns if measured[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(read[numbers], measured[numbers], check_exact=True)
+    # other contexts than the record's: the point is missing, not read
+    with pytest.raises(library.SpecError, match="stored nowhere"):
+        fixes.evaluate(loaded, named, other, missing="error", progress=False)
+    assert fixes.evaluate(loaded, named, other, missing="skip", progress=False).attrs["missing"] == ["topk k=4"]
 
 
 # ----------------------------------------------------------------------------- the fixes' objectives

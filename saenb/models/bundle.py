@@ -531,7 +531,9 @@ class Build:
         return {"activation_passes": passes, "specs": {
             folder: {"hook": rec["spec"]["hook"], "architecture": rec["spec"]["architecture"],
                      "sparsity": rec["spec"]["sparsity"], "training_seconds": rec["training"]["seconds"],
-                     "built_on": rec["built_on"], "quality": rec.get("quality")} for folder, rec in records.items()}}
+                     "built_on": rec["built_on"], "quality": rec.get("quality"),
+                     "weights": (self.out / "specs" / folder / bundle_io.SAE_WEIGHTS).exists()}
+            for folder, rec in records.items()}}
 
     def run(self, argv: list[str]) -> dict[str, Any]:
         self.stage("corpus", self.corpus)

@@ -617,7 +617,8 @@ def points_ci(df: pd.DataFrame, *, x: str, y: str, hue: str, low: str | None = "
               xlabel: str | None = None, ylabel: str | None = None, notes: dict | None = None,
               col_wrap: int = 3) -> Figure:
     """Points of `y` against `x` with CI bars (none when `low` is None), joined per `hue` in order of `x`; a panel
-    per `col`; an optional horizontal reference line and a note (text) per panel."""
+    per `col`; an optional horizontal reference line and a note (text) per panel. Rows whose `source` column (if
+    any) starts with "record" are drawn hollow (read from a committed record, not measured in this run)."""
     panels = list(pd.unique(df[col])) if col else [None]
     fig, axes = _panels(len(panels), col_wrap, (4.2, 3.2), sharex=False, sharey=False)
     for ax, panel in zip(axes.flat, panels, strict=False):
@@ -627,6 +628,9 @@ def points_ci(df: pd.DataFrame, *, x: str, y: str, hue: str, low: str | None = "
             err = np.vstack([(sub[y] - sub[low]).clip(lower=0), (sub[high] - sub[y]).clip(lower=0)]) if low else None
             ax.errorbar(sub[x], sub[y], yerr=err, color=color(str(h)), label=name(str(h)), marker="o", ms=3.5,
                         lw=1.1, capsize=2)
+            if "source" in sub:  # points read from a committed record rather than measured here: hollow
+                read = sub[sub.source.astype(str).str.startswith("record")]
+                ax.plot(read[x], read[y], "o", ms=3.5, mfc="white", mec=color(str(h)), zorder=3)
         _finish_panel(ax, panel, notes, logx=logx, logy=logy, hline=hline, note_at="right")
     _label(axes, len(panels), xlabel or x, ylabel or y)
     _figure_legend(fig, axes)

@@ -156,13 +156,27 @@ def _attention(folder: Path) -> str | None:
 
 
 def _fixes(folder: Path) -> str | None:
+    """The range of the ratio over the SAEs scored, the dose-response (each architecture's ratio at its lowest and
+    highest L0) and the fix that cuts the ratio most, named as the largest only where its CI clears the others'."""
     table, effects = _csv(folder, "08_fixes", "score_table"), _csv(folder, "08_fixes", "fix_effects")
-    if table is None or effects is None:
+    if table is None or effects is None or not len(effects):
         return None
-    best = effects.loc[effects.ratio_change.idxmin()]
-    return (f"Scored on one footing, {len(table)} SAEs and fixes at one hook range from "
-            f"{table.ratio.min():.2f}x to {table.ratio.max():.2f}x; of the fixes of the base SAE, {best.fix} cuts "
-            f"the ratio most ({best.ratio_change:+.0%}, KL {best.kl_change:+.0%}).")
+    dose = []
+    for group, label in (("l1", "ReLU + L1"), ("topk", "TopK"), ("batchtopk", "BatchTopK")):
+        sub = table[table.group == group].sort_values("l0")
+        if len(sub) >= 2:
+            dose.append(f"{label} {sub.ratio.iloc[0]:.2f}x at L0 {sub.l0.iloc[0]:.0f} to {sub.ratio.iloc[-1]:.2f}x at "
+                        f"L0 {sub.l0.iloc[-1]:.0f}")
+    fixed = table[table.base.fillna("") != ""].set_index("name")
+    best, overlapping = rd.largest(-fixed.ratio, -fixed.ratio_ci_high, -fixed.ratio_ci_low)
+    change = effects.set_index("fix").ratio_change
+    r = fixed.loc[best]
+    which = (f"{best} cuts the ratio most" if not overlapping else
+             f"{best} cuts the ratio most but is not separated from {', '.join(overlapping)}")
+    return (f"Scored on one footing, {len(table)} SAEs and fixes at one hook range from {table.ratio.min():.2f}x to "
+            f"{table.ratio.max():.2f}x" + (f"; by L0: {'; '.join(dose)}" if dose else "")
+            + f". Of the fixes of the base SAE, {which} ({r.ratio:.2f}x [{r.ratio_ci_low:.2f}, {r.ratio_ci_high:.2f}], "
+            f"{change[best]:+.0%} against the base).")
 
 
 def _why(folder: Path) -> str | None:

@@ -2,6 +2,7 @@
 
     committed   data/bundles/<preset>/specs/<label>-<key>/   sae_lens disk format + spec.json + record.json
                 (or, for a bundle built before specs, its old saes/<hook>/ and topk/... folders: `sets.legacy_folder`)
+                or its record only: record.json (the weights' sha256) and measurements, without the weights
     local       data/results/saes/<preset>/<label>-<key>/    the same layout, git-ignored
 
 An SAE trained here is stored in half precision (its cfg keeps dtype float32, so it loads as float32): the
@@ -33,7 +34,9 @@ from saenb.saes.train import train as train_spec
 
 SPECS_DIR = "specs"
 LOCAL = Path(os.environ.get("SAENB_RESULTS", REPO / "data" / "results")) / "saes"
-WEIGHTS = "sae_weights.safetensors"
+WEIGHTS = bundle_io.SAE_WEIGHTS
+MEASURED_PREFIX = "measured-"
+"""The files of a committed point's measurements (`saenb.studies.fixes.record`) start with this."""
 
 
 class SpecError(RuntimeError):
@@ -44,11 +47,25 @@ def folder_name(spec: SAESpec) -> str:
     return f"{spec.label}-{spec.key}"
 
 
-def committed_dir(spec: SAESpec, root: Path | None = None) -> Path | None:
-    """The committed folder of `spec` in its bundle (`root`, default: its preset's), if any."""
+def bundle_dir(spec: SAESpec, root: Path | None = None) -> Path:
+    """Where `spec`'s folder in its bundle (`root`, default: its preset's) is, or would be."""
     root = sources.bundle_root(spec.preset) if root is None else Path(root)
-    path = root / SPECS_DIR / folder_name(spec)
-    return path if (path / "record.json").exists() else legacy_folder(spec, root)
+    return root / SPECS_DIR / folder_name(spec)
+
+
+def committed_dir(spec: SAESpec, root: Path | None = None) -> Path | None:
+    """The committed folder of `spec`'s SAE (its weights) in its bundle (`root`, default: its preset's), if any."""
+    path = bundle_dir(spec, root)
+    if (path / "record.json").exists() and (path / WEIGHTS).exists():
+        return path
+    return legacy_folder(spec, sources.bundle_root(spec.preset) if root is None else Path(root))
+
+
+def record_only_dir(spec: SAESpec, root: Path | None = None) -> Path | None:
+    """The bundle folder of a point committed as its record only (record.json and measurements, no weights: a
+    sweep's point that notebooks read rather than recompute), if `spec` is one."""
+    path = bundle_dir(spec, root)
+    return path if (path / "record.json").exists() and not (path / WEIGHTS).exists() else None
 
 
 def local_dir(spec: SAESpec, root: Path | None = None) -> Path:
@@ -65,8 +82,9 @@ def find(spec: SAESpec, root: Path | None = None) -> Path | None:
 
 
 def record(spec: SAESpec, root: Path | None = None) -> dict[str, Any]:
-    """The stored record.json of `spec` (for an SAE in an old bundle folder: only its spec and folder)."""
-    path = find(spec, root)
+    """The stored record.json of `spec` (a committed record-only point's too; for an SAE in an old bundle folder:
+    only its spec and folder)."""
+    path = find(spec, root) or record_only_dir(spec, root)
     if path is None:
         raise SpecError(f"no stored SAE for spec {spec.label} ({spec.key}); train it with saenb.saes.load(spec)")
     rec = path / "record.json"
@@ -80,6 +98,10 @@ def load(spec: SAESpec, device: str | torch.device = "cpu", *, train: bool = Tru
     path = find(spec, root)
     if path is None:
         if not train:
+            if record_only_dir(spec, root) is not None:
+                raise SpecError(f"SAE {spec.label} ({spec.key}) of {spec.preset} is committed as its record only "
+                                f"({record_only_dir(spec, root)}: its measurements, not its weights); train it again "
+                                f"with `python -m saenb.saes build --set <its set> --preset {spec.preset}`")
             raise SpecError(f"SAE {spec.label} ({spec.key}) of {spec.preset} is neither committed nor cached locally; "
                             "train it with `saenb.saes.load(spec)` or `python -m saenb.saes build --set <its set> "
                             f"--preset {spec.preset}`, then `python -m saenb.saes commit ...` to add it to the bundle")
@@ -147,15 +169,21 @@ def add_quality(spec: SAESpec, quality: dict[str, Any]) -> None:
     write_text(path / "record.json", json.dumps(rec, indent=2) + "\n")
 
 
-def commit(spec: SAESpec) -> Path:
-    """Copy a locally trained spec into the bundle (data/bundles/<preset>/specs/), for `git add`."""
+def commit(spec: SAESpec, *, weights: bool = True) -> Path:
+    """Copy a locally trained spec into the bundle (data/bundles/<preset>/specs/), for `git add`; `weights=False`:
+    its record only (record.json, with the weights' sha256; the folder's measurements are kept)."""
     src = local_dir(spec)
     if not (src / "record.json").exists():
         raise SpecError(f"{spec.label} ({spec.key}) is not trained locally; load(spec) trains it")
-    dst = sources.bundle_root(spec.preset) / SPECS_DIR / folder_name(spec)
-    shutil.rmtree(dst, ignore_errors=True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("runner_cfg.json"))
+    dst = bundle_dir(spec)
+    dst.mkdir(parents=True, exist_ok=True)
+    for old in dst.iterdir():  # a previous commit's files, but the point's measurements (`studies.fixes.record`)
+        if not old.name.startswith(MEASURED_PREFIX):
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    keep = (lambda f: True) if weights else (lambda f: f == "record.json")
+    for f in src.iterdir():
+        if f.is_file() and f.name != "runner_cfg.json" and keep(f.name):
+            shutil.copy2(f, dst / f.name)
     cache = activations.cache_record(spec)
     if cache is not None:  # the activation pass it was trained from, for the bundle's manifest
         write_text(dst / bundle_io.ACTIVATION_PASS, json.dumps(cache, indent=2) + "\n")

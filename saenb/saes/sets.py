@@ -212,6 +212,20 @@ def _fixes_smollm2() -> list[NamedSpec]:
 FIXES = {"tiny-stdlib": _fixes, "smollm2-135m": _fixes_smollm2}
 """Notebook 08's set per preset."""
 
+WEIGHTS_COMMITTED = {"smollm2-135m": (
+    "base", "base seed=1", "base seed=2", "topk k=32", "topk k=32 seed=1", "topk k=32 seed=2", "batchtopk k=32",
+    "batchtopk k=32 seed=1", "batchtopk k=32 seed=2", "matryoshka_batchtopk k=32", "jumprelu l0=0.3", "gated l1=2",
+    "scale fine-tune", "decoder fine-tune", "KL+MSE fine-tune", "Fisher fine-tune", "e2e l1=0.1", "e2e+ds l1=0.1")}
+"""The points of a preset's "fixes" set whose weights its bundle holds, so that notebook 08 recomputes them: the
+base SAE, its fixes, one SAE per architecture near L0 50 and the seeds (each about 5 MB in half precision on
+SmolLM2). Every other point is committed as its record and its measurements (`saenb.studies.fixes.record`), which
+the notebook reads. A preset not listed commits every point's weights (tiny-stdlib's are 0.2 MB each)."""
+
+
+def weights_committed(preset) -> tuple[str, ...] | None:
+    """`WEIGHTS_COMMITTED`'s names for `preset`, or None (every point's weights)."""
+    return WEIGHTS_COMMITTED.get(_name(preset))
+
 
 def _fixes_of(preset) -> list[NamedSpec]:
     if _name(preset) not in FIXES:

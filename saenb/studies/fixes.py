@@ -16,6 +16,8 @@ at their own error size.
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from typing import Any
 
 import numpy as np
@@ -25,12 +27,14 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from saenb import saes
+from saenb.assembly import load_preset
 from saenb.engine import metrics
 from saenb.engine.patching import hook_activations
-from saenb.engine.store import measure_cached
+from saenb.engine.store import measure_cached, tokens_sha256
+from saenb.files import __version__, write_text
+from saenb.hooks import sae_layer
 from saenb.models.loaded import Loaded
 from saenb.saes.sets import NamedSpec
-from saenb.hooks import sae_layer
 from saenb.studies import literature, nfm
 from saenb.studies import readings as rd
 
@@ -65,25 +69,129 @@ def reconstruction(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
             "norm_ratio": float((x_hat.norm(dim=-1) / x.norm(dim=-1)).mean())}
 
 
-def _ratio(df: pd.DataFrame, num: str, den: str, value: str, seed: int) -> dict[str, float]:
-    r = metrics.ratio_table(df, num, den, values=(value,), by=("hook",), seed=seed).iloc[0]
-    return {"ratio": r["ratio"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "num": r["num"], "den": r["den"]}
+MEASURED_VALUES = ("kl", "ce_delta", "ce_clean", "ce_patched", "l0")
+"""The per-token values a row of `evaluate` reads, as per-context sums (`context_sums`)."""
 
 
-def _row(df: pd.DataFrame, num: str, den: str, ce_zero: float, seed: int, orthogonal: bool) -> dict[str, Any]:
-    kl = _ratio(df, num, den, "kl", seed)
-    ce = _ratio(df, num, den, "ce_delta", seed)
-    sub = df[df.intervention == num]
-    row = {"l0": sub["l0"].mean(), "kl_sae": kl["num"], "kl_eps_random": kl["den"], "ratio": kl["ratio"],
+def context_sums(df: pd.DataFrame) -> pd.DataFrame:
+    """Per intervention, value (`MEASURED_VALUES`) and context: the sum over its tokens and their count (NaNs, the
+    last position's CE, left out). Everything `evaluate` reports of a splice follows from these: its means, the
+    ratios with their paired bootstrap CIs over contexts, the seed intervals. Columns: intervention, value, seq,
+    sum, count."""
+    sums = pd.concat([metrics.seq_sums(df, v, ["intervention"]).assign(value=v) for v in MEASURED_VALUES],
+                     ignore_index=True)[["intervention", "value", "seq", "sum", "count"]]
+    # float64, as a record's JSON reads back: a float32 column's sums would be summed again in float32
+    return sums.astype({"intervention": str, "sum": np.float64, "count": np.int64})
+
+
+def _ratio(sums: pd.DataFrame, num: str, den: str, value: str, seed: int) -> dict[str, float]:
+    """`metrics.ratio_table`'s ratio of `num` and `den`, from per-context sums."""
+    wide = sums[sums.value == value].pivot(index="seq", columns="intervention", values=["sum", "count"])
+    n, d = wide[("sum", num)].to_numpy(float), wide[("sum", den)].to_numpy(float)
+    ratio, low, high = metrics.ratio_ci(n, d, seed=seed)
+    tokens = wide[("count", num)].to_numpy(float).sum()
+    return {"ratio": ratio, "ci_low": low, "ci_high": high, "num": n.sum() / tokens, "den": d.sum() / tokens}
+
+
+def _mean(sums: pd.DataFrame, intervention: str, value: str) -> float:
+    sub = sums[(sums.intervention == intervention) & (sums.value == value)]
+    return float(sub["sum"].sum() / sub["count"].sum())
+
+
+def _row(sums: pd.DataFrame, num: str, den: str, ce_zero: float, seed: int, orthogonal: bool) -> dict[str, Any]:
+    kl = _ratio(sums, num, den, "kl", seed)
+    ce = _ratio(sums, num, den, "ce_delta", seed)
+    row = {"l0": _mean(sums, num, "l0"), "kl_sae": kl["num"], "kl_eps_random": kl["den"], "ratio": kl["ratio"],
            "ratio_ci_low": kl["ci_low"], "ratio_ci_high": kl["ci_high"], "ce_delta_sae": ce["num"],
            "ce_delta_eps_random": ce["den"],
-           "ce_loss_score": metrics.ce_loss_score(sub["ce_clean"].mean(), sub["ce_patched"].mean(), ce_zero),
-           "n_tokens": len(sub)}
+           "ce_loss_score": metrics.ce_loss_score(_mean(sums, num, "ce_clean"), _mean(sums, num, "ce_patched"),
+                                                  ce_zero),
+           "n_tokens": int(sums[(sums.intervention == num) & (sums.value == "kl")]["count"].sum())}
     if orthogonal:
-        o = _ratio(df, "sae_orthogonal", "eps_random_orthogonal", "kl", seed)
+        o = _ratio(sums, "sae_orthogonal", "eps_random_orthogonal", "kl", seed)
         row.update(ratio_orthogonal=o["ratio"], ratio_orthogonal_ci_low=o["ci_low"],
                    ratio_orthogonal_ci_high=o["ci_high"], kl_orthogonal=o["num"])
     return row
+
+
+# ------------------------------------------------------------------------- points committed as their records
+def measured_name(tokens: torch.Tensor, seed: int) -> str:
+    """The file in a point's bundle folder that holds its measurements on `tokens` at `seed`."""
+    return f"{saes.library.MEASURED_PREFIX}{tokens_sha256(tokens)[:16]}-seed{seed}.json"
+
+
+def measure_point(loaded: Loaded, spec: saes.SAESpec, tokens: torch.Tensor, *, seed: int = 0,
+                  x: torch.Tensor | None = None, progress: bool = False) -> dict[str, Any]:
+    """One SAE of a set at its hook, as `evaluate` scores it: the splices' per-context sums (`context_sums`) and the
+    reconstruction figures on the same tokens (`x`: the clean activations at the hook, computed when None)."""
+    sae = saes.load(spec, loaded.device, progress=progress)
+    spliced = loaded.with_saes({spec.hook: sae}, {spec.hook: spec.key})
+    df = measure_cached(spliced, [spec.hook], SPLICES, tokens, seed=seed, progress=False)
+    x = hook_activations(loaded, spec.hook, tokens) if x is None else x
+    with torch.no_grad():
+        x_hat = sae.decode(sae.encode(x.to(loaded.device))).cpu()
+    return {"sums": context_sums(df), "reconstruction": reconstruction(x, x_hat)}
+
+
+def record(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, seed: int = 0,
+           weights: tuple[str, ...] | None = None, progress: bool = True) -> list[str]:
+    """Commit the points of `named` trained here (the local store) into their bundle for notebook 08 to read: each
+    one's record (`saes.library.commit`: with its weights when its name is in `weights`, None: all) and its
+    measurements on `tokens` at `seed` (`measure_point`, in `measured_name`), which `evaluate` reads for a point
+    whose weights are not committed. Points already recorded on these tokens are skipped (resumable). Returns the
+    names recorded."""
+    done = []
+    x = None
+    for n in tqdm(named, desc="record points", disable=not progress):
+        local = saes.library.local_dir(n.spec)
+        if not (local / "record.json").exists():
+            continue  # not trained here (or committed with its weights already: notebook 08 recomputes it)
+        dst = saes.library.bundle_dir(n.spec)
+        keep = weights is None or n.name in weights
+        if (dst / measured_name(tokens, seed)).exists() and (dst / saes.library.WEIGHTS).exists() == keep:
+            continue
+        x = hook_activations(loaded, n.spec.hook, tokens) if x is None else x
+        point = measure_point(loaded, n.spec, tokens, seed=seed, x=x)
+        saes.library.commit(n.spec, weights=keep)
+        write_text(dst / measured_name(tokens, seed), json.dumps({
+            "name": n.name, "key": n.spec.key, "tokens_sha256": tokens_sha256(tokens), "n_contexts": len(tokens),
+            "seed": seed, "saenb": __version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "reconstruction": point["reconstruction"], "sums": point["sums"].to_dict(orient="list")}) + "\n")
+        done.append(n.name)
+    return done
+
+
+def commit_sweep(preset: str, set_name: str = "fixes", *, device: str = "auto", seed: int = 0,
+                 progress: bool = True) -> list[str]:
+    """`record` for the points of `preset`'s set trained here, on notebook 08's evaluation contexts at its defaults
+    (the preset's `n_fix_contexts`) and seed: what `make sweep-smollm2` runs after training. Returns the names."""
+    named = sae_set(set_name, preset)
+    loaded = load_preset(preset, device=device, layers=[layer(named)], families=("resid",))
+    tokens = loaded.tokens(loaded.preset.notebook_default("n_fix_contexts"))
+    return record(loaded, named, tokens, seed=seed, weights=saes.sets.weights_committed(preset), progress=progress)
+
+
+def training(spec: saes.SAESpec) -> dict[str, Any]:
+    """Where and how long `spec`'s SAE trained (its record; a fine-tune's own time, not its base's): training_seconds
+    and trained_on ("cpu x1 thread", "cuda"), NaN and "" for an SAE of a bundle built before specs recorded them."""
+    rec = saes.record(spec)
+    if "training" not in rec:
+        return {"training_seconds": float("nan"), "trained_on": ""}
+    on = rec.get("built_on", {})
+    threads = f" x{on['threads']} thread" if on.get("device") == "cpu" and "threads" in on else ""
+    where = on.get("device", "") + threads
+    return {"training_seconds": float(rec["training"].get("seconds", float("nan"))), "trained_on": where}
+
+
+def recorded(spec: saes.SAESpec, tokens: torch.Tensor, seed: int) -> dict[str, Any] | None:
+    """A record-only point's measurements on `tokens` at `seed` (as `measure_point` returns them), if committed."""
+    path = saes.library.record_only_dir(spec)
+    if path is None or not (path / measured_name(tokens, seed)).exists():
+        return None
+    got = json.loads((path / measured_name(tokens, seed)).read_text())
+    if got["key"] != spec.key or got["tokens_sha256"] != tokens_sha256(tokens):
+        raise saes.SpecError(f"{path / measured_name(tokens, seed)} holds the measurements of another spec or tokens")
+    return {"sums": pd.DataFrame(got["sums"]), "reconstruction": got["reconstruction"], "saenb": got["saenb"]}
 
 
 def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fit_tokens: torch.Tensor | None = None,
@@ -101,20 +209,24 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
     trained at several seeds (`saes.sets.seed_groups`: its seed-0 entry names it in `seed_point`) the point's
     ratio over its seeds with the two-level bootstrap CI (seeds, then contexts: `metrics.seed_ratio_ci`),
     ratio_seeds, ratio_seeds_ci_low, ratio_seeds_ci_high, and the seed-to-seed standard deviation of the ratio,
-    ratio_seed_sd, beside each SAE's own context CI (n_seeds; NaN elsewhere)."""
+    ratio_seed_sd, beside each SAE's own context CI (n_seeds; NaN elsewhere); source ("measured" in this run, or
+    "record (saenb X)": read from a point committed as its record, `record`); training_seconds and trained_on
+    (`training`)."""
     hooks = {n.spec.hook for n in named}
     if len(hooks) != 1:
         raise ValueError(f"fixes.evaluate compares SAEs at one hook; got {sorted(hooks)}")
     hook = hooks.pop()
     if missing not in ("error", "train", "skip"):
         raise ValueError(f"missing={missing!r} must be 'error', 'train' or 'skip'")
-    absent = [n.name for n in named if saes.find(n.spec) is None]
+    stored = {n.name: saes.find(n.spec) is not None for n in named}
+    read = {n.name: recorded(n.spec, tokens, seed) for n in named if not stored[n.name]}
+    absent = [name for name, got in read.items() if got is None]
     if absent and missing == "error":
         raise saes.SpecError(f"SAEs {absent} are stored nowhere: train them with `python -m saenb.saes build "
                              f"--set fixes --preset {named[0].spec.preset}` (or pass missing='train', or 'skip')")
     if missing == "skip":
         named = [n for n in named if n.name not in absent]
-        if not any(n.name == "base" for n in named):
+        if not any(n.name == "base" and stored["base"] for n in named):
             raise saes.SpecError(f"the set's base SAE is stored nowhere: nothing to compare against; train it with "
                                  f"`python -m saenb.saes build --set fixes --preset {loaded.preset.name}`")
     zero = measure_cached(loaded, [hook], ["zero"], tokens, seed=seed, progress=False)
@@ -125,17 +237,15 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
     per_seq: dict[str, pd.DataFrame] = {}  # KL sums per sequence of the SAEs of seed points
     rows = []
     for n in tqdm(named, desc="SAEs", disable=not progress):
-        sae = saes.load(n.spec, loaded.device, progress=progress)
-        spliced = loaded.with_saes({hook: sae}, {hook: n.spec.key})
-        df = measure_cached(spliced, [hook], SPLICES, tokens, seed=seed, progress=False)
+        point = read.get(n.name) or measure_point(loaded, n.spec, tokens, seed=seed, x=x, progress=progress)
+        sums = point["sums"]
         if n.name in seed_points:
-            per_seq[n.name] = metrics.seq_sums(df, "kl", ["intervention"]).pivot(
-                index="seq", columns="intervention", values="sum")
-        with torch.no_grad():
-            x_hat = sae.decode(sae.encode(x.to(loaded.device))).cpu()
+            per_seq[n.name] = sums[sums.value == "kl"].pivot(index="seq", columns="intervention", values="sum")
         base = base_names.get(n.spec.base.key, "") if n.spec.finetune is not None else ""
         rows.append({"name": n.name, "group": n.group, "key": n.spec.key, "base": base,
-                     **reconstruction(x, x_hat), **_row(df, "sae", "eps_random", ce_zero, seed, orthogonal=True)})
+                     "source": f"record (saenb {point['saenb']})" if "saenb" in point else "measured",
+                     **training(n.spec),
+                     **point["reconstruction"], **_row(sums, "sae", "eps_random", ce_zero, seed, orthogonal=True)})
     if fit_tokens is not None:
         base = next(n for n in named if n.name == "base")
         base_loaded = loaded.with_saes({hook: saes.load(base.spec, loaded.device)}, {hook: base.spec.key})
@@ -148,10 +258,10 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
             with torch.no_grad():
                 z = sae.encode(x.to(loaded.device))
                 x_hat = (sae.decode(z) + trained.models[hook](z)).cpu()
-            rows.append({"name": name, "group": "fix", "key": trained.key, "base": "base",
+            rows.append({"name": name, "group": "fix", "key": trained.key, "base": "base", "source": "measured",
                          **reconstruction(x, x_hat),
-                         **_row(df, trained.intervention.label, trained.eps_intervention.label, ce_zero, seed,
-                                orthogonal=False)})
+                         **_row(context_sums(df), trained.intervention.label, trained.eps_intervention.label,
+                                ce_zero, seed, orthogonal=False)})
     table = pd.DataFrame(rows).merge(describe(named).drop(columns=["group", "key"]), on="name", how="left")
     table = _with_seed_intervals(table, seed_points, per_seq, seed)
     table.attrs["missing"] = absent if missing == "skip" else []
@@ -219,11 +329,11 @@ QUICK_SAES = ("base", "l1=0.5", "l1=4", "topk k=32", "topk k=32 x8", "topk k=32 
 """The SAEs of the "fixes" set a quick (smoke) run scores."""
 
 
-SCORE_COLUMNS = ["name", "group", "base", "l0", "explained_variance", "error_along_x", "norm_ratio", "kl_sae",
+SCORE_COLUMNS = ["name", "group", "source", "base", "l0", "explained_variance", "error_along_x", "norm_ratio", "kl_sae",
                  "kl_eps_random", "ratio", "ratio_ci_low", "ratio_ci_high", "ratio_orthogonal",
                  "ratio_orthogonal_ci_low", "ratio_orthogonal_ci_high", "ce_delta_sae", "ce_delta_eps_random",
                  "ce_loss_score", "seed_point", "ratio_seeds", "ratio_seeds_ci_low", "ratio_seeds_ci_high",
-                 "ratio_seed_sd", "n_seeds"]
+                 "ratio_seed_sd", "n_seeds", "training_seconds", "trained_on"]
 """The columns of `evaluate`'s table the notebook shows (the score table): each SAE's ratio with its context CI,
 and beside it, for the SAEs of a point trained at several seeds, the point's ratio over its seeds with the
 two-level (seeds, then contexts) CI and the seed-to-seed standard deviation."""
@@ -263,7 +373,7 @@ def ratio_vs_l0(table: pd.DataFrame) -> pd.DataFrame:
         arch.assign(which="SAE / eps-random", y=arch.ratio, ci_low=arch.ratio_ci_low, ci_high=arch.ratio_ci_high),
         arch.assign(which="orthogonal part / random orthogonal", y=arch.ratio_orthogonal,
                     ci_low=arch.ratio_orthogonal_ci_low, ci_high=arch.ratio_orthogonal_ci_high),
-    ])[["name", "group", "which", "l0", "y", "ci_low", "ci_high"]]
+    ])[["name", "group", "source", "which", "l0", "y", "ci_low", "ci_high"]]
 
 
 def ratio_vs_size(table: pd.DataFrame) -> pd.DataFrame:
@@ -272,7 +382,7 @@ def ratio_vs_size(table: pd.DataFrame) -> pd.DataFrame:
     size = pd.concat([
         pd.concat([table[table.group == "width"], k32]).assign(panel="width (d_sae / d_in)", x=lambda d: d.expansion),
         pd.concat([table[table.group == "tokens"], k32]).assign(panel="training tokens", x=lambda d: d.training_tokens),
-    ])[["name", "panel", "x", "ratio", "ratio_ci_low", "ratio_ci_high", "ratio_orthogonal", "kl_sae",
+    ])[["name", "source", "panel", "x", "ratio", "ratio_ci_low", "ratio_ci_high", "ratio_orthogonal", "kl_sae",
         "explained_variance"]]
     size["series"] = "topk"
     return size
@@ -280,7 +390,18 @@ def ratio_vs_size(table: pd.DataFrame) -> pd.DataFrame:
 
 def pareto(table: pd.DataFrame) -> pd.DataFrame:
     """The architectures' SAEs: L0, the splice's mean KL and explained variance."""
-    return table[table.group.isin(ARCHITECTURES)][["name", "group", "l0", "kl_sae", "explained_variance"]]
+    return table[table.group.isin(ARCHITECTURES)][["name", "group", "source", "l0", "kl_sae", "explained_variance"]]
+
+
+def provenance(points: pd.DataFrame) -> str:
+    """What a figure of `points` (rows of `evaluate`'s table) recomputed and what it read from committed records
+    (drawn hollow), for its caption."""
+    read = points[points.source.str.startswith("record")].name.unique()
+    n = points.name.nunique()
+    if not len(read):
+        return f" Every point ({n}) measured in this run."
+    return (f" {n - len(read)} points measured in this run, {len(read)} read from their committed records "
+            f"(hollow markers: measured when the sweep trained them, weights not committed): {', '.join(read)}.")
 
 
 def arrows(table: pd.DataFrame) -> pd.DataFrame:
@@ -345,6 +466,11 @@ def readings(table: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
             "contexts), and the seed-to-seed spread beside one SAE's context CI",
             f"{point.ratio_seeds:.2f} [{point.ratio_seeds_ci_low:.2f}, {point.ratio_seeds_ci_high:.2f}]; seed-to-seed "
             f"sd {point.ratio_seed_sd:.3f}, the seed-0 SAE's context CI half-width {half:.3f}"))
+    read = table[table.source.str.startswith("record")] if "source" in table else table.iloc[:0]
+    rows.append(rd.claim("points measured in this run / read from their committed records (per-context sums "
+                         "measured when the sweep trained them; their weights are not in the bundle)",
+                         f"{len(table) - len(read)} / {len(read)}"
+                         + (f": {', '.join(read.name)}" if len(read) else "")))
     if table.attrs.get("missing"):
         rows.append(rd.claim("SAEs of the set stored nowhere yet, left out of this run (`missing='skip'`)",
                              f"{len(table.attrs['missing'])}: {', '.join(table.attrs['missing'])}"))
