@@ -297,7 +297,8 @@ def test_llama_single_token_prefix_keeps_rotary_offsets(llama):
 
 def test_fused_kernels_swap_only_known_equals(tiny, llama):
     """GPT-2's LayerNorms, gelu_new and attention are swapped inside the block and restored after it; of the
-    Llama model its RMSNorms and attention (SiLU has no swap declared); an attention module with a hook
+    Llama model its RMSNorms, attention and gated MLP (its forward: SiLU has no swap declared), and every packed
+    q/k/v weight is removed on leaving; an attention module with a hook
     on its pattern keeps TransformerLens's forward, and then the engine gets no shared prefix."""
     import torch
 
@@ -306,12 +307,13 @@ def test_fused_kernels_swap_only_known_equals(tiny, llama):
     def state(model):
         return [(type(m).__name__, getattr(m, "act_fn", None), "forward" in vars(m)) for m in model.modules()]
 
-    for loaded, swapped in ((tiny, {"LayerNorm", "Attention", "MLP"}), (llama, {"RMSNorm", "GroupedQueryAttention"})):
+    for loaded, swapped in ((tiny, {"LayerNorm", "Attention", "MLP"}), (llama, {"RMSNorm", "GroupedQueryAttention", "GatedMLP"})):
         before = state(loaded.model)
         with fused_kernels(loaded.model) as shared:
             changed = {b[0] for a, b in zip(state(loaded.model), before, strict=True) if a != b}
             assert changed == swapped and shared
         assert state(loaded.model) == before
+        assert not any(hasattr(m, "_saenb_qkv") for m in loaded.model.modules())
     # a norm whose hook point an SAE will be spliced at (e.g. a transcoder's) keeps TL's forward, which fires it
     with fused_kernels(tiny.model, keep=["blocks.1.ln2.hook_normalized"]):
         assert "forward" not in vars(tiny.model.blocks[1].ln2) and "forward" in vars(tiny.model.blocks[2].ln2)

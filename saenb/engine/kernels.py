@@ -3,6 +3,11 @@
 Inside `fused_kernels(model)`:
 - float32 LayerNorms and RMSNorms run as torch's one-kernel `layer_norm` / `rms_norm`, and gelu_new in four passes
   (`FUSED_EQUIVALENTS`);
+- the weights are read as they are stored: TL's gated MLP (Llama's) makes a contiguous transposed copy of each of its
+  three matrices on every call, and its attention rearranges W_Q, W_K and W_V into a copy on every call, which in
+  a forward of a few rows (a many-sample chunk at one position) cost as much as the matmuls; here the MLP multiplies
+  by the stored matrices (`_gated_mlp`) and q, k and v come from one matmul by their weights laid side by side once
+  on entry (`_qkv`);
 - attention runs as torch's `scaled_dot_product_attention` (`_attention`): TransformerLens computes the scores, a
   causal mask by `where`, a NaN scrub, the softmax and the weighted sum as separate full-size tensors; the fused
   kernel never materialises the pattern. Where the attention has a clean prefix shared by many patched rows
@@ -32,6 +37,7 @@ from torch import Tensor
 from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 from transformer_lens.components.abstract_attention import AbstractAttention
 from transformer_lens.components.mlps.can_be_used_as_mlp import CanBeUsedAsMLP
+from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.utilities.activation_functions import gelu_new, gelu_pytorch_tanh
 
 _GELU_K = math.sqrt(2 / math.pi)
@@ -138,10 +144,57 @@ def _attention(attn: AbstractAttention, query_input: Tensor, key_input: Tensor, 
     return torch.matmul(z.reshape(*z.shape[:2], -1), attn.W_O.reshape(-1, attn.W_O.shape[-1])).add_(attn.b_O)
 
 
+def _gated_mlp(mlp: GatedMLP, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    """TL's GatedMLP forward, (act(x W_gate) * (x W_in) + b_in) W_out + b_out, by the stored matrices (TL transposes
+    a copy of each per call, to match Hugging Face's bfloat16 rounding; the engine runs float32) and in place where
+    TL allocates. Its hook points fire as in TL."""
+    pre = mlp.hook_pre(torch.matmul(x, mlp.W_gate))
+    pre_linear = mlp.hook_pre_linear(torch.matmul(x, mlp.W_in))
+    post = mlp.hook_post(mlp.act_fn(pre).mul_(pre_linear).add_(mlp.b_in))
+    return torch.matmul(post, mlp.W_out).add_(mlp.b_out)
+
+
+def _grouped(attn: AbstractAttention) -> bool:
+    """Whether TL computes this module's keys and values from its grouped (unrepeated) weights _W_K, _W_V."""
+    return hasattr(attn, "_W_K") and not attn.cfg.ungroup_grouped_query_attention
+
+
+def _qkv_weights(attn: AbstractAttention) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
+    """W_Q, W_K and W_V ([heads, d_model, d_head] each; the grouped ones for grouped-query attention) side by side
+    as one [d_model, (heads + 2 kv_heads) d_head] matrix, their biases as one vector, and the head counts."""
+    wk, bk, wv, bv = ((attn._W_K, attn._b_K, attn._W_V, attn._b_V) if _grouped(attn)
+                      else (attn.W_K, attn.b_K, attn.W_V, attn.b_V))
+    ws = (attn.W_Q, wk, wv)
+    weight = torch.cat([w.permute(1, 0, 2).reshape(w.shape[1], -1) for w in ws], dim=1)
+    bias = torch.cat([b.reshape(-1) for b in (attn.b_Q, bk, bv)])
+    return weight, bias, tuple(w.shape[0] for w in ws)
+
+
+def _qkv(attn: AbstractAttention, query_input: Tensor, key_input: Tensor, value_input: Tensor
+         ) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v [rows, pos, heads, d_head] as TL's `calculate_qkv_matrices` computes them (its hook points fire), from
+    one matmul by the side-by-side weights made on entry (`_qkv_weights`) when the three inputs are one tensor."""
+    packed = getattr(attn, "_saenb_qkv", None)
+    if packed is None or not (query_input is key_input is value_input):
+        return attn.calculate_qkv_matrices(query_input, key_input, value_input)
+    weight, bias, heads = packed
+    out = torch.matmul(query_input, weight).add_(bias)
+    d_head = attn.cfg.d_head
+    q, k, v = out.split([h * d_head for h in heads], dim=-1)
+    return tuple(hook(t.unflatten(-1, (h, d_head)))
+                 for hook, t, h in zip((attn.hook_q, attn.hook_k, attn.hook_v), (q, k, v), heads, strict=True))
+
+
+def _packs_qkv(attn: AbstractAttention) -> bool:
+    """Whether `_qkv` computes this module's q, k and v (else TL's own `calculate_qkv_matrices` runs)."""
+    cfg = attn.cfg
+    return not (cfg.use_split_qkv_input or cfg.use_attn_in or cfg.use_qk_norm or cfg.load_in_4bit)
+
+
 def _attend(attn: AbstractAttention, query_input: Tensor, key_input: Tensor, value_input: Tensor,
             prefix: SharedPrefix | None) -> Float[Tensor, "rows pos heads d_head"]:
     """z: causal attention of the window's queries over its keys (and the shared prefix's, when given)."""
-    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)  # [rows, pos, heads, d_head]
+    q, k, v = _qkv(attn, query_input, key_input, value_input)  # [rows, pos, heads, d_head]
     offset = 0 if prefix is None else prefix.length
     if attn.cfg.positional_embedding_type == "rotary":
         q = attn.hook_rot_q(attn.apply_rotary(q, offset))
@@ -201,7 +254,7 @@ def fused_kernels(model, keep=()):
     named in `keep` (hooks that will be attached inside the block, such as an SAE's at `ln2.hook_normalized`),
     keeps TL's forward. Yields whether every attention module is fused (then the engine may pass `SharedPrefix`
     entries instead of a key/value cache)."""
-    swapped_act, swapped_fwd = [], []
+    swapped_act, swapped_fwd, packed = [], [], []
     attention = [m for m in model.modules() if isinstance(m, AbstractAttention)]
 
     def fires(name: str, module, points: tuple[str, ...]) -> bool:  # whether a hook must fire at these points
@@ -221,9 +274,18 @@ def fused_kernels(model, keep=()):
                   and not fires(name, module, ("hook_attn_scores", "hook_pattern"))):
                 swapped_fwd.append(module)
                 module.forward = types.MethodType(_attention, module)
+                if _packs_qkv(module):
+                    packed.append(module)
+                    with torch.no_grad():
+                        module._saenb_qkv = _qkv_weights(module)
+            elif type(module) is GatedMLP and not module.cfg.is_layer_norm_activation():
+                swapped_fwd.append(module)
+                module.forward = types.MethodType(_gated_mlp, module)
         yield bool(attention) and all("forward" in vars(m) for m in attention)
     finally:
         for module, fn in swapped_act:
             module.act_fn = fn
         for module in swapped_fwd:
             del module.forward
+        for module in packed:
+            del module._saenb_qkv
