@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -94,8 +95,6 @@ def test_a_corrupted_committed_spec_names_the_fix(tmp_path, monkeypatch):
     named = sets.get("fixes")[1]
     src = library.committed_dir(named.spec)
     copy = tmp_path / src.name
-    import shutil
-
     shutil.copytree(src, copy)
     (copy / library.WEIGHTS).write_bytes((copy / library.WEIGHTS).read_bytes()[:-8] + b"\0" * 8)
     monkeypatch.setattr(library, "committed_dir", lambda spec, root=None: copy)
@@ -192,8 +191,6 @@ def test_a_point_committed_as_its_record_is_read_as_it_was_measured(small_preset
     committed = library.bundle_dir(topk)
     assert (committed / "record.json").exists() and not (committed / library.WEIGHTS).exists()
     assert (library.bundle_dir(relu) / library.WEIGHTS).exists()
-    import shutil
-
     shutil.rmtree(library.local_dir(topk))  # its weights are now nowhere: only its record is committed
     assert library.find(topk) is None and library.record_only_dir(topk) == committed
     with pytest.raises(library.SpecError, match="committed as its record only"):
