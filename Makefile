@@ -32,9 +32,11 @@ browser:
 	else echo "note: the browser tests skip without chromium: sudo apt-get install chromium chromium-driver"; fi
 
 # lint-imports holds the package's layers (pyproject.toml [tool.importlinter]; README: Layout) before the tests run.
+# One pytest worker per core (pytest-xdist); the tests sharing a session fixture of minutes (the quick notebook run,
+# the small bundle) run on one worker together (tests/conftest.py).
 test: venv smollm2 browser
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 reproduce: venv
 	$(BIN)/python -m saenb reproduce --preset tiny-stdlib

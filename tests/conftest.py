@@ -14,6 +14,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`make test` runs two workers, one per core) each worker runs torch, and every process it starts
+# (a notebook's kernel, a build, Ray's workers), on one thread: two workers of two threads each on two cores slow
+# each other down several times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+GROUPS = {"run_notebooks": "notebooks", "small_bundle": "small-bundle"}
+"""Session fixtures that cost minutes: every test using one runs on the same xdist worker (`--dist loadgroup`),
+so the fixture is built once, not once per worker."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, group in GROUPS.items():
+            if fixture in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
 # A few-second build through the real pipeline (tokenizer, model, sae_lens runner, run_evals) on one
 # stdlib package: used where a test must build, kill or corrupt a bundle.
 SMALL_BUILD_ARGS = [

@@ -145,6 +145,19 @@ def test_fix_readings_name_the_largest_cut_only_where_cis_part():
     assert not holds(fixes.readings(table, fixes.fix_effects(table)), "one fix cuts")[0]
 
 
+def test_fix_readings_give_a_near_zero_ce_gap_in_nats_not_as_a_relative_change():
+    rows = [("base", "l1", "", 0.138, 0.1375), ("fine", "fix", "base", 0.120, 0.1180)]
+    table = pd.DataFrame(rows, columns=["name", "group", "base", "ce_delta_sae", "ce_delta_eps_random"]).assign(
+        kl_sae=1.0, ratio=1.5, ratio_ci_low=1.4, ratio_ci_high=1.6, l0=20, explained_variance=0.9)
+    effect = fixes.fix_effects(table).set_index("fix").loc["fine"]
+    assert effect.ce_gap_base == pytest.approx(0.0005) and effect.ce_gap == pytest.approx(0.002)
+    assert np.isnan(effect.ce_gap_change)  # +300% of a gap a 276th of the base's CE delta is noise, not a finding
+    assert "+0.0005 -> +0.0020 nats" in fixes._gap_change(effect)
+    table.loc[table.name == "base", "ce_delta_eps_random"] = 0.038  # a gap of 0.1 nats: its change is stated
+    effect = fixes.fix_effects(table).set_index("fix").loc["fine"]
+    assert effect.ce_gap_change == pytest.approx(0.002 / 0.1 - 1) and fixes._gap_change(effect) == "-98%"
+
+
 def test_why_readings_say_when_a_baseline_is_as_harmful():
     layers = [1, 3]
     gap = pd.DataFrame([{"layer": layer, "baseline": b, "ratio": r, "ci_low": r - 0.1, "ci_high": r + 0.1,

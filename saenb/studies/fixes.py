@@ -283,9 +283,16 @@ def _with_seed_intervals(table: pd.DataFrame, seed_points: dict[str, str], per_s
     return table
 
 
+CE_GAP_FLOOR = 0.1
+"""`fix_effects` states the CE-delta gap's relative change only where the base's gap is at least this share of
+its CE delta: a gap near zero (SmolLM2's base: eps-random costs nearly the SAE's CE) turns float noise into
+changes of thousands of percent. The gaps themselves, in nats, are always given."""
+
+
 def fix_effects(table: pd.DataFrame) -> pd.DataFrame:
     """Each fix against its base SAE: relative change of KL, of the ratio, of the CE-delta gap to eps-random
-    (ce_delta_sae - ce_delta_eps_random), of the MSE (1 - explained variance) and of L0; and its ratio against the
+    (ce_delta_sae - ce_delta_eps_random; `ce_gap_base` and `ce_gap` in nats, the change NaN where the base's gap is
+    under `CE_GAP_FLOOR` of its CE delta), of the MSE (1 - explained variance) and of L0; and its ratio against the
     ReLU + L1 sweep's at the same L0 (`l1_curve_ratio`: interpolated linearly in log L0), since a fix that moves
     L0 moves along that curve too."""
     by_name = table.set_index("name")
@@ -296,15 +303,25 @@ def fix_effects(table: pd.DataFrame) -> pd.DataFrame:
         gap, base_gap = fix.ce_delta_sae - fix.ce_delta_eps_random, b.ce_delta_sae - b.ce_delta_eps_random
         rows.append({"fix": fix["name"], "base": fix.base, "kl_change": fix.kl_sae / b.kl_sae - 1,
                      "ratio_change": fix.ratio / b.ratio - 1, "ce_delta_change": fix.ce_delta_sae / b.ce_delta_sae - 1,
-                     "ce_gap_change": gap / base_gap - 1 if base_gap != 0 else float("nan"),
+                     "ce_gap_base": base_gap, "ce_gap": gap,
+                     "ce_gap_change": gap / base_gap - 1 if abs(base_gap) >= CE_GAP_FLOOR * abs(b.ce_delta_sae)
+                     else float("nan"),
                      "mse_change": (1 - fix.explained_variance) / (1 - b.explained_variance) - 1,
                      "l0_change": fix.l0 / b.l0 - 1,
                      "l1_curve_ratio": float(np.interp(np.log(fix.l0), np.log(curve.l0), curve.ratio))
                      if len(curve) > 1 else float("nan")})
-    out = pd.DataFrame(rows, columns=["fix", "base", "kl_change", "ratio_change", "ce_delta_change", "ce_gap_change",
+    out = pd.DataFrame(rows, columns=["fix", "base", "kl_change", "ratio_change", "ce_delta_change", "ce_gap_base",
+                                      "ce_gap", "ce_gap_change",
                                       "mse_change", "l0_change", "l1_curve_ratio"])
     out["ratio_vs_curve"] = out.fix.map(by_name.ratio) / out.l1_curve_ratio - 1
     return out
+
+
+def _gap_change(effect) -> str:
+    """The CE-delta gap's relative change, or both gaps in nats where the change is not stated (`CE_GAP_FLOOR`)."""
+    if effect.ce_gap_change == effect.ce_gap_change:
+        return f"{effect.ce_gap_change:+.0%}"
+    return f"{effect.ce_gap_base:+.4f} -> {effect.ce_gap:+.4f} nats"
 
 
 def dose_response(table: pd.DataFrame, groups=ARCHITECTURES) -> pd.DataFrame:
@@ -444,8 +461,9 @@ def readings(table: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
     if len(fixed):
         best, overlapping = rd.largest(-fixed.ratio, -fixed.ratio_ci_high, -fixed.ratio_ci_low)
         rows += [
-            rd.claim("each fix against the base SAE (KL / ratio / CE-delta gap to eps-random / MSE / L0)", "; ".join(
-                f"{f}: {pct(e.kl_change)} / {pct(e.ratio_change)} / {pct(e.ce_gap_change)} / {pct(e.mse_change)} / "
+            rd.claim("each fix against the base SAE (KL / ratio / CE-delta gap to eps-random, its change or, where "
+                     "the base's gap is near zero, base -> fix in nats / MSE / L0)", "; ".join(
+                f"{f}: {pct(e.kl_change)} / {pct(e.ratio_change)} / {_gap_change(e)} / {pct(e.mse_change)} / "
                 f"{pct(e.l0_change)}" for f, e in eff.iterrows()),
                 published=f"KL + MSE fine-tuning cuts the CE-delta gap {karvonen[0]:.0%}-{karvonen[1]:.0%} "
                           f"(Karvonen 2025); the suppression fine-tune the perplexity increase {wright:.0%} (Wright & "
