@@ -23,11 +23,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
-GROUPS = {"run_notebooks": "notebooks", "small_bundle": "small-bundle"}
-"""Session fixtures that cost minutes: every test using one runs on the same xdist worker (`--dist loadgroup`),
-so the fixture is built once, not once per worker."""
+GROUPS = {"run_notebooks": "notebooks", "browser": "notebooks", "small_bundle": "small-bundle"}
+"""Session fixtures that cost minutes (or start Chromium): every test using one runs on the same xdist worker
+(`--dist loadgroup`), so the fixture is built once, not once per worker."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture, group in GROUPS.items():

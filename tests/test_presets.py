@@ -157,6 +157,14 @@ def test_layer_subset_and_family(tiny):
         load_preset("tiny-stdlib", families=("mlp",))
 
 
+def test_smollm2_preset_names_the_hooks_its_notebooks_run_at():
+    """What notebooks 01, 05 and 09 read from the preset on smollm2-135m (its notebook tests run one layer only)."""
+    spec = get_preset("smollm2-135m")
+    assert spec.hook_names(("resid",)) == [f"blocks.{layer}.hook_resid_pre" for layer in (6, 15, 24)]
+    assert spec.hook_names(("z",)) == ["blocks.6.attn.hook_z", "blocks.15.attn.hook_z"]
+    assert spec.depth_layers == [6, 15, 24] and spec.middle_layer == 15
+
+
 def test_hook_not_in_model(tiny):
     with pytest.raises(PresetError, match=r"'blocks.0.hook_z' is not a hook.*blocks.0.attn.hook_z"):
         hook_width(tiny.model, "blocks.0.hook_z")

@@ -27,6 +27,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 from markdown_it import MarkdownIt
+from PIL import Image  # Pillow: matplotlib's own dependency
 
 from saenb.checks import writable_folder
 from saenb.files import NOTEBOOKS, REPO, runs_dir, write_text
@@ -229,8 +230,6 @@ def headline_table(frame: pd.DataFrame) -> pd.DataFrame:
 def embedded_png(path: Path) -> bytes:
     """A figure's PNG for the one-page HTML, with its colours reduced to a 256-colour palette (a line plot has far
     fewer): a quarter of the bytes, so that the page of every figure stays well under 5 MB."""
-    from PIL import Image
-
     with Image.open(path) as image:
         buffer = io.BytesIO()
         image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(buffer, format="PNG", optimize=True)
