@@ -213,3 +213,22 @@ def test_seed_ratio_ci_with_the_seeds_on_the_same_sequences():
     got, analytic = _seed_simulation(0.2, 0.03, sd_shared=0.1)
     assert got["boot_var"] == pytest.approx(analytic, rel=0.12), (got, analytic)
     assert abs(got["covered"] - 0.95) < 0.035, got
+
+
+@pytest.mark.parametrize("case", ["all small", "mostly small", "mostly large"])
+@pytest.mark.parametrize("peak", [1e-3, 1e-2, 0.1, metrics.SMALL_T])
+def test_centred_terms_keep_float64s_digits_at_every_size_of_the_change(case, peak):
+    """sum_v p_v (expm1(t_v) - t_v) per (row, position) against float64, whichever of its routes the block takes
+    (the Taylor polynomial of the degree the largest small |t| needs, expm1 for the rest)."""
+    g = torch.Generator().manual_seed(0)
+    r, m, n = 6, 5, 512
+    p = torch.softmax(3 * torch.randn(m, n, generator=g), -1)
+    u = 2 * torch.rand(r, m, n, generator=g) - 1
+    t = peak * u / u.abs().amax(-1, keepdim=True)  # every (row, position)'s largest |t| is `peak`
+    large = {"all small": 0, "mostly small": 1, "mostly large": r - 1}[case]
+    t[:large] *= 8 / peak  # rows with |t| up to 8: expm1's terms
+    t -= (t * p).sum(-1, keepdim=True)  # centred, as CleanDistribution.reduce centres them
+    want = ((torch.expm1(t.double()) - t.double()) * p.double()).sum(-1)
+    got = metrics._centred_terms(t.clone(), p, torch.empty_like(t))
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+    assert metrics._taylor_degree(metrics.SMALL_T) == 5 and metrics._taylor_degree(0.01) == 2
