@@ -198,7 +198,7 @@ TAYLOR_TOLERANCE = 2e-8
 def _taylor_degree(peak: float) -> int:
     """The degree j of expm1(t) - t = t^2 (1/2! + t/3! + ... + t^j/(j+2)!) + ... that keeps the first term left out
     within TAYLOR_TOLERANCE of t^2 / 2 for every |t| <= peak (5 at SMALL_T; 2 at 0.01, where single-token mode's
-    later positions often lie: 8 passes over the block fewer)."""
+    later positions often lie: 6 passes over the block fewer)."""
     for j in range(6):
         if 2 * peak ** (j + 1) * _INVERSE_FACTORIAL[j + 3] <= TAYLOR_TOLERANCE:
             return j
