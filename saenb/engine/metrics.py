@@ -170,23 +170,17 @@ def _centred_terms(t: Float[Tensor, "r m n"], p: Float[Tensor, "m n"], spare: Fl
     others, gathered; else expm1 over the block and the polynomial over the small ones. Overwrites spare."""
     peak = torch.maximum(t.amax(-1), t.amin(-1).neg_())  # [r, m]: the largest |t|
     small = peak <= SMALL_T
-    n_small, n_rows, width = int(small.sum()), small.numel(), t.shape[-1]
-    flat = t.reshape(-1, width)
-    if n_small == n_rows:
-        return _taylor(t, spare, _taylor_degree(float(peak.max()))).mul_(p).sum(-1)
-    if 2 * n_small >= n_rows:
-        idx = (~small).flatten().nonzero().squeeze(1)
-        rows, weights = flat[idx], p[idx % small.shape[-1]]  # copied out before the block is overwritten
-        out = _taylor(t, spare, _taylor_degree(float(peak[small].max()))).mul_(p).sum(-1)
-        out.view(-1)[idx] = torch.expm1(rows).sub_(rows).mul_(weights).sum(-1)
-        return out
-    idx = small.flatten().nonzero().squeeze(1) if n_small else None
-    if idx is not None:
-        rows, weights = flat[idx], p[idx % small.shape[-1]]
-        degree = _taylor_degree(float(peak[small].max()))
-    out = torch.expm1(t, out=spare).sub_(t).mul_(p).sum(-1)
-    if idx is not None:
-        out.view(-1)[idx] = _taylor(rows, torch.empty_like(rows), degree).mul_(weights).sum(-1)
+    n_small = int(small.sum())
+    over_block = 2 * n_small >= small.numel()  # the polynomial over the whole block, expm1 over the rest
+    degree = _taylor_degree(float(peak[small].max())) if n_small else 5
+    minority = (~small if over_block else small).flatten().nonzero().squeeze(1)
+    if len(minority):  # copied out before the block is overwritten
+        rows, weights = t.reshape(-1, t.shape[-1])[minority], p[minority % small.shape[-1]]
+    block = _taylor(t, spare, degree) if over_block else torch.expm1(t, out=spare).sub_(t)
+    out = block.mul_(p).sum(-1)
+    if len(minority):
+        part = torch.expm1(rows).sub_(rows) if over_block else _taylor(rows, torch.empty_like(rows), degree)
+        out.view(-1)[minority] = part.mul_(weights).sum(-1)
     return out
 
 
