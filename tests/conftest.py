@@ -23,9 +23,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
-GROUPS = {"run_notebooks": "notebooks", "browser": "notebooks", "small_bundle": "small-bundle"}
-"""Session fixtures that cost minutes (or start Chromium): every test using one runs on the same xdist worker
-(`--dist loadgroup`), so the fixture is built once, not once per worker."""
+GROUPS = {"run_notebooks": "notebooks", "browser": "notebooks", "small_bundle": "small-bundle",
+          "cluster": "small-bundle", "synthetic_hub": "synthetic-hub"}
+"""Fixtures that cost minutes or tens of seconds (the quick notebook run, Chromium, the small bundle, a Ray cluster,
+the synthetic GPT-2 hub): every test using one runs on the same xdist worker (`--dist loadgroup`), so the fixture is
+built once, not once per worker (Ray's tests share the small bundle's worker: one of them trains on both)."""
+
+
+SLOW_FIRST = ("test_notebook_runs_on_smollm2", "test_smollm2.py::test_converted", "test_saes.py::test_frozen_encoder",
+              "test_architecture_fast_equals_naive", "test_sae_figures_recomputed")
+"""Tests of 10-80 s each (measured one at a time), in the order the workers take them, before every other test
+outside the groups: a worker that takes one last would keep the run waiting while the other sits idle (pytest-xdist
+hands out the groups first, then one test at a time in collection order to the worker that runs out)."""
+
+
+def _slow_rank(item) -> int:
+    return next((i for i, name in enumerate(SLOW_FIRST) if name in item.nodeid), len(SLOW_FIRST))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
@@ -35,6 +48,7 @@ def pytest_collection_modifyitems(config, items):
             if fixture in item.fixturenames:
                 item.add_marker(pytest.mark.xdist_group(group))
                 break
+    items.sort(key=_slow_rank)  # stable: the rest keep their order
 
 # A few-second build through the real pipeline (tokenizer, model, sae_lens runner, run_evals) on one
 # stdlib package: used where a test must build, kill or corrupt a bundle.
