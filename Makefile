@@ -9,10 +9,12 @@ STAMP  := $(VENV)/.saenb-installed
 # torch is installed first, pinned, then the package with the pin as a constraint, so that pip never
 # resolves another torch (a CUDA build of several GB). The `saenb` kernel is registered inside the venv
 # (--sys-prefix): JupyterLab started from it lists the kernel, and another clone's `make` cannot redirect it.
-# uv (PyPI) installs the same pins as pip about 8x faster (measured here: 19 s against 148 s for torch and the
+# uv (PyPI) installs the same pins as pip 3x faster (measured here: 49 s against 148 s for torch and the
 # package with its extras); it does not read pip's configuration, so its indexes come from `pip config` (a mirror's
-# find-links and extra indexes), and it takes the best match across them, as pip does. Where uv cannot be installed,
-# pip does the same two steps.
+# find-links and extra indexes), and it takes the best match across them, as pip does. It compiles the bytecode at
+# install, as pip does: with PYTHONDONTWRITEBYTECODE set (as on CI) nothing else would, and every process (each notebook
+# kernel, each build) would compile torch and transformers afresh (it made the test run 40% slower). Where uv
+# cannot be installed, pip does the same two steps.
 PIPCONF = $(BIN)/python -m pip config get
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 		extra="$$($(PIPCONF) global.extra-index-url 2>/dev/null)"; \
 		[ -z "$$links" ] || export UV_FIND_LINKS="$$links"; \
 		[ -z "$$extra" ] || export UV_EXTRA_INDEX_URL="$$extra"; \
-		export UV_INDEX_STRATEGY=unsafe-best-match; \
+		export UV_INDEX_STRATEGY=unsafe-best-match UV_COMPILE_BYTECODE=1; \
 		$(BIN)/python -m uv pip install --quiet --python $(BIN)/python torch==2.13.0 && \
 		$(BIN)/python -m uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[test,ray]'; \
 	else \
