@@ -18,18 +18,16 @@ STAMP  := $(VENV)/.saenb-installed
 PIPCONF = $(BIN)/python -m pip config get
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	install="$(BIN)/python -m pip install --quiet"; \
 	if $(BIN)/python -m pip install --quiet --disable-pip-version-check uv 2>/dev/null; then \
 		links="$$($(PIPCONF) global.find-links 2>/dev/null | tr ' ' ',')"; \
 		extra="$$($(PIPCONF) global.extra-index-url 2>/dev/null)"; \
 		[ -z "$$links" ] || export UV_FIND_LINKS="$$links"; \
 		[ -z "$$extra" ] || export UV_EXTRA_INDEX_URL="$$extra"; \
 		export UV_INDEX_STRATEGY=unsafe-best-match UV_COMPILE_BYTECODE=1; \
-		$(BIN)/python -m uv pip install --quiet --python $(BIN)/python torch==2.13.0 && \
-		$(BIN)/python -m uv pip install --quiet --python $(BIN)/python -c constraints.txt -e '.[test,ray]'; \
-	else \
-		$(BIN)/python -m pip install --quiet torch==2.13.0 && \
-		$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,ray]'; \
-	fi
+		install="$(BIN)/python -m uv pip install --quiet --python $(BIN)/python"; \
+	fi; \
+	$$install torch==2.13.0 && $$install -c constraints.txt -e '.[test,ray]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name saenb --display-name "saenb (.venv)"
 	touch $(STAMP)
 
