@@ -290,8 +290,9 @@ def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, 
         loss.backward()
         opt.step()
         if step % 20 == 0:
-            history.append([step, round(float(mse), 5), round(float(kl), 5)])
-            bar.set_postfix(mse=f"{float(mse):.4f}")
+            mse_, kl_ = float(mse.detach()), float(kl.detach())
+            history.append([step, round(mse_, 5), round(kl_, 5)])
+            bar.set_postfix(mse=f"{mse_:.4f}")
     with torch.no_grad():
         if ft.kind == "scale":
             sae.W_dec.mul_(scale.detach()[:, None])
