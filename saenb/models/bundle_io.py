@@ -132,9 +132,11 @@ def load_model(root: Path, device: str | torch.device = "cpu", folder: str = MOD
                               "is not the file saenb.models.pretrained fetches: rebuild the bundle")
         return pretrained.load_model(ref["name"], device)
     kwargs = json.loads((root / folder / "config.json").read_text())
-    cfg = HookedTransformerConfig(**kwargs, device=str(device))
+    # no random initialisation (every weight is loaded next; `init_weights` is TL's switch) and the loaded tensors
+    # taken as they are (assign): TL's init and the copy into it were most of a model's loading time
+    cfg = HookedTransformerConfig(**{**kwargs, "init_weights": False}, device=str(device))
     model = HookedTransformer(cfg, tokenizer=hf_tokenizer(root / TOKENIZER), move_to_device=False)
-    model.load_state_dict(load_file(str(root / folder / "model.safetensors")), strict=True)
+    model.load_state_dict(load_file(str(root / folder / "model.safetensors")), strict=True, assign=True)
     return model.to(device).eval()
 
 
