@@ -186,7 +186,7 @@ def test_fisher_equals_finite_differences_of_the_kl(request, which, hook):
     loaded = request.getfixturevalue(which)
     t64 = float64(loaded)
     tokens = loaded.tokens(2)[:1]
-    c = curvature.fisher(t64, hook, tokens, 40, progress=False)
+    c = curvature.fisher(t64, hook, tokens, 40, progress=False, root=None)  # computed, never read back
     F = c.fisher[0]
     measured = list(c.measured)
     U = torch.randn(4, F.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -212,6 +212,48 @@ def test_fisher_equals_finite_differences_of_the_kl(request, which, hook):
     # F at the patched position alone is its own next-token distribution's: a term of the sum, PSD
     assert torch.linalg.eigvalsh(c.fisher_at[0]).min() > -1e-10
     assert torch.linalg.eigvalsh(F - c.fisher_at[0]).min() > -1e-10
+
+
+def test_fisher_is_kept_per_token_read_back_and_recomputed_when_its_file_is_damaged(tiny, tmp_path, monkeypatch,
+                                                                                    caplog):
+    """Each token's F is written as soon as its batch is done: a run stopped after the first batch keeps that
+    token, the next computes only the rest, and a third computes nothing; a truncated file and one with a flipped
+    byte are reported and computed again. Every outcome equals the uncached F bit for bit."""
+    hook, tokens = "blocks.3.hook_resid_pre", tiny.tokens(3)
+    plain = curvature.fisher(tiny, hook, tokens, 40, progress=False, root=None)
+    engine_fisher, calls = curvature.engine_fisher, []
+
+    def counted(model, hook, tokens, *args, **kwargs):
+        calls.append(len(tokens))
+        if stop_after is not None and len(calls) > stop_after:
+            raise KeyboardInterrupt
+        return real(model, hook, tokens, *args, **kwargs)
+
+    real, stop_after = engine_fisher.token_fisher, 1
+    monkeypatch.setattr(engine_fisher, "token_fisher", counted)
+    with pytest.raises(KeyboardInterrupt):
+        curvature.fisher(tiny, hook, tokens, 40, progress=False, root=tmp_path, batch_size=1)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    stop_after, calls[:] = None, []
+
+    def same(c):
+        assert c.seqs == plain.seqs
+        for name in ("x", "fisher", "fisher_at"):
+            assert torch.equal(getattr(c, name), getattr(plain, name)), name
+
+    same(curvature.fisher(tiny, hook, tokens, 40, progress=False, root=tmp_path))
+    assert calls == [len(plain.seqs) - 1]  # the rest, in one batch
+    calls.clear()
+    same(curvature.fisher(tiny, hook, tokens, 40, progress=False, root=tmp_path))
+    assert calls == []
+    first, second = sorted(tmp_path.glob("*.safetensors"))[:2]
+    first.write_bytes(first.read_bytes()[:-100])
+    data = bytearray(second.read_bytes())
+    data[-10] ^= 0xFF
+    second.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="saenb.studies.curvature"):
+        same(curvature.fisher(tiny, hook, tokens, 40, progress=False, root=tmp_path))
+    assert calls == [2] and sum("computing it again" in r.message for r in caplog.records) == 2
 
 
 def test_quotient_and_energy_share_of_random_directions():

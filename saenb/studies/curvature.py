@@ -12,20 +12,37 @@ sphere) costs 0.5 eps^2 tr(F) / d in expectation, so the SAE error e's KL ratio 
 **curvature quotient** e^T F e / (|e|^2 tr(F) / d): how much more than an average direction of its length the
 error loads on the directions the output is sensitive to.
 
-`fisher` computes F exactly per token, by the engine (`saenb.engine.fisher`, which says how and what it costs).
+`fisher` computes F exactly per token, by the engine (`saenb.engine.fisher`, which says how and what it costs), and
+keeps each token's F on disk as soon as its batch is done (`FISHER_RESULTS`): a SmolLM2 token costs seconds, so an
+interrupted run (notebook 09 at its defaults on a CPU runs for an hour) loses at most one batch, and a second run
+reads every token back.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from saenb import files
 from saenb.engine import fisher as engine_fisher
-from saenb.engine import patching
+from saenb.engine import patching, store
 from saenb.models.loaded import Loaded
+
+log = logging.getLogger(__name__)
+
+FISHER_RESULTS = files.RESULTS / "fisher"
+"""Each token's F, x and F at the patched position (`fisher`), one safetensors file per token, named by the key of
+everything that decides it (`store.config_key`: preset, bundle, model, version; hook, position, measured positions,
+fused kernels; the context's tokens)."""
 
 
 @dataclass
@@ -76,12 +93,58 @@ def energy_share(d: Float[Tensor, "n ... d"], basis: Float[Tensor, "n d k"] | Fl
 
 def fisher(loaded: Loaded, hook: str, tokens: Tensor, position: int, *, measure_positions=None,
            include_special: bool = False, chunk: int = 128, batch_size: int = 8, fused: bool = True,
-           progress: bool = True) -> Curvature:
+           progress: bool = True, root: Path | None = FISHER_RESULTS) -> Curvature:
     """F (module docstring; `saenb.engine.fisher.token_fisher`) for the token at `position` of every context in
     `tokens` whose token there is not special, measured as `patching.measure(..., positions=position)` measures
-    (same positions, same special tokens left out)."""
+    (same positions, same special tokens left out). Each token's F is read from `root` when there, else computed
+    (`batch_size` contexts at a time) and written there at once; `root=None` computes every token and keeps none."""
     req = patching.make_request(loaded, hook, "identity", tokens, positions=position,
                                 measure_positions=measure_positions, include_special=include_special)
-    f = engine_fisher.token_fisher(loaded.model, hook, tokens, position, req.measured, req.keep(tokens), chunk=chunk,
-                                   batch_size=batch_size, fused=fused, progress=progress)
-    return Curvature(hook, position, req.measured, f.seqs, f.x, f.fisher, f.fisher_at)
+    keep = req.keep(tokens)
+    dtype = str(next(loaded.model.parameters()).dtype)
+    config = {"fisher": {"hook": hook, "position": position, "measured": list(req.measured), "fused": fused,
+                         "dtype": dtype}}
+    paths = {i: None if root is None else Path(root) / (
+        store.config_key(loaded, {**config, "tokens": store.tokens_sha256(tokens[i])})[0] + ".safetensors")
+        for i in range(len(tokens)) if keep[i, position]}
+    done = {i: part for i, path in paths.items() if path is not None and (part := _read(path)) is not None}
+    todo = [i for i in paths if i not in done]
+    batches = range(0, len(todo), batch_size)
+    for start in tqdm(batches, desc=f"fisher {hook}", disable=not progress or not todo, unit="batch"):
+        rows = todo[start:start + batch_size]
+        f = engine_fisher.token_fisher(loaded.model, hook, tokens[rows], position, req.measured, keep[rows],
+                                       chunk=chunk, batch_size=batch_size, fused=fused, progress=False)
+        for j, seq in enumerate(f.seqs):
+            done[rows[seq]] = part = {"x": f.x[j], "fisher": f.fisher[j], "fisher_at": f.fisher_at[j]}
+            if paths[rows[seq]] is not None:
+                with files.atomic_path(paths[rows[seq]]) as tmp:
+                    save_file(part, str(tmp), metadata={"sha256": _digest(part)})
+    if not done:
+        raise ValueError(f"no context may be patched at position {position} (a special token in every one)")
+    seqs = sorted(done)
+    return Curvature(hook, position, req.measured, seqs, *(torch.stack([done[i][k] for i in seqs])
+                                                           for k in ("x", "fisher", "fisher_at")))
+
+
+def _read(path: Path) -> dict[str, Tensor] | None:
+    """A token's cached F (None when there is none, or it cannot be read: then it is reported and computed again)."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            part = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            written = (f.metadata() or {}).get("sha256")
+        if set(part) != {"x", "fisher", "fisher_at"} or written != _digest(part):
+            raise ValueError("its content is not what was written (checksum)")
+        return part
+    except (OSError, ValueError, SafetensorError) as exc:  # truncated, corrupted or of another kind
+        log.warning("cached Fisher information %s cannot be read (%s): computing it again", path.name, exc)
+        return None
+
+
+def _digest(part: dict[str, Tensor]) -> str:
+    """sha256 of a token's tensors' bytes, in name order (kept in the file's metadata, checked on reading)."""
+    h = hashlib.sha256()
+    for name in sorted(part):
+        h.update(part[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
