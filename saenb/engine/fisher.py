@@ -66,7 +66,22 @@ def output_fisher(W_U: Float[Tensor, "d_model d_vocab"], p: Float[Tensor, "d_voc
     """W_U (diag(p) - p p^T) W_U^T: the Fisher information of softmax(h W_U + b) in the final residual h, as
     sum_y p_y (w_y - mean)(w_y - mean)^T (centred first: the uncentred form cancels most digits in float32)."""
     centred = (W_U - (W_U @ p)[:, None]) * p.sqrt()
-    return centred @ centred.T
+    return _gram(centred)
+
+
+def _gram(a: Float[Tensor, "d v"]) -> Float[Tensor, "d d"]:
+    """a a^T from its diagonal blocks and the blocks above them (the ones below are their transposes): 3/4 of the
+    multiplications of `a @ a.T`, which BLAS's general product does not halve (torch has no symmetric rank-k
+    product). Measured at SmolLM2's d_model 576 and 49,152 words: 0.26 s against 0.33 s on one core, 0.15 against
+    0.18 on two."""
+    h = a.shape[0] // 2
+    top, bottom = a[:h], a[h:]
+    out = torch.empty(a.shape[0], a.shape[0], dtype=a.dtype, device=a.device)
+    out[:h, :h] = top @ top.T
+    out[:h, h:] = top @ bottom.T
+    out[h:, :h] = out[:h, h:].T
+    out[h:, h:] = bottom @ bottom.T
+    return out
 
 
 def _suffix_final(model, hook: str, cache, rows: Int[Tensor, "b"], window: tuple[int, int],
