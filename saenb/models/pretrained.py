@@ -33,6 +33,8 @@ every measurement here leave out: 3 ordinary tokens in 256 contexts stay above 1
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -45,6 +47,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import gguf
 import torch
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -155,9 +158,33 @@ def _converted_dir(src: GGUFSource) -> Path:
 def load_hf(name: str):
     """transformers' model and tokenizer, dequantised from the GGUF file (float32), for equality checks."""
     path = gguf_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with _gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return hf.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_read_once():
+    """Within the block, gguf's reader parses a file once and its tensor-name map is built once per architecture
+    and block count. transformers' loader parses the whole file afresh for the tokenizer, the config and the weights
+    (6 s each on one core here: the 49,152-word vocabulary is read one string at a time) and rebuilds the name map
+    for each of the model's 397 modules (8 s in all), so a third of SmolLM2's conversion went to repeating itself.
+    Both are read-only here (the reader maps the file read-only), so sharing them changes nothing."""
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def read(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = read, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def _convert(src: GGUFSource, out: Path) -> None:
