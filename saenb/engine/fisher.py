@@ -62,10 +62,13 @@ class TokenFisher:
     """F of the patched position's own next-token distribution only."""
 
 
-def output_fisher(W_U: Float[Tensor, "d_model d_vocab"], p: Float[Tensor, "d_vocab"]) -> Float[Tensor, "d_model d_model"]:
+def output_fisher(W_U: Float[Tensor, "d_model d_vocab"], p: Float[Tensor, "d_vocab"],
+                  buffer: Float[Tensor, "d_model d_vocab"] | None = None) -> Float[Tensor, "d_model d_model"]:
     """W_U (diag(p) - p p^T) W_U^T: the Fisher information of softmax(h W_U + b) in the final residual h, as
-    sum_y p_y (w_y - mean)(w_y - mean)^T (centred first: the uncentred form cancels most digits in float32)."""
-    centred = (W_U - (W_U @ p)[:, None]) * p.sqrt()
+    sum_y p_y (w_y - mean)(w_y - mean)^T (centred first: the uncentred form cancels most digits in float32).
+    `buffer` (W_U's shape) takes the centred, weighted copy of W_U: at SmolLM2's 49,152 words two fresh 113 MB
+    tensors per call, mapped and page-faulted in afresh, took a third as long as the product itself."""
+    centred = torch.sub(W_U, (W_U @ p)[:, None], out=buffer).mul_(p.sqrt())
     return _gram(centred)
 
 
@@ -136,12 +139,13 @@ def token_fisher(model, hook: str, tokens: Int[Tensor, "n pos"], position: int, 
                 basis = torch.eye(X.shape[-1], dtype=X.dtype, device=device)
                 # forward mode only (no backward graph): K[i, b, q] = dh_q / dx_i of context b
                 K = vmap(lambda v: jvp(f, (X,), (v.expand_as(X),))[1], chunk_size=chunk)(basis)
+                buffer = torch.empty_like(W_U)  # output_fisher's centred copy of W_U, one per batch
                 for b in range(len(seqs)):
                     per_pos = torch.zeros(len(measured), X.shape[-1], X.shape[-1], dtype=torch.float64)
                     for q in range(len(measured)):
                         if keep_m[b, q]:  # positions not kept are not measured: they add nothing
                             Kq = K[:, b, q]  # [d, d_model]
-                            per_pos[q] = (Kq @ output_fisher(W_U, p[b, q]) @ Kq.T).double().cpu()
+                            per_pos[q] = (Kq @ output_fisher(W_U, p[b, q], buffer) @ Kq.T).double().cpu()
                     out["fisher"].append(per_pos.sum(0))
                     out["fisher_at"].append(per_pos[0])
             out["x"].extend(X.double().cpu())
