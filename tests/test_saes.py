@@ -245,6 +245,41 @@ def test_frozen_encoder_fine_tunes_keep_every_active_set_and_lower_mse(tiny, hel
     assert torch.equal(again.encode(x) > 0, base.encode(x) > 0)
 
 
+@pytest.mark.parametrize("kind", ["e2e", "kl_mse"])
+def test_a_stopped_training_loop_resumes_where_it_saved_to_the_same_weights(tiny, tmp_path, monkeypatch, kind):
+    """The end-to-end and fine-tuning loops (hours of CPU at SmolLM2's sizes) save their state (here after every
+    step) and a run stopped mid-way resumes there: the weights equal an uninterrupted run's, bit for bit, and the
+    record counts the seconds of both runs."""
+    monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(train, "checkpoint_dir", lambda preset: tmp_path / "checkpoints")
+    if kind == "e2e":
+        spec, base = dataclasses.replace(BASE, objective="e2e", sparsity=0.1, lr=3e-3, training_tokens=8 * 1024), None
+    else:
+        spec, base = dataclasses.replace(BASE, finetune=FineTune("kl_mse", tokens=8 * 1024, lr=1e-3)), \
+            saes.load(BASE, train=False)
+    whole = train.train(spec, tmp_path / "whole", progress=False, base=base)
+    assert whole["steps"] >= 4 and not any((tmp_path / "checkpoints").iterdir())
+    real, calls = train.Splicer.spliced, []
+
+    def stopping(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(train.Splicer, "spliced", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(spec, tmp_path / "resumed", progress=False, base=base)
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 1  # saved after the two steps it finished
+    monkeypatch.setattr(train.Splicer, "spliced", real)
+    calls.clear()
+    resumed = train.train(spec, tmp_path / "resumed", progress=False, base=base)
+    assert resumed["seconds_before_resume"] > 0 and resumed["history"] == whole["history"]
+    a, b = (load_file(str(tmp_path / name / "sae_weights.safetensors")) for name in ("whole", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any((tmp_path / "checkpoints").iterdir())
+
+
 def test_kl_mse_fine_tune_lowers_its_objective(tiny, heldout):
     tokens, x, keep = heldout
     base = saes.load(BASE, train=False)

@@ -92,7 +92,7 @@ def train(spec: SAESpec, out_dir: Path, *, progress: bool = True, base=None) -> 
         info = _train_runner(spec, out_dir)
     else:
         info = _train_e2e(spec, out_dir, progress=progress)
-    return {**info, "seconds": round(time.time() - t0, 1)}
+    return {**info, "seconds": round(time.time() - t0 + info.get("seconds_before_resume", 0.0), 1)}
 
 
 # ------------------------------------------------------------------------------------------- sae_lens
@@ -155,6 +155,60 @@ def context_batches(spec: SAESpec, n_tokens: int, *, from_back: bool) -> list[In
     return list(rows.split(N_CTX_BATCH))
 
 
+CHECKPOINT_SECONDS = 300.0
+"""How often the end-to-end and fine-tuning loops save their state (`LoopCheckpoint`)."""
+
+
+class LoopCheckpoint:
+    """The state of a training loop over a spec's fixed batches (its tensors, the optimiser, the next step and the
+    history), saved at most every CHECKPOINT_SECONDS into the preset's work folder, atomically, and restored when
+    the loop starts again: a stopped run resumes where it last saved, and its result equals an uninterrupted run's
+    (the batches are fixed by the spec and nothing random is drawn inside the loop). An end-to-end SAE of 2M
+    SmolLM2 tokens takes hours of CPU, more than a working session."""
+
+    def __init__(self, spec: SAESpec, tensors: dict[str, Tensor], opt: torch.optim.Optimizer):
+        self.path = checkpoint_dir(spec.preset) / f"{spec.key}.pt"
+        self.tensors, self.opt = tensors, opt
+        self.started = self.saved = time.monotonic()
+        self.earlier = 0.0
+        """Seconds the loop ran before the state it resumed from was saved (0 when it starts afresh)."""
+
+    def restore(self) -> tuple[int, list]:
+        """(the step to start at, the history so far): 0 and [] when there is nothing to resume."""
+        if not self.path.exists():
+            return 0, []
+        try:
+            state = torch.load(self.path, weights_only=True)
+            with torch.no_grad():
+                for name, tensor in self.tensors.items():
+                    tensor.copy_(state["tensors"][name])
+            self.opt.load_state_dict(state["optimizer"])
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:  # unreadable or of another shape: start over
+            print(f"checkpoint {self.path.name} cannot be resumed ({exc}): training from the start", flush=True)
+            return 0, []
+        print(f"resuming {self.path.name} at step {state['step']}", flush=True)
+        self.earlier = state["seconds"]
+        return state["step"], state["history"]
+
+    def after(self, step: int, history: list, force: bool = False) -> None:
+        """Save the state after `step` when CHECKPOINT_SECONDS have passed since the last save (or `force`)."""
+        if not force and time.monotonic() - self.saved < CHECKPOINT_SECONDS:
+            return
+        state = {"step": step + 1, "history": history, "optimizer": self.opt.state_dict(),
+                 "seconds": self.earlier + time.monotonic() - self.started,
+                 "tensors": {name: t.detach().clone() for name, t in self.tensors.items()}}
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        self.saved = time.monotonic()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def resumed(self) -> dict[str, float]:
+        """For the training record: the seconds run before a resume (`train` adds them to its own), if any."""
+        return {"seconds_before_resume": round(self.earlier, 1)} if self.earlier else {}
+
+
 class Splicer:
     """Runs the frozen model from the hook's layer with the hook's activation replaced, keeping gradients to
     the replacement: clean activations and log-probs first (no grad), then the spliced log-probs."""
@@ -211,9 +265,10 @@ def _train_e2e(spec: SAESpec, out_dir: Path, *, progress: bool) -> dict[str, Any
         scale = math.sqrt(d_in) / float(norms.mean())
     opt = torch.optim.Adam(sae.parameters(), lr=spec.lr)
     warm, ds_coef = max(1, len(batches) // 10), spec.option("downstream_coefficient", 1.0)
-    history = []
-    bar = tqdm(batches, desc=f"e2e {spec.label}", disable=not progress)
-    for step, tokens in enumerate(bar):
+    checkpoint = LoopCheckpoint(spec, dict(sae.named_parameters()), opt)
+    start, history = checkpoint.restore()
+    bar = tqdm(batches[start:], desc=f"e2e {spec.label}", disable=not progress, initial=start, total=len(batches))
+    for step, tokens in enumerate(bar, start):
         for group in opt.param_groups:
             group["lr"] = spec.lr * min(1.0, (step + 1) / max(1, len(batches) // 20))
         clean = splicer.clean(tokens)
@@ -235,14 +290,16 @@ def _train_e2e(spec: SAESpec, out_dir: Path, *, progress: bool) -> dict[str, Any
         opt.step()
         if step % 20 == 0:
             l0 = _masked_mean((z > 0).sum(-1).float(), keep)
-            history.append([step, round(float(kl), 5), round(float(l0), 2), round(float(ds), 5)])
-            bar.set_postfix(kl=f"{float(kl):.4f}", l0=f"{float(l0):.1f}")
+            history.append([step, round(float(kl.detach()), 5), round(float(l0), 2), round(float(ds.detach()), 5)])
+            bar.set_postfix(kl=f"{float(kl.detach()):.4f}", l0=f"{float(l0):.1f}")
+        checkpoint.after(step, history)
     inference = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=d_in, d_sae=d_in * spec.expansion))
     inference.load_state_dict({k: v.detach() for k, v in sae.state_dict().items()}, strict=True)
     inference.fold_activation_norm_scaling_factor(scale)
     _save(inference, out_dir, spec)
+    checkpoint.remove()
     return {"trainer": f"saenb e2e loop ({spec.objective})", "steps": len(batches), "activation_scale": scale,
-            "history": history}
+            "history": history, **checkpoint.resumed()}
 
 
 # ---------------------------------------------------------------------------------------- fine-tuning
@@ -266,9 +323,12 @@ def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, 
         params = list(sae.parameters())
     opt = torch.optim.Adam(params, lr=ft.lr)
     batches = context_batches(spec, ft.tokens, from_back=True)
-    history = []
-    bar = tqdm(batches, desc=f"fine-tune {spec.label}", disable=not progress)
-    for step, tokens in enumerate(bar):
+    tensors = {"scale": scale} if ft.kind == "scale" else dict(sae.named_parameters())
+    checkpoint = LoopCheckpoint(spec, tensors, opt)
+    start, history = checkpoint.restore()
+    bar = tqdm(batches[start:], desc=f"fine-tune {spec.label}", disable=not progress, initial=start,
+               total=len(batches))
+    for step, tokens in enumerate(bar, start):
         clean = splicer.clean(tokens)
         keep = non_special(tokens, model.tokenizer).float()
         x = flat(clean[splicer.hook], spec.hook)
@@ -293,11 +353,14 @@ def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, 
             mse_, kl_ = float(mse.detach()), float(kl.detach())
             history.append([step, round(mse_, 5), round(kl_, 5)])
             bar.set_postfix(mse=f"{mse_:.4f}")
+        checkpoint.after(step, history)
     with torch.no_grad():
         if ft.kind == "scale":
             sae.W_dec.mul_(scale.detach()[:, None])
     _save(sae.requires_grad_(False), out_dir, spec)
-    return {"trainer": f"saenb fine-tune ({ft.kind})", "steps": len(batches), "history": history}
+    checkpoint.remove()
+    return {"trainer": f"saenb fine-tune ({ft.kind})", "steps": len(batches), "history": history,
+            **checkpoint.resumed()}
 
 
 def curvature_objective(e: Float[Tensor, "... d"], fisher: Float[Tensor, "d d"], mse_weight: float
@@ -308,6 +371,11 @@ def curvature_objective(e: Float[Tensor, "... d"], fisher: Float[Tensor, "d d"],
     size costs, which keeps in check the directions F barely weighs."""
     width = fisher.shape[-1]
     return (e @ fisher * e).sum(-1) + mse_weight * fisher.trace() / width * e.square().sum(-1)
+
+
+def checkpoint_dir(preset: str) -> Path:
+    """Where the end-to-end and fine-tuning loops keep their state while they run (`LoopCheckpoint`; git-ignored)."""
+    return sources.work_dir(preset) / "checkpoints"
 
 
 def fisher_dir(preset: str) -> Path:
