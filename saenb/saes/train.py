@@ -190,9 +190,9 @@ class LoopCheckpoint:
         self.earlier = state["seconds"]
         return state["step"], state["history"]
 
-    def after(self, step: int, history: list, force: bool = False) -> None:
-        """Save the state after `step` when CHECKPOINT_SECONDS have passed since the last save (or `force`)."""
-        if not force and time.monotonic() - self.saved < CHECKPOINT_SECONDS:
+    def after(self, step: int, history: list) -> None:
+        """Save the state after `step` when CHECKPOINT_SECONDS have passed since the last save."""
+        if time.monotonic() - self.saved < CHECKPOINT_SECONDS:
             return
         state = {"step": step + 1, "history": history, "optimizer": self.opt.state_dict(),
                  "seconds": self.earlier + time.monotonic() - self.started,
