@@ -128,6 +128,7 @@ def token_fisher(model, hook: str, tokens: Int[Tensor, "n pos"], position: int, 
     W_U = model.unembed.W_U.detach()  # [d_model, d_vocab]
     unembed = patching._Unembed(model)
     out: dict[str, list] = {"seqs": [], "x": [], "fisher": [], "fisher_at": []}
+    buffer = torch.empty_like(W_U)  # output_fisher's centred copy of W_U, reused for every position
     with kernels.fused_kernels(model, keep=(hook,)) if fused else contextlib.nullcontext():
         for seqs, keep_m, cache in _contexts(model, tokens, keep, position, measured, window, names, batch_size,
                                              f"fisher {hook}", progress):
@@ -139,7 +140,6 @@ def token_fisher(model, hook: str, tokens: Int[Tensor, "n pos"], position: int, 
                 basis = torch.eye(X.shape[-1], dtype=X.dtype, device=device)
                 # forward mode only (no backward graph): K[i, b, q] = dh_q / dx_i of context b
                 K = vmap(lambda v: jvp(f, (X,), (v.expand_as(X),))[1], chunk_size=chunk)(basis)
-                buffer = torch.empty_like(W_U)  # output_fisher's centred copy of W_U, one per batch
                 for b in range(len(seqs)):
                     per_pos = torch.zeros(len(measured), X.shape[-1], X.shape[-1], dtype=torch.float64)
                     for q in range(len(measured)):

@@ -32,7 +32,6 @@ import torch
 from jaxtyping import Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
 from saenb import files
@@ -132,12 +131,7 @@ def load_model(root: Path, device: str | torch.device = "cpu", folder: str = MOD
                               "is not the file saenb.models.pretrained fetches: rebuild the bundle")
         return pretrained.load_model(ref["name"], device)
     kwargs = json.loads((root / folder / "config.json").read_text())
-    # no random initialisation (every weight is loaded next; `init_weights` is TL's switch) and the loaded tensors
-    # taken as they are (assign): TL's init and the copy into it were most of a model's loading time
-    cfg = HookedTransformerConfig(**{**kwargs, "init_weights": False}, device=str(device))
-    model = HookedTransformer(cfg, tokenizer=hf_tokenizer(root / TOKENIZER), move_to_device=False)
-    model.load_state_dict(load_file(str(root / folder / "model.safetensors")), strict=True, assign=True)
-    return model.to(device).eval()
+    return pretrained.saved_model(kwargs, root / folder / "model.safetensors", hf_tokenizer(root / TOKENIZER), device)
 
 
 def sae_path(root: Path, hook_name: str) -> Path:

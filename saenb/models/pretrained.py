@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -180,7 +179,7 @@ def _gguf_read_once():
             readers[key] = reader(path, mode)
         return readers[key]
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = read, functools.cache(name_map)
+    gguf.GGUFReader, gguf.get_tensor_name_map = read, cache(name_map)
     try:
         yield
     finally:
@@ -239,11 +238,16 @@ def load_model(name: str, device: str | torch.device = "cpu"):
     """The HookedTransformer converted from the GGUF file, eval mode, tokenizer attached."""
     out = _converted(name)
     kwargs = json.loads((out / "config.json").read_text())
-    # every weight is loaded next: no random initialisation (TL's `init_weights`; 3.6 of the 6 s this took), and the
-    # loaded tensors are taken as they are (assign) rather than copied into the module's
-    model = HookedTransformer(HookedTransformerConfig(**kwargs, init_weights=False, device=str(device)),
-                              tokenizer=tokenizer(name), move_to_device=False)
-    model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True, assign=True)
+    return saved_model(kwargs, out / "model.safetensors", tokenizer(name), device)
+
+
+def saved_model(kwargs: dict[str, Any], weights: Path, tokenizer, device: str | torch.device = "cpu"):
+    """A HookedTransformer from its config's keyword arguments and its saved weights (every one of them), eval mode,
+    `tokenizer` attached. TL's random initialisation is skipped (`init_weights`: every weight is loaded next; it was
+    3.6 of the 6 s SmolLM2 took to load) and the loaded tensors are taken as they are (assign), not copied."""
+    model = HookedTransformer(HookedTransformerConfig(**{**kwargs, "init_weights": False}, device=str(device)),
+                              tokenizer=tokenizer, move_to_device=False)
+    model.load_state_dict(load_file(str(weights)), strict=True, assign=True)
     return model.to(device).eval()
 
 
