@@ -98,6 +98,18 @@ def test_normals_equal_reference_box_muller():
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=4e-6 * max(1.0, float(np.abs(want).max())))
 
 
+@pytest.mark.parametrize("n", [101, 128, 3])
+def test_normals_are_box_muller_of_the_words_bit_for_bit_across_slices(monkeypatch, n):
+    """`normals` computes Box-Muller straight from Philox's word pairs, slice by slice: the same numbers, bit for bit,
+    as `box_muller` of `uniform_words` laid out in order (here over 7 slices of counters, the last one shorter)."""
+    monkeypatch.setattr(draws, "CPU_SLICE", 1000)
+    key = draws.stream_key(5, "h", "eps_random", 1)
+    seq, sample = torch.arange(6)[:, None], torch.arange(40)
+    got = draws.normals(key, seq, 48, sample, n)
+    want = draws.box_muller(draws.uniform_words(key, seq, 48, sample, n + n % 2))[..., :n]
+    assert got.shape == (6, 40, n) and torch.equal(got, want)
+
+
 def test_normals_and_unit_vectors_are_distributed_as_promised():
     from scipy import stats
 

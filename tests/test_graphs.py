@@ -43,3 +43,25 @@ def test_captured_blocks_trace_to_the_same_function(model, request):
     blocks = loaded.model.blocks
     assert not any("forward" in vars(b) for b in blocks) and "forward" not in vars(loaded.model)
     assert type(blocks[0].attn.attn_scale) is type(loaded.model.cfg.attn_scale)
+
+
+def test_captured_blocks_inside_fused_kernels_keep_and_restore_the_fused_blocks(tiny):
+    """As `measure` nests them (fused kernels, then captured blocks): the captured blocks' eager path is the fused
+    block, which is back in place when the captured blocks end, and nothing is left when the fused kernels end; the
+    logits equal the plain forward's."""
+    from saenb.engine import kernels
+    from saenb.engine.kernels import fused_kernels
+
+    torch._dynamo.reset()
+    model, tokens = tiny.model, tiny.tokens(1)[:, :16]
+    with torch.inference_mode():
+        want = model(tokens)
+        with fused_kernels(model):
+            fused = vars(model.blocks[0])["forward"]
+            assert fused.__func__ is kernels._block
+            with captured_blocks(model, force=True, backend=CompileCounter()):
+                assert vars(model.blocks[0])["forward"] is not fused
+                got = model(tokens)  # not a patched forward: every block runs its eager (fused) forward
+            assert vars(model.blocks[0])["forward"] is fused
+        assert not any("forward" in vars(b) for b in model.blocks)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)

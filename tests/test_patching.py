@@ -120,7 +120,7 @@ def test_split_measurement_equals_whole(tiny, tokens):
 
 @pytest.mark.parametrize("soft_cap", [0.0, 30.0])
 @pytest.mark.parametrize("fallback", [False, True])
-@pytest.mark.parametrize("block_tokens, vocab_slice", [(patching.LOGIT_BLOCK, None), (10, 1000)])
+@pytest.mark.parametrize("block_tokens, vocab_slice", [(patching.LOGIT_BLOCK, None), (10, 1000), (60, 1000)])
 def test_logit_reduction_equals_float64(tiny, monkeypatch, soft_cap, fallback, block_tokens, vocab_slice):
     """`_reduce_logits` (KL in the centred form, CE from the target's logit change) against float64 kl_div /
     log-softmax of the same streams, within 1e-5 of each KL: unchanged, barely changed (KLs of 1e-8: the Taylor terms),
@@ -296,9 +296,9 @@ def test_llama_single_token_prefix_keeps_rotary_offsets(llama):
 
 
 def test_fused_kernels_swap_only_known_equals(tiny, llama):
-    """GPT-2's LayerNorms, gelu_new and attention are swapped inside the block and restored after it; of the
-    Llama model its RMSNorms, attention and gated MLP (its forward: SiLU has no swap declared), and every packed
-    q/k/v weight is removed on leaving; an attention module with a hook
+    """GPT-2's LayerNorms, gelu_new, attention and blocks are swapped inside the block and restored after it; of the
+    Llama model its RMSNorms, attention, gated MLP (its forward: SiLU has no swap declared) and blocks, and every
+    packed q/k/v weight is removed on leaving; an attention module with a hook
     on its pattern keeps TransformerLens's forward, and then the engine gets no shared prefix."""
     import torch
 
@@ -307,7 +307,8 @@ def test_fused_kernels_swap_only_known_equals(tiny, llama):
     def state(model):
         return [(type(m).__name__, getattr(m, "act_fn", None), "forward" in vars(m)) for m in model.modules()]
 
-    for loaded, swapped in ((tiny, {"LayerNorm", "Attention", "MLP"}), (llama, {"RMSNorm", "GroupedQueryAttention", "GatedMLP"})):
+    for loaded, swapped in ((tiny, {"LayerNorm", "Attention", "MLP", "TransformerBlock"}),
+                            (llama, {"RMSNorm", "GroupedQueryAttention", "GatedMLP", "TransformerBlock"})):
         before = state(loaded.model)
         with fused_kernels(loaded.model) as shared:
             changed = {b[0] for a, b in zip(state(loaded.model), before, strict=True) if a != b}
@@ -326,6 +327,41 @@ def test_fused_kernels_swap_only_known_equals(tiny, llama):
         # the engine then reads the prefix from a key/value cache: an identity splice still changes nothing
         out = measure(tiny, "blocks.1.hook_resid_pre", "identity", tiny.tokens(2), positions=40, progress=False)
         assert out.kl.abs().max() < 1e-6 and len(fired) > 1
+
+def test_fused_blocks_normalise_once_and_take_q_k_v_from_one_matmul(tiny, llama, monkeypatch):
+    """Inside `fused_kernels` a block applies ln1 once and its attention computes q, k and v from one matmul by the
+    packed weights (TL's own block normalises three times into three tensors, so the packed path could not run);
+    the logits equal TL's forward's and the block's hook points fire once each. A hook on ln1 keeps TL's block
+    forward (which fires it three times)."""
+    import torch
+    from transformer_lens.components.abstract_attention import AbstractAttention
+
+    from saenb.engine.kernels import fused_kernels
+
+    def separate(*args, **kwargs):
+        raise AssertionError("q, k and v were computed apart")
+
+    for loaded in (tiny, llama):
+        model, tokens = loaded.model, loaded.tokens(2)[:, :24]
+        with torch.inference_mode():
+            want = model(tokens)
+            fired = []
+            names = ["blocks.1.hook_resid_pre", "blocks.1.ln1.hook_normalized", "blocks.1.hook_attn_out",
+                     "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+            hooks = [(n, lambda act, hook: fired.append(hook.name)) for n in names]
+            with fused_kernels(model, keep=["blocks.1.ln1.hook_normalized"]):
+                assert "forward" not in vars(model.blocks[1]) and "forward" in vars(model.blocks[2])
+                with model.hooks(fwd_hooks=hooks):
+                    model(tokens)
+            assert fired == names[:1] + [names[1]] * 3 + names[2:], "TL's block: ln1 three times"
+            fired.clear()
+            with fused_kernels(model), model.hooks(fwd_hooks=hooks[:1] + hooks[2:]):
+                monkeypatch.setattr(AbstractAttention, "calculate_qkv_matrices", separate)
+                got = model(tokens)
+                monkeypatch.undo()
+            assert fired == names[:1] + names[2:]
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-5)
+
 
 @pytest.mark.parametrize("heads,kv_heads,group", [(4, 4, 3), (6, 2, 5), (4, 1, 1)])
 def test_shared_prefix_attention_equals_attention_over_copied_keys(heads, kv_heads, group):

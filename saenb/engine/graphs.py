@@ -19,6 +19,7 @@ changes: the flag is a no-op there. The same function is computed; rounding may 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import torch
@@ -58,27 +59,28 @@ def captured_blocks(model, enabled: bool = True, *, mode: str | None = "reduce-o
         options["mode"] = mode
     compiled = torch.compile(_block_forward, **options)
     blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    previous = {block: vars(block).get("forward") for block in blocks}
     failed: list[BaseException] = []
     cudagraphs = backend == "inductor" and mode == "reduce-overhead"
     patched = [False]  # whether the forward under way is a patched one
 
     def wrap(block: TransformerBlock):
         points = [m for m in block.modules() if isinstance(m, HookPoint)]
+        # the eager forward: the block's own, or the one already in place (`kernels.fused_kernels`'s), kept on exit
+        own = previous[block] or functools.partial(type(block).forward, block)
 
         def forward(resid_pre, shortformer_pos_embed=None, past_kv_cache_entry=None, attention_mask=None):
             eager = (not patched[0] or failed or shortformer_pos_embed is not None or attention_mask is not None
                      or _hooked(points) or not isinstance(past_kv_cache_entry, COMPILED_ENTRIES))
             if eager:
-                return type(block).forward(block, resid_pre, shortformer_pos_embed, past_kv_cache_entry,
-                                           attention_mask)
+                return own(resid_pre, shortformer_pos_embed, past_kv_cache_entry, attention_mask)
             try:
                 out = compiled(block, resid_pre, past_kv_cache_entry)
             except Exception as error:  # noqa: BLE001 (a compiler failure: the eager forward computes the same)
                 failed.append(error)
                 warnings.warn(f"captured_blocks: torch.compile failed ({type(error).__name__}: {error}); the blocks "
                               "run eagerly (measure(graphs=False) avoids the attempt)", RuntimeWarning, stacklevel=2)
-                return type(block).forward(block, resid_pre, shortformer_pos_embed, past_kv_cache_entry,
-                                           attention_mask)
+                return own(resid_pre, shortformer_pos_embed, past_kv_cache_entry, attention_mask)
             return out
 
         return forward
@@ -107,4 +109,6 @@ def captured_blocks(model, enabled: bool = True, *, mode: str | None = "reduce-o
             module.attn_scale = scale
         for block in blocks:
             vars(block).pop("forward", None)
+            if previous[block] is not None:
+                block.forward = previous[block]
         vars(model).pop("forward", None)

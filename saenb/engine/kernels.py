@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre, TransformerBlock
 from transformer_lens.components.abstract_attention import AbstractAttention
 from transformer_lens.components.mlps.can_be_used_as_mlp import CanBeUsedAsMLP
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.utilities.activation_functions import gelu_new, gelu_pytorch_tanh
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 _GELU_K = math.sqrt(2 / math.pi)
 
@@ -154,6 +155,31 @@ def _gated_mlp(mlp: GatedMLP, x: Float[Tensor, "batch pos d_model"]) -> Float[Te
     return torch.matmul(post, mlp.W_out).add_(mlp.b_out)
 
 
+def _block(block: TransformerBlock, resid_pre: Float[Tensor, "batch pos d_model"], shortformer_pos_embed=None,
+           past_kv_cache_entry=None, attention_mask=None) -> Float[Tensor, "batch pos d_model"]:
+    """TL's TransformerBlock forward for a pre-norm block whose attention and MLP run in sequence, with ln1 applied
+    once: TL normalises the residual stream three times (for queries, keys and values, which some configurations
+    hook apart) and adds 0.0 to two of the results, so its attention never receives one tensor three times and
+    cannot compute q, k and v in one matmul (`_qkv`). Its hook points fire as in TL (ln1's once: the block keeps
+    TL's forward when they have hooks, `fused_kernels`)."""
+    if shortformer_pos_embed is not None:
+        return type(block).forward(block, resid_pre, shortformer_pos_embed, past_kv_cache_entry, attention_mask)
+    resid_pre = block.hook_resid_pre(resid_pre)
+    x = block.ln1(resid_pre)
+    attn_out = block.hook_attn_out(block.attn(query_input=x, key_input=x, value_input=x,
+                                              past_kv_cache_entry=past_kv_cache_entry, attention_mask=attention_mask))
+    resid_mid = block.hook_resid_mid(resid_pre + attn_out)
+    mlp_in = block.hook_mlp_in(resid_mid.clone()) if block.cfg.use_hook_mlp_in else resid_mid
+    return block.hook_resid_post(resid_mid + block.apply_mlp(block.ln2(mlp_in)))
+
+
+def _fuses_block(block: TransformerBlock) -> bool:
+    """Whether `_block` computes exactly what TL's forward does for this block (pre-norm, attention then MLP)."""
+    cfg = block.cfg
+    return not (cfg.use_attn_in or cfg.use_split_qkv_input or cfg.attn_only or cfg.parallel_attn_mlp
+                or cfg.use_normalization_before_and_after or cfg.original_architecture in POST_NORM_ARCHITECTURES)
+
+
 def _grouped(attn: AbstractAttention) -> bool:
     """Whether TL computes this module's keys and values from its grouped (unrepeated) weights _W_K, _W_V."""
     return hasattr(attn, "_W_K") and not attn.cfg.ungroup_grouped_query_attention
@@ -258,7 +284,8 @@ def fused_kernels(model, keep=()):
     attention = [m for m in model.modules() if isinstance(m, AbstractAttention)]
 
     def fires(name: str, module, points: tuple[str, ...]) -> bool:  # whether a hook must fire at these points
-        return any(f"{name}.{p}" in keep or getattr(module, p)._forward_hooks for p in points)
+        return any(f"{name}.{p}" in keep or getattr(getattr(module, p, None), "_forward_hooks", None)
+                   for p in points)
 
     try:
         for name, module in model.named_modules():
@@ -281,6 +308,11 @@ def fused_kernels(model, keep=()):
             elif type(module) is GatedMLP and not module.cfg.is_layer_norm_activation():
                 swapped_fwd.append(module)
                 module.forward = types.MethodType(_gated_mlp, module)
+            elif (type(module) is TransformerBlock and _fuses_block(module) and "forward" not in vars(module)
+                  and not fires(f"{name}.ln1", module.ln1, ("hook_scale", "hook_normalized"))):
+                # (a block whose forward is already replaced, `graphs.captured_blocks`'s, keeps it)
+                swapped_fwd.append(module)
+                module.forward = types.MethodType(_block, module)
         yield bool(attention) and all("forward" in vars(m) for m in attention)
     finally:
         for module, fn in swapped_act:

@@ -110,30 +110,31 @@ class CleanDistribution:
             self.tanh_t, self.sech2_t = (x.gather(-1, targets[..., None]).squeeze(-1)
                                          for x in (self.tanh_c, self.sech2_c))
 
-    def reduce(self, seq: int, delta_h: Float[Tensor, "r m d"], buffer: Float[Tensor, "n"]
-               ) -> tuple[Float[Tensor, "r m"], Float[Tensor, "r m"], Float[Tensor, "r m"]]:
-        """KL(p || q), lse(l) - lse(c) and p . delta for r patched copies of sequence `seq` (the clean distribution
-        broadcast over the copies, not copied), from the change of the readout's input delta_h = h - h_c. Computed one
-        vocabulary slice at a time into `buffer` (at least 2 r m vocab_slice elements) and reduced while it is in
-        cache. A term of A that overflowed leaves an infinite KL (the caller recomputes those, `CENTRED_KL_MAX`)."""
+    def reduce(self, seq: int | slice, delta_h: Float[Tensor, "... r m d"], buffer: Float[Tensor, "n"]
+               ) -> tuple[Float[Tensor, "... r m"], Float[Tensor, "... r m"], Float[Tensor, "... r m"]]:
+        """KL(p || q), lse(l) - lse(c) and p . delta for r patched copies of sequence `seq` (delta_h [r, m, d]), or of
+        each sequence of the slice `seq` (delta_h [g, r, m, d]; the clean distributions broadcast over the copies, not
+        copied), from the change of the readout's input delta_h = h - h_c. Computed one vocabulary slice at a time into
+        `buffer` (at least 2 r m vocab_slice elements, times g) and reduced while it is in cache. A term of A that
+        overflowed leaves an infinite KL (the caller recomputes those, `CENTRED_KL_MAX`)."""
         d_vocab, step = self.weight.shape[1], self.vocab_slice
-        centre = (self.u[seq] * delta_h).sum(-1)  # [r, m]: D
+        centre = (self._of(self.u, seq) * delta_h).sum(-1)  # [..., r, m]: D
         a = torch.zeros_like(centre)
         b = torch.zeros_like(centre) if self.soft_cap else None
         size = delta_h.numel() // delta_h.shape[-1]
         for lo in range(0, d_vocab, step):
             n = min(step, d_vocab - lo)
             t = torch.matmul(delta_h, self.weight[:, lo:lo + n],
-                             out=buffer[:size * n].view(*delta_h.shape[:-1], n))  # [r, m, n]
+                             out=buffer[:size * n].view(*delta_h.shape[:-1], n))  # [..., r, m, n]
             spare = buffer[size * n:2 * size * n].view_as(t)
-            p = self.p[seq, :, lo:lo + n]
+            p = self._of(self.p[..., lo:lo + n], seq)
             if self.soft_cap:
                 self._capped(t, spare, seq, lo, n)
             t.sub_(centre[..., None])
             if b is not None:
                 b += torch.mul(t, p, out=spare).sum(-1)
             a += _centred_terms(t, p, spare)
-        z = self.z[seq]
+        z = self._of(self.z, seq)
         if b is None:  # D is p . delta itself: B = 0
             log_ratio = a.div_(z).log1p_()
             return log_ratio, centre + log_ratio, centre
@@ -141,41 +142,52 @@ class CleanDistribution:
         log_ratio = a.div_(z).add_(b).log1p_()
         return log_ratio - b, centre + log_ratio, centre + b
 
-    def _capped(self, dl: Float[Tensor, "r m n"], spare: Float[Tensor, "r m n"], seq: int, lo: int, n: int) -> None:
+    @staticmethod
+    def _of(x: Float[Tensor, "b ..."], seq: int | slice | Tensor) -> Tensor:
+        """The clean `x` of `seq`, shaped to broadcast over its rows: x[seq] for one sequence (or a tensor naming
+        each row's), with a rows axis after the sequences' for a slice of them (a view: nothing is copied)."""
+        return x[seq, None] if isinstance(seq, slice) else x[seq]
+
+    def _capped(self, dl: Float[Tensor, "... m n"], spare: Float[Tensor, "... m n"], seq: int | slice, lo: int,
+                n: int) -> None:
         """The soft-capped logits' change, in place of the linear one dl: cap (tanh(a + x) - tanh(a)) with a = c / cap
         and x = dl / cap, written as cap tanh(x) sech^2(a) / (1 + tanh(a) tanh(x)) (no difference of near numbers)."""
         tanh_x = dl.div_(self.soft_cap).tanh_()
-        denominator = torch.mul(tanh_x, self.tanh_c[seq, :, lo:lo + n], out=spare).add_(1)
-        tanh_x.mul_(self.sech2_c[seq, :, lo:lo + n]).div_(denominator).mul_(self.soft_cap)
+        denominator = torch.mul(tanh_x, self._of(self.tanh_c[..., lo:lo + n], seq), out=spare).add_(1)
+        tanh_x.mul_(self._of(self.sech2_c[..., lo:lo + n], seq)).div_(denominator).mul_(self.soft_cap)
 
-    def delta_target(self, seq, delta_h: Float[Tensor, "r m d"]) -> Float[Tensor, "r m"]:
-        """The change of each position's target logit (row i a copy of sequence seq[i], or all of sequence `seq`)."""
-        dl = (self.w_target[seq] * delta_h).sum(-1)
+    def delta_target(self, seq, delta_h: Float[Tensor, "... m d"]) -> Float[Tensor, "... m"]:
+        """The change of each position's target logit (row i a copy of sequence seq[i], or the rows of sequence `seq`
+        or of each sequence of the slice `seq`, as in `reduce`)."""
+        dl = (self._of(self.w_target, seq) * delta_h).sum(-1)
         if not self.soft_cap:
             return dl
         tanh_x = (dl / self.soft_cap).tanh_()
-        return tanh_x * self.sech2_t[seq] / (1 + tanh_x * self.tanh_t[seq]) * self.soft_cap
+        return tanh_x * self._of(self.sech2_t, seq) / (1 + tanh_x * self._of(self.tanh_t, seq)) * self.soft_cap
 
     def dot(self, seq, delta_h: Float[Tensor, "r m d"]) -> Float[Tensor, "r m"]:
         """p . delta per row (row i a copy of sequence seq[i]) of a linear readout, from the streams' difference."""
         return (self.u[seq] * delta_h).sum(-1)
 
 
-def _centred_terms(t: Float[Tensor, "r m n"], p: Float[Tensor, "m n"], spare: Float[Tensor, "r m n"]
-                   ) -> Float[Tensor, "r m"]:
+def _centred_terms(t: Float[Tensor, "... r m n"], p: Float[Tensor, "... m n"], spare: Float[Tensor, "... r m n"]
+                   ) -> Float[Tensor, "... r m"]:
     """sum_v p_v (expm1(t_v) - t_v) per (row, position): from expm1, or, for the (row, position)s whose |t| stays
     within SMALL_T, from the Taylor polynomial (float32's expm1 rounds at 6e-8 of |t|, large beside t^2 / 2 when t is
     small: positions after a single-token splice), of the degree their largest |t| needs (`_taylor_degree`). Where
     most (row, position)s are small (single-token mode), the polynomial runs over the whole block and expm1 over the
-    others, gathered; else expm1 over the block and the polynomial over the small ones. Overwrites spare."""
-    peak = torch.maximum(t.amax(-1), t.amin(-1).neg_())  # [r, m]: the largest |t|
+    others, gathered; else expm1 over the block and the polynomial over the small ones. t is [r, m, n] with p [m, n]
+    (the rows of one sequence), or [g, r, m, n] with p [g, 1, m, n] (of g sequences). Overwrites spare."""
+    peak = torch.maximum(t.amax(-1), t.amin(-1).neg_())  # [..., r, m]: the largest |t| (torch.aminmax: 25x slower)
     small = peak <= SMALL_T
     n_small = int(small.sum())
     over_block = 2 * n_small >= small.numel()  # the polynomial over the whole block, expm1 over the rest
     degree = _taylor_degree(float(peak[small].max())) if n_small else 5
     minority = (~small if over_block else small).flatten().nonzero().squeeze(1)
     if len(minority):  # copied out before the block is overwritten
-        rows, weights = t.reshape(-1, t.shape[-1])[minority], p[minority % small.shape[-1]]
+        r, m = t.shape[-3:-1]
+        at = minority % m if p.dim() == 2 else minority // (r * m) * m + minority % m  # each one's row of p
+        rows, weights = t.reshape(-1, t.shape[-1])[minority], p.reshape(-1, p.shape[-1])[at]
     block = _taylor(t, spare, degree) if over_block else torch.expm1(t, out=spare).sub_(t)
     out = block.mul_(p).sum(-1)
     if len(minority):
