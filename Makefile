@@ -49,7 +49,9 @@ browser:
 # lint-imports holds the package's layers (pyproject.toml [tool.importlinter]; README: Layout) before the tests run.
 # One pytest worker per core (pytest-xdist); the tests sharing a session fixture of minutes (the quick notebook run,
 # the small bundle) run on one worker together (tests/conftest.py).
-test: venv smollm2 browser
+# SmolLM2's fetch and conversion (a minute of one core) and Chromium's install (the network and the disk) run side by side.
+test: venv
+	$(MAKE) --no-print-directory -j2 smollm2 browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n auto --dist loadgroup
 
