@@ -232,3 +232,12 @@ def test_centred_terms_keep_float64s_digits_at_every_size_of_the_change(case, pe
     got = metrics._centred_terms(t.clone(), p, torch.empty_like(t))
     torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
     assert metrics._taylor_degree(metrics.SMALL_T) == 5 and metrics._taylor_degree(0.01) == 2
+
+
+@pytest.mark.parametrize("degree", range(6))
+def test_taylor_polynomial_of_each_degree_equals_its_float64_sum(degree):
+    """`_taylor` (Horner's rule, one fused pass per step) at every degree equals t^2 sum_k t^k / (k + 2)! in float64."""
+    t = torch.linspace(-metrics.SMALL_T, metrics.SMALL_T, 4001).view(1, 1, -1)
+    want = sum(t.double() ** (k + 2) / math.factorial(k + 2) for k in range(degree + 1))
+    got = metrics._taylor(t, torch.empty_like(t), degree)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-12)

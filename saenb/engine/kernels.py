@@ -7,7 +7,8 @@ Inside `fused_kernels(model)`:
   three matrices on every call, and its attention rearranges W_Q, W_K and W_V into a copy on every call, which in
   a forward of a few rows (a many-sample chunk at one position) cost as much as the matmuls; here the MLP multiplies
   by the stored matrices (`_gated_mlp`) and q, k and v come from one matmul by their weights laid side by side once
-  on entry (`_qkv`);
+  on entry (`_qkv`), the block applying ln1 once (`_block`: TL's normalises its input three times, into three
+  tensors);
 - attention runs as torch's `scaled_dot_product_attention` (`_attention`): TransformerLens computes the scores, a
   causal mask by `where`, a NaN scrub, the softmax and the weighted sum as separate full-size tensors; the fused
   kernel never materialises the pattern. Where the attention has a clean prefix shared by many patched rows

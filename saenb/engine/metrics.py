@@ -5,6 +5,7 @@ KL is always KL(clean || patched) of the next-token distribution, in nats, per t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -204,7 +205,7 @@ TAYLOR_TOLERANCE = 2e-8
 def _taylor_degree(peak: float) -> int:
     """The degree j of expm1(t) - t = t^2 (1/2! + t/3! + ... + t^j/(j+2)!) + ... that keeps the first term left out
     within TAYLOR_TOLERANCE of t^2 / 2 for every |t| <= peak (5 at SMALL_T; 2 at 0.01, where single-token mode's
-    later positions often lie: 6 passes over the block fewer)."""
+    later positions often lie: 3 passes over the block fewer)."""
     for j in range(6):
         if 2 * peak ** (j + 1) * _INVERSE_FACTORIAL[j + 3] <= TAYLOR_TOLERANCE:
             return j
@@ -213,11 +214,22 @@ def _taylor_degree(peak: float) -> int:
 
 def _taylor(t: Float[Tensor, "... n"], out: Float[Tensor, "... n"], degree: int = 5) -> Float[Tensor, "... n"]:
     """expm1(t) - t = t^2 (1/2! + t/3! + ... + t^degree/(degree+2)!) into `out` (Horner's rule): relative error below
-    2e-8 for |t| <= SMALL_T at degree 5 (`_taylor_degree` for smaller |t|)."""
-    poly = torch.mul(t, _INVERSE_FACTORIAL[degree + 2], out=out)
-    for k in range(degree + 1, 1, -1):
-        poly.add_(_INVERSE_FACTORIAL[k]).mul_(t)
-    return poly.mul_(t)
+    2e-8 for |t| <= SMALL_T at degree 5 (`_taylor_degree` for smaller |t|). Each Horner step q <- q t + 1/k! is one
+    pass (`torch.addcmul` with the coefficient as a 0-d tensor; a multiply and an add in place are two): degree + 2
+    passes over the block in all."""
+    if degree == 0:
+        return torch.mul(t, t, out=out).mul_(0.5)
+    poly = torch.add(_coefficient(degree + 1, t.device, t.dtype), t, alpha=_INVERSE_FACTORIAL[degree + 2], out=out)
+    for k in range(degree, 1, -1):
+        torch.addcmul(_coefficient(k, t.device, t.dtype), poly, t, out=poly)
+    return poly.mul_(t).mul_(t)
+
+
+@functools.lru_cache(maxsize=32)
+def _coefficient(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """1/k! as a 0-d tensor on the block's device, made once (a new one per call would be a copy to a GPU)."""
+    with torch.inference_mode(False):
+        return torch.tensor(_INVERSE_FACTORIAL[k], device=device, dtype=dtype)
 
 
 def _matmul_fixed_order(a: Float[Tensor, "... k"], b: Float[Tensor, "k n"], block: int = 256) -> Float[Tensor, "... n"]:

@@ -19,8 +19,8 @@ Fast path (DESIGN.md, engine principles): one clean forward per batch caches eve
 the clean log-probs and the clean keys/values; patched forwards start at the hooked layer
 (`start_at_layer`) and, in single-token mode, only at the patched position, reading the clean prefix
 from a frozen key/value cache; interventions and samples are stacked along the batch and run in chunks
-sized to a memory budget, each chunk reduced to per-token scalars at once (blocks of one sequence's rows,
-compared with its clean distribution by broadcasting; KL from one pass over the vocabulary and a d_model-long
+sized to a memory budget, each chunk reduced to per-token scalars at once (blocks of the rows of consecutive
+sequences, each compared with its clean distribution by broadcasting; KL from one pass over the vocabulary and a d_model-long
 product, `metrics.CleanDistribution`, on a CPU one vocabulary slice at a time while it is in cache, every
 block's logits written into one reused buffer). Rows whose whole input is the same (zero and mean ablation at a residual
 hook, in every sequence of a batch) are forwarded once. A splice after a block's attention (at `attn.hook_z`,
@@ -508,8 +508,9 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
     """ln_final, unembed and KL/CE (`CleanDistribution`) of every row r, a copy of sequence seq[r] whose final
     residual stream is `final[source[r]]` (`final[r]` when `source` is None).
 
-    Rows of one sequence are contiguous (`seq` is sorted): blocks of them are compared with that sequence's clean
-    distribution by broadcasting, with no per-token copy of it. Rows marked `far` (zero and mean ablation of the
+    Rows of one sequence are contiguous (`seq` is sorted): a block holds the rows of consecutive sequences with as many
+    rows each (`_sequence_groups`), compared with each one's clean distribution by broadcasting, with no per-token
+    copy of it. Rows marked `far` (zero and mean ablation of the
     whole residual stream: far from the clean run at every position, and one stream shared by every sequence of
     a batch) take the log-sum-exp of their stream's logits, once per distinct stream, less the clean one:
     rounding of about 1e-6 of a logit, small against their KLs of nats. Which formula a row gets depends on the
