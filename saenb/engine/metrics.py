@@ -5,7 +5,6 @@ KL is always KL(clean || patched) of the next-token distribution, in nats, per t
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -15,6 +14,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
+
+from saenb.engine.kernels import constant
 
 
 def kl_per_token(
@@ -219,17 +220,14 @@ def _taylor(t: Float[Tensor, "... n"], out: Float[Tensor, "... n"], degree: int 
     passes over the block in all."""
     if degree == 0:
         return torch.mul(t, t, out=out).mul_(0.5)
-    poly = torch.add(_coefficient(degree + 1, t.device, t.dtype), t, alpha=_INVERSE_FACTORIAL[degree + 2], out=out)
+
+    def coefficient(k: int) -> Tensor:  # 1/k! on the block's device
+        return constant(_INVERSE_FACTORIAL[k], t.device, t.dtype)
+
+    poly = torch.add(coefficient(degree + 1), t, alpha=_INVERSE_FACTORIAL[degree + 2], out=out)
     for k in range(degree, 1, -1):
-        torch.addcmul(_coefficient(k, t.device, t.dtype), poly, t, out=poly)
+        torch.addcmul(coefficient(k), poly, t, out=poly)
     return poly.mul_(t).mul_(t)
-
-
-@functools.lru_cache(maxsize=32)
-def _coefficient(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """1/k! as a 0-d tensor on the block's device, made once (a new one per call would be a copy to a GPU)."""
-    with torch.inference_mode(False):
-        return torch.tensor(_INVERSE_FACTORIAL[k], device=device, dtype=dtype)
 
 
 def _matmul_fixed_order(a: Float[Tensor, "... k"], b: Float[Tensor, "k n"], block: int = 256) -> Float[Tensor, "... n"]:

@@ -559,16 +559,15 @@ def _reduce_logits(unembed: _Unembed, final: Float[Tensor, "f m d_model"], sourc
     for s0, s1, count in _sequence_groups(seqs.tolist(), counts.tolist(), block):
         # consecutive sequences with as many rows each, as many as fill a block: one matmul per vocabulary slice for
         # all of them (a sequence's rows alone, 51 tokens in single-token mode, ran the unembedding at half the rate)
-        g = s1 - s0
-        for a in range(i0, i0 + g * count, block):
-            z, idx = min(a + block, i0 + g * count), rows[a:min(a + block, i0 + g * count)]
-            which: int | slice = s0 if g == 1 else slice(s0, s1)
+        g, end = s1 - s0, i0 + (s1 - s0) * count
+        for a in range(i0, end, block):  # (more than one block only for one sequence's rows)
+            z, idx = min(a + block, end), rows[a:min(a + block, end)]
             # delta = delta_h W_U (capped: `CleanDistribution._capped`): the bias cancels
-            delta_h = h[a:z] - clean.h[s0] if g == 1 else h[a:z].view(g, count, m, -1) - clean.h[s0:s1, None]
-            out = clean.reduce(which, delta_h, view(delta_h, 2 * clean.vocab_slice).view(-1))
+            delta_h = h[a:z].view(g, -1, m, h.shape[-1]) - clean.h[s0:s1, None]  # [g, rows, m, d_model]
+            out = clean.reduce(slice(s0, s1), delta_h, view(delta_h, 2 * clean.vocab_slice).view(-1))
             kl_out[idx], dlse[idx], dot[idx] = (x.reshape(-1, m) for x in out)
-            dlt[idx] = clean.delta_target(which, delta_h).reshape(-1, m)
-        i0 += g * count
+            dlt[idx] = clean.delta_target(slice(s0, s1), delta_h).reshape(-1, m)
+        i0 = end
     bad = (~(kl_out < CENTRED_KL_MAX)).any(-1).nonzero().squeeze(-1)
     if len(bad):  # a patched distribution far from the clean one (an expm1 term may have overflowed)
         dlse[bad] = logsumexp(streams[source[bad]]) - clean.lse[seq[bad]]
