@@ -93,10 +93,12 @@ bundle-smollm2: smollm2
 # `sets.get("fixes", "smollm2-135m")` (each SAE ~10-15 min on one core, 2M tokens), then each point committed into
 # the bundle: its record and its measurements on notebook 08's contexts, its weights only where
 # `sets.WEIGHTS_COMMITTED` lists it (notebook 08 recomputes those and reads the others).
-# Both steps resume: what exists is neither recomputed nor retrained. Run it in the background, pinned to a core.
+# Both steps resume: what exists is neither recomputed nor retrained. Run it in the background, pinned to a core, or on
+# a GPU (`make sweep-smollm2 SWEEP_DEVICE=cuda`: the whole pass and sweep in minutes; each record names the device).
+SWEEP_DEVICE ?= cpu
 sweep-smollm2: smollm2
-	$(BIN)/python -m saenb.saes cache --set fixes --preset smollm2-135m
-	$(BIN)/python -m saenb.saes build --set fixes --preset smollm2-135m
+	$(BIN)/python -m saenb.saes cache --set fixes --preset smollm2-135m --device $(SWEEP_DEVICE)
+	$(BIN)/python -m saenb.saes build --set fixes --preset smollm2-135m --device $(SWEEP_DEVICE)
 	$(BIN)/python -m saenb sweep --preset smollm2-135m
 
 clean-results:

@@ -340,3 +340,30 @@ def test_end_to_end_training_lowers_kl(tiny, heldout, tmp_path):
     _, kl_init = _objectives(tiny, init, tokens, x, keep)
     _, kl_trained = _objectives(tiny, trained, tokens, x, keep)
     assert kl_trained < 0.6 * kl_init, (kl_trained, kl_init)
+
+
+def test_specs_train_on_the_device_the_environment_names_and_record_it(monkeypatch):
+    """`python -m saenb.saes --device D` sets SAENB_TRAIN_DEVICE: the models of the caches, trainings and quality
+    evaluations load there (one per device), and a record's built_on names it."""
+    monkeypatch.delenv(sources.DEVICE_VARIABLE, raising=False)
+    assert sources.train_device() == "cpu" and library.built_on()["device"] == "cpu"
+    monkeypatch.setenv(sources.DEVICE_VARIABLE, "meta")
+    assert sources.train_device() == "meta" and library.built_on()["device"] == "meta"
+    model = sources.load_model("tiny-stdlib")
+    assert model.cfg.device == "meta" and next(model.parameters()).is_meta
+    assert sources.load_model("tiny-stdlib", device="cpu") is not model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_end_to_end_sae_trains_alike_on_a_gpu(tiny, tmp_path, monkeypatch):
+    """The loops run where the model is; the initial weights are drawn on the CPU, so a GPU run starts from the
+    same SAE and ends within float rounding of the CPU's (a few steps: rounding grows with every one)."""
+    spec = dataclasses.replace(BASE, objective="e2e", sparsity=0.1, lr=3e-3, training_tokens=4 * 1024)
+    monkeypatch.setenv(sources.DEVICE_VARIABLE, "cpu")
+    train.train(spec, tmp_path / "cpu", progress=False)
+    monkeypatch.setenv(sources.DEVICE_VARIABLE, "cuda")
+    train.train(spec, tmp_path / "cuda", progress=False)
+    assert library.built_on()["device"] == "cuda"
+    a, b = (load_file(str(tmp_path / d / "sae_weights.safetensors")) for d in ("cpu", "cuda"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)

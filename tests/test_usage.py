@@ -87,6 +87,8 @@ def test_api_score_with_no_tokens(tiny):
     (saes_main, ["list", "--groups", "nope"], "--groups ['nope']: set 'fixes' has groups"),
     (saes_main, ["list", "--set", "nope"], "nope"),
     (saes_main, ["build", "--bundle", "no/such/bundle", "--preset", "elsewhere"], "no manifest.json there"),
+    (saes_main, ["build", "--device", "gpu0"], "--device gpu0: not a device"),
+    *([] if torch.cuda.is_available() else [(saes_main, ["cache", "--device", "cuda"], "no CUDA device here")]),
     (bundle, ["build", "--n-layers", "0"], "--n-layers 0 must be a positive integer"),
     (bundle, ["build", "--heldout-percent", "100"], "--heldout-percent 100 must lie between 1 and 99"),
     (bundle, ["build", "--lr", "0"], "--lr 0.0 must be positive"),

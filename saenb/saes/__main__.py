@@ -9,19 +9,23 @@
     python -m saenb.saes build --set base --preset mine --bundle path/to/bundle --commit
                                                         # a new bundle's own SAEs (its manifest's recipe)
     python -m saenb.saes build --set topk_sweep --ray auto   # one spec per task on a Ray cluster
+    python -m saenb.saes build --set fixes --preset smollm2-135m --device cuda   # cache and train on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from saenb.checks import UsageError, positive_int
 from saenb.models.presets import TINY_STDLIB, Preset, PresetError, register_preset
-from saenb.saes import activations, cluster, library, sets
+from saenb.saes import activations, cluster, library, sets, sources
 from saenb.saes.quality import evaluate
 
 
@@ -38,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", action="store_true", help="with build: copy what it trained into the bundle")
     parser.add_argument("--shards", type=int, default=None,
                         help="with cache: only the first N shards of each cache (1,024 contexts each)")
+    parser.add_argument("--device", default=None,
+                        help="with cache and build: the device of the activation passes, trainings and evaluations "
+                             f"(cpu, cuda, cuda:1; default: ${sources.DEVICE_VARIABLE}, else cpu); each record says "
+                             "where it ran")
     parser.add_argument("--ray", default=None, metavar="auto|ADDRESS",
                         help="with build: train the specs on a Ray cluster, one spec per task ('auto': join a "
                              "running cluster or start one here)")
@@ -58,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [n for n in chosen if n.group in groups]
         if args.shards is not None:
             positive_int("--shards", args.shards)
+        if args.device is not None:
+            try:
+                device = torch.device(args.device)
+            except RuntimeError as exc:
+                raise UsageError(f"--device {args.device}: not a device ({exc}); use cpu, cuda or cuda:N") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise UsageError(f"--device {args.device}: no CUDA device here (torch {torch.__version__}); "
+                                 "use --device cpu")
+            os.environ[sources.DEVICE_VARIABLE] = args.device  # read by sources.train_device (Ray's workers too)
         if args.ray and importlib.util.find_spec("ray") is None:
             raise UsageError("--ray needs Ray: pip install -e '.[ray]' (or drop --ray to train here)")
     except (ValueError, PresetError) as exc:

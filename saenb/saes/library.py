@@ -155,8 +155,11 @@ def to_half(path: Path, keep: tuple[str, ...] = ()) -> None:
 
 
 def built_on() -> dict[str, Any]:
-    return {"device": "cuda" if torch.cuda.is_available() else "cpu", "machine": platform.machine(),
-            "threads": torch.get_num_threads()}
+    """Where specs train in this process (`sources.train_device`): the device (with the GPU's name), the machine
+    and the CPU threads."""
+    device = torch.device(sources.train_device())
+    gpu = {"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
+    return {"device": device.type, **gpu, "machine": platform.machine(), "threads": torch.get_num_threads()}
 
 
 def add_quality(spec: SAESpec, quality: dict[str, Any]) -> None:

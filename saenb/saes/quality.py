@@ -88,5 +88,6 @@ def evaluate(spec: SAESpec, **kwargs) -> dict[str, Any]:
     cfg = recipe(spec.preset)
     kwargs = {"batch_prompts": cfg.eval_batch_prompts, "n_recon_batches": cfg.eval_reconstruction_batches,
               "n_sparsity_batches": cfg.eval_sparsity_batches, **kwargs}
-    q = run_evals_figures(sources.load_model(spec.preset, spec.model), load(spec, train=False), tokens, **kwargs)
+    model = sources.load_model(spec.preset, spec.model)
+    q = run_evals_figures(model, load(spec, model.cfg.device, train=False), tokens, **kwargs)
     return {**q, "meets_targets": meets(spec.hook, q, spec.preset)}

@@ -36,9 +36,25 @@ def bundle_root(preset) -> Path:
     return p.bundle_path
 
 
+DEVICE_VARIABLE = "SAENB_TRAIN_DEVICE"
+"""The environment variable that names the device SAE specs are cached, trained and evaluated on (`train_device`)."""
+
+
+def train_device() -> str:
+    """The device of the activation passes, trainings and quality evaluations of SAE specs: `SAENB_TRAIN_DEVICE`
+    (`python -m saenb.saes ... --device cuda` sets it, and Ray's workers inherit it), "cpu" when unset. A spec's
+    record says where it was trained; its SAE does not depend on the device beyond float rounding."""
+    return os.environ.get(DEVICE_VARIABLE) or "cpu"
+
+
+def load_model(preset: str, key: str = "base", device: str | None = None):
+    """The preset's model `key` on `device` (default: `train_device()`), eval mode, weights frozen (loaded once per
+    process and device)."""
+    return _load_model(preset, key, device or train_device())
+
+
 @cache
-def load_model(preset: str, key: str = "base", device: str = "cpu"):
-    """The preset's model `key`, eval mode, weights frozen (loaded once per process)."""
+def _load_model(preset: str, key: str, device: str):
     if key not in MODEL_FOLDERS:
         raise PresetError(f"model key {key!r} unknown; {preset} has {sorted(MODEL_FOLDERS)}")
     model = bundle_io.load_model(bundle_root(preset), device, folder=MODEL_FOLDERS[key])

@@ -134,7 +134,7 @@ def _train_runner(spec: SAESpec, out_dir: Path) -> dict[str, Any]:
         training_tokens=spec.training_tokens, train_batch_size_tokens=spec.batch_tokens,
         store_batch_size_prompts=32, n_batches_in_buffer=16, n_batches_for_norm_estimate=20,
         lr=spec.lr, lr_warm_up_steps=steps // 20, lr_scheduler_name="constant", lr_decay_steps=steps // 5,
-        exclude_special_tokens=True, device="cpu", seed=spec.seed, dtype="float32",
+        exclude_special_tokens=True, device=str(model.cfg.device), seed=spec.seed, dtype="float32",
         logger=LoggingConfig(log_to_wandb=False), n_checkpoints=0, checkpoint_path=None,
         output_path=str(out_dir), verbose=False,
     )
@@ -255,9 +255,10 @@ def _train_e2e(spec: SAESpec, out_dir: Path, *, progress: bool) -> dict[str, Any
     and weighted by the option `downstream_coefficient` (default 1)."""
     model = sources.load_model(spec.preset, spec.model)
     d_in = hook_width(model, spec.hook)
-    torch.manual_seed(spec.seed)
+    device = model.cfg.device
+    torch.manual_seed(spec.seed)  # the initial weights are drawn on the CPU: the same on every device
     sae = sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(d_in=d_in, d_sae=d_in * spec.expansion,
-                                                                          l1_coefficient=spec.sparsity))
+                                                                          l1_coefficient=spec.sparsity)).to(device)
     splicer = Splicer(model, spec.hook, downstream=spec.objective == "e2e_ds")
     batches = context_batches(spec, spec.training_tokens, from_back=False)
     with torch.no_grad():  # the activation scale: expected norm sqrt(d_in), from the first 20 batches
@@ -271,6 +272,7 @@ def _train_e2e(spec: SAESpec, out_dir: Path, *, progress: bool) -> dict[str, Any
     for step, tokens in enumerate(bar, start):
         for group in opt.param_groups:
             group["lr"] = spec.lr * min(1.0, (step + 1) / max(1, len(batches) // 20))
+        tokens = tokens.to(device)
         clean = splicer.clean(tokens)
         keep = non_special(tokens, model.tokenizer).float()
         x = flat(clean[splicer.hook], spec.hook)
@@ -294,7 +296,7 @@ def _train_e2e(spec: SAESpec, out_dir: Path, *, progress: bool) -> dict[str, Any
             bar.set_postfix(kl=f"{float(kl.detach()):.4f}", l0=f"{float(l0):.1f}")
         checkpoint.after(step, history)
     inference = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=d_in, d_sae=d_in * spec.expansion))
-    inference.load_state_dict({k: v.detach() for k, v in sae.state_dict().items()}, strict=True)
+    inference.load_state_dict({k: v.detach().cpu() for k, v in sae.state_dict().items()}, strict=True)
     inference.fold_activation_norm_scaling_factor(scale)
     _save(inference, out_dir, spec)
     checkpoint.remove()
@@ -310,10 +312,12 @@ def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, 
     if ft.kind == "fisher":
         return _finetune_fisher(spec, sae, out_dir, progress=progress)
     model = sources.load_model(spec.preset, spec.model)
+    device = model.cfg.device
+    sae = sae.to(device)
     splicer = Splicer(model, spec.hook)
     torch.manual_seed(ft.seed)
     if ft.kind == "scale":
-        scale = torch.ones(sae.cfg.d_sae, requires_grad=True)
+        scale = torch.ones(sae.cfg.d_sae, requires_grad=True, device=device)
         params = [scale]
     elif ft.kind == "decoder":
         sae.W_dec.requires_grad_(True)  # b_dec stays: the encoder reads x - b_dec, and must not move
@@ -329,6 +333,7 @@ def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, 
     bar = tqdm(batches[start:], desc=f"fine-tune {spec.label}", disable=not progress, initial=start,
                total=len(batches))
     for step, tokens in enumerate(bar, start):
+        tokens = tokens.to(device)
         clean = splicer.clean(tokens)
         keep = non_special(tokens, model.tokenizer).float()
         x = flat(clean[splicer.hook], spec.hook)
@@ -357,7 +362,7 @@ def finetune(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> dict[str, 
     with torch.no_grad():
         if ft.kind == "scale":
             sae.W_dec.mul_(scale.detach()[:, None])
-    _save(sae.requires_grad_(False), out_dir, spec)
+    _save(sae.requires_grad_(False).to("cpu"), out_dir, spec)
     checkpoint.remove()
     return {"trainer": f"saenb fine-tune ({ft.kind})", "steps": len(batches), "history": history,
             **checkpoint.resumed()}
@@ -421,13 +426,15 @@ def _finetune_fisher(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> di
     once, before the first step (a forward that stops after the hook's block); no step runs the model."""
     ft = spec.finetune
     fisher, fisher_record = mean_fisher(spec, progress=progress)
-    F = fisher.float()
     model = sources.load_model(spec.preset, spec.model)
+    device = model.cfg.device
+    F, sae = fisher.float().to(device), sae.to(device)
     torch.manual_seed(ft.seed)
-    batches = [(clean_activations(model, spec.hook, tokens), non_special(tokens, model.tokenizer).float())
+    batches = [(clean_activations(model, spec.hook, tokens).to(device),
+                non_special(tokens, model.tokenizer).float().to(device))
                for tokens in tqdm(context_batches(spec, ft.tokens, from_back=True), desc="activations",
                                   disable=not progress)]
-    scale = torch.ones(sae.cfg.d_sae, requires_grad=True)
+    scale = torch.ones(sae.cfg.d_sae, requires_grad=True, device=device)
     sae.W_dec.requires_grad_(True)  # b_dec stays: the encoder reads x - b_dec, and must not move
     opt = torch.optim.Adam([{"params": [sae.W_dec], "lr": ft.lr}, {"params": [scale], "lr": ft.option("scale_lr")}])
     history = []
@@ -447,7 +454,7 @@ def _finetune_fisher(spec: SAESpec, sae, out_dir: Path, *, progress: bool) -> di
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     with torch.no_grad():
         sae.W_dec.mul_(scale.detach()[:, None])
-    _save(sae.requires_grad_(False), out_dir, spec)
+    _save(sae.requires_grad_(False).to("cpu"), out_dir, spec)
     return {"trainer": "saenb fine-tune (fisher)", "steps": len(batches), "fisher": fisher_record,
             "history": history}
 
