@@ -12,8 +12,8 @@ blocks: the activations it caches must outlive it.
 A block runs its own eager forward whenever a hook point in it has a hook attached (the engine's splice at
 `attn.hook_z`: torch.compile does not re-check hooks once compiled), or it is handed a TransformerLens key/value
 cache entry (which it appends to) or a mask, or, when replayed as CUDA graphs, a prefix entry (`REPLAYED_ENTRIES`).
-On a CPU, or with `enabled=False`, nothing changes: the flag is a no-op there. The same function is computed; rounding may differ (fused kernels), as with
-`kernels.fused_kernels`.
+On a CPU, or with `enabled=False`, nothing changes: the flag is a no-op there. The same function is computed;
+rounding may differ (fused kernels), as with `kernels.fused_kernels`.
 """
 
 from __future__ import annotations
