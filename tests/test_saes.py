@@ -171,7 +171,8 @@ def test_a_matryoshka_spec_trains_and_loads_for_the_engine(small_preset):
 
 def test_a_point_committed_as_its_record_is_read_as_it_was_measured(small_preset):
     """`fixes.record` commits a trained point's record and per-context measurements (its weights only when listed);
-    with its weights nowhere, `fixes.evaluate` reads its row from the record, equal to the row it measured."""
+    with its weights nowhere, or not among `recompute`, `fixes.evaluate` reads its row from the record, equal to the
+    row it measured."""
     from saenb.assembly import from_model
     from saenb.studies import fixes
 
@@ -191,13 +192,21 @@ def test_a_point_committed_as_its_record_is_read_as_it_was_measured(small_preset
     committed = library.bundle_dir(topk)
     assert (committed / "record.json").exists() and not (committed / library.WEIGHTS).exists()
     assert (library.bundle_dir(relu) / library.WEIGHTS).exists()
+    # a point whose weights are stored is read from its committed measurements too, unless it is recomputed
+    partly = fixes.evaluate(loaded, named, tokens, missing="error", recompute=["base"], progress=False)
+    assert list(partly.source) == ["measured", f"record (saenb {__version__})"]
+    numbers = [c for c in measured.columns if measured[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(partly[numbers], measured[numbers], check_exact=True)
+    assert (fixes.evaluate(loaded, named, tokens, missing="error", recompute="all", progress=False).source
+            == "measured").all()
+    with pytest.raises(ValueError, match=r"recompute names \['nope'\], not SAEs of the set"):
+        fixes.evaluate(loaded, named, tokens, recompute=["nope"], progress=False)
     shutil.rmtree(library.local_dir(topk))  # its weights are now nowhere: only its record is committed
     assert library.find(topk) is None and library.record_only_dir(topk) == committed
     with pytest.raises(library.SpecError, match="committed as its record only"):
         saes.load(topk, train=False)
     read = fixes.evaluate(loaded, named, tokens, missing="error", progress=False)
     assert list(read.source) == ["measured", f"record (saenb {__version__})"]
-    numbers = [c for c in measured.columns if measured[c].dtype.kind == "f"]
     pd.testing.assert_frame_equal(read[numbers], measured[numbers], check_exact=True)
     # other contexts than the record's: the point is missing, not read
     with pytest.raises(library.SpecError, match="stored nowhere"):

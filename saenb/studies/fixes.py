@@ -184,9 +184,10 @@ def training(spec: saes.SAESpec) -> dict[str, Any]:
 
 
 def recorded(spec: saes.SAESpec, tokens: torch.Tensor, seed: int) -> dict[str, Any] | None:
-    """A record-only point's measurements on `tokens` at `seed` (as `measure_point` returns them), if committed."""
-    path = saes.library.record_only_dir(spec)
-    if path is None or not (path / measured_name(tokens, seed)).exists():
+    """A committed point's measurements on `tokens` at `seed` (as `measure_point` returns them), if any: a point
+    committed as its record only, or with its weights (`record` writes both)."""
+    path = saes.library.bundle_dir(spec)
+    if not (path / "record.json").exists() or not (path / measured_name(tokens, seed)).exists():
         return None
     got = json.loads((path / measured_name(tokens, seed)).read_text())
     if got["key"] != spec.key or got["tokens_sha256"] != tokens_sha256(tokens):
@@ -196,11 +197,13 @@ def recorded(spec: saes.SAESpec, tokens: torch.Tensor, seed: int) -> dict[str, A
 
 def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fit_tokens: torch.Tensor | None = None,
              nfm_cfg: nfm.NFMConfig = nfm.NFMConfig(), seed: int = 0, missing: str = "error",
-             progress: bool = True) -> pd.DataFrame:
+             recompute=None, progress: bool = True) -> pd.DataFrame:
     """One row per SAE of `named` (all at one hook) and, with `fit_tokens`, per NFM fix of the base SAE (the set's
     "base" entry; trained on `fit_tokens`). SAEs stored nowhere (`missing`): "error" names the command that trains
     them; "train" trains them here; "skip" scores the others and lists the skipped ones in `table.attrs["missing"]`
-    (a sweep still being trained, as the real model's).
+    (a sweep still being trained, as the real model's). `recompute`: the names whose splices run here when their
+    weights are stored; the other stored points are read from their committed measurements on these tokens where
+    there are any (`recorded`; measured otherwise). None or "all": every stored point is measured.
 
     Columns: name, group, key, base (the SAE a fix starts from, else ""), l0, explained_variance,
     error_along_x, norm_ratio, kl_sae (the splice's mean KL), kl_eps_random, ratio, ratio_ci_low, ratio_ci_high,
@@ -218,9 +221,14 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
     hook = hooks.pop()
     if missing not in ("error", "train", "skip"):
         raise ValueError(f"missing={missing!r} must be 'error', 'train' or 'skip'")
+    recompute = None if recompute == "all" else recompute
+    if recompute is not None and set(recompute) - {n.name for n in named}:
+        raise ValueError(f"recompute names {sorted(set(recompute) - {n.name for n in named})}, not SAEs of the set: "
+                         f"{[n.name for n in named]}")
     stored = {n.name: saes.find(n.spec) is not None for n in named}
-    read = {n.name: recorded(n.spec, tokens, seed) for n in named if not stored[n.name]}
-    absent = [name for name, got in read.items() if got is None]
+    read = {n.name: recorded(n.spec, tokens, seed) for n in named
+            if not stored[n.name] or (recompute is not None and n.name not in recompute)}
+    absent = [name for name, got in read.items() if got is None and not stored[name]]
     if absent and missing == "error":
         raise saes.SpecError(f"SAEs {absent} are stored nowhere: train them with `python -m saenb.saes build "
                              f"--set fixes --preset {named[0].spec.preset}` (or pass missing='train', or 'skip')")
