@@ -203,7 +203,8 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
     them; "train" trains them here; "skip" scores the others and lists the skipped ones in `table.attrs["missing"]`
     (a sweep still being trained, as the real model's). `recompute`: the names whose splices run here when their
     weights are stored; the other stored points are read from their committed measurements on these tokens where
-    there are any (`recorded`; measured otherwise). None or "all": every stored point is measured.
+    there are any (`recorded`; measured otherwise); "all": every stored point is measured; None: the preset's
+    `notebook_defaults["recompute"]` ("all" where it has none), less the names not in `named` (a quick run's subset).
 
     Columns: name, group, key, base (the SAE a fix starts from, else ""), l0, explained_variance,
     error_along_x, norm_ratio, kl_sae (the splice's mean KL), kl_eps_random, ratio, ratio_ci_low, ratio_ci_high,
@@ -221,6 +222,9 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
     hook = hooks.pop()
     if missing not in ("error", "train", "skip"):
         raise ValueError(f"missing={missing!r} must be 'error', 'train' or 'skip'")
+    if recompute is None:
+        recompute = loaded.preset.notebook_defaults.get("recompute", "all")
+        recompute = recompute if recompute == "all" else [r for r in recompute if r in {n.name for n in named}]
     recompute = None if recompute == "all" else recompute
     if recompute is not None and set(recompute) - {n.name for n in named}:
         raise ValueError(f"recompute names {sorted(set(recompute) - {n.name for n in named})}, not SAEs of the set: "
@@ -426,7 +430,7 @@ def provenance(points: pd.DataFrame) -> str:
     if not len(read):
         return f" Every point ({n}) measured in this run."
     return (f" {n - len(read)} points measured in this run, {len(read)} read from their committed records "
-            f"(hollow markers: measured when the sweep trained them, weights not committed): {', '.join(read)}.")
+            f"(hollow markers: measured when the sweep committed them): {', '.join(read)}.")
 
 
 def arrows(table: pd.DataFrame) -> pd.DataFrame:
@@ -493,8 +497,9 @@ def readings(table: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
             f"{point.ratio_seeds:.2f} [{point.ratio_seeds_ci_low:.2f}, {point.ratio_seeds_ci_high:.2f}]; seed-to-seed "
             f"sd {point.ratio_seed_sd:.3f}, the seed-0 SAE's context CI half-width {half:.3f}"))
     read = table[table.source.str.startswith("record")] if "source" in table else table.iloc[:0]
-    rows.append(rd.claim("points measured in this run / read from their committed records (per-context sums "
-                         "measured when the sweep trained them; their weights are not in the bundle)",
+    rows.append(rd.claim("points measured in this run / read from the measurements committed with them (per-context "
+                         "sums measured when the sweep committed them: points without weights in the bundle, and "
+                         "those left out of `recompute`)",
                          f"{len(table) - len(read)} / {len(read)}"
                          + (f": {', '.join(read.name)}" if len(read) else "")))
     if table.attrs.get("missing"):
