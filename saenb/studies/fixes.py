@@ -186,12 +186,13 @@ def training(spec: saes.SAESpec) -> dict[str, Any]:
 def recorded(spec: saes.SAESpec, tokens: torch.Tensor, seed: int) -> dict[str, Any] | None:
     """A committed point's measurements on `tokens` at `seed` (as `measure_point` returns them), if any: a point
     committed as its record only, or with its weights (`record` writes both)."""
-    path = saes.library.bundle_dir(spec)
-    if not (path / "record.json").exists() or not (path / measured_name(tokens, seed)).exists():
+    folder = saes.library.bundle_dir(spec)
+    path = folder / measured_name(tokens, seed)
+    if not (folder / "record.json").exists() or not path.exists():
         return None
-    got = json.loads((path / measured_name(tokens, seed)).read_text())
+    got = json.loads(path.read_text())
     if got["key"] != spec.key or got["tokens_sha256"] != tokens_sha256(tokens):
-        raise saes.SpecError(f"{path / measured_name(tokens, seed)} holds the measurements of another spec or tokens")
+        raise saes.SpecError(f"{path} holds the measurements of another spec or tokens")
     return {"sums": pd.DataFrame(got["sums"]), "reconstruction": got["reconstruction"], "saenb": got["saenb"]}
 
 
@@ -222,16 +223,16 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
     hook = hooks.pop()
     if missing not in ("error", "train", "skip"):
         raise ValueError(f"missing={missing!r} must be 'error', 'train' or 'skip'")
-    if recompute is None:
+    names = {n.name for n in named}
+    if recompute is None:  # the preset's, less what a quick run's subset leaves out
         recompute = loaded.preset.notebook_defaults.get("recompute", "all")
-        recompute = recompute if recompute == "all" else [r for r in recompute if r in {n.name for n in named}]
-    recompute = None if recompute == "all" else recompute
-    if recompute is not None and set(recompute) - {n.name for n in named}:
-        raise ValueError(f"recompute names {sorted(set(recompute) - {n.name for n in named})}, not SAEs of the set: "
+        recompute = recompute if recompute == "all" else names & set(recompute)
+    elif recompute != "all" and set(recompute) - names:
+        raise ValueError(f"recompute names {sorted(set(recompute) - names)}, not SAEs of the set: "
                          f"{[n.name for n in named]}")
+    measured = names if recompute == "all" else set(recompute)
     stored = {n.name: saes.find(n.spec) is not None for n in named}
-    read = {n.name: recorded(n.spec, tokens, seed) for n in named
-            if not stored[n.name] or (recompute is not None and n.name not in recompute)}
+    read = {n.name: recorded(n.spec, tokens, seed) for n in named if not stored[n.name] or n.name not in measured}
     absent = [name for name, got in read.items() if got is None and not stored[name]]
     if absent and missing == "error":
         raise saes.SpecError(f"SAEs {absent} are stored nowhere: train them with `python -m saenb.saes build "
