@@ -61,6 +61,34 @@ def test_sampled_fisher_is_unbiased(model, tokens):
     assert (rel_fewer > 2 * rel).all(), (rel_fewer, rel)
 
 
+def test_token_fisher_sampled_after_the_patched_position_is_exact_there_and_unbiased_after(model, tokens):
+    """`samples`: F at the patched position exact, the positions after it by the sampled estimator; a token's draws
+    are keyed by its context, so its F is the same in any batch."""
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[1, 23] = False  # a measured position after the patched one left out
+    measured = list(range(20, 26))
+    exact = _exact(model, tokens[:3], 20, measured, keep[:3])
+    after = exact.fisher - exact.fisher_at
+
+    def sampled(rows, samples, seed=0):
+        return fisher.token_fisher(model, HOOK, tokens[rows], 20, measured, keep[rows], samples=samples, seed=seed,
+                                   progress=False, fused=False)
+
+    many = sampled(slice(0, 3), 4000)
+    assert many.seqs == exact.seqs
+    torch.testing.assert_close(many.fisher_at, exact.fisher_at, rtol=1e-9, atol=1e-12)
+    rel = (many.fisher - exact.fisher).norm(dim=(1, 2)) / after.norm(dim=(1, 2))
+    assert (rel < 0.08).all(), rel  # a few times 1/sqrt(4000) of the part sampled
+    few = sampled(slice(0, 3), 100)
+    rel_few = (few.fisher - exact.fisher).norm(dim=(1, 2)) / after.norm(dim=(1, 2))
+    assert (rel_few > 2 * rel).all(), (rel_few, rel)
+    # the mean over seeds converges on the exact F (unbiased), and a token's F does not depend on its batch
+    mean = torch.stack([sampled(slice(0, 1), 100, seed).fisher[0] for seed in range(40)]).mean(0)
+    assert float((mean - exact.fisher[0]).norm() / after[0].norm()) < 0.5 * float(rel_few[0])
+    torch.testing.assert_close(sampled(slice(1, 2), 100).fisher[0], few.fisher[1], rtol=1e-10, atol=1e-13)
+    assert not torch.equal(sampled(slice(1, 2), 100, seed=1).fisher[0], few.fisher[1])
+
+
 def test_mean_fisher_averages_one_token_per_context_over_spread_positions(model, tokens):
     keep = torch.ones_like(tokens, dtype=torch.bool)
     keep[:, 0] = False

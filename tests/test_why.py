@@ -106,6 +106,12 @@ def test_bad_arguments_name_the_fix(tiny, tmp_path):
         baselines.fit(tiny, ["blocks.9.hook_resid_pre"], tiny.tokens(2), root=tmp_path)
     with pytest.raises(ValueError, match="more fit contexts"):
         baselines.fit(tiny, ["blocks.3.hook_resid_pre"], tiny.tokens(1), root=tmp_path)
+    assert why.fisher_samples("exact") is None and why.fisher_samples(32) == 32
+    for bad in (0, -3, 2.5, True, "sampled", None):
+        with pytest.raises(ValueError, match="fisher must be 'exact' or a positive number of draws"):
+            why.fisher_samples(bad)
+    with pytest.raises(ValueError, match="samples must be None"):
+        curvature.fisher(tiny, "blocks.3.hook_resid_pre", tiny.tokens(1), 40, samples=0, root=None)
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +260,24 @@ def test_fisher_is_kept_per_token_read_back_and_recomputed_when_its_file_is_dama
     with caplog.at_level("WARNING", logger="saenb.studies.curvature"):
         same(curvature.fisher(tiny, hook, tokens, 40, progress=False, root=tmp_path))
     assert calls == [2] and sum("computing it again" in r.message for r in caplog.records) == 2
+
+
+def test_sampled_fisher_is_kept_apart_from_the_exact_one(tiny, tmp_path):
+    """The sampled F (exact at the patched position, sampled after it) is cached under its own key (draws, seed),
+    beside the exact F's, read back unchanged, and says what it is."""
+    hook, tokens = "blocks.3.hook_resid_pre", tiny.tokens(2)
+    exact = curvature.fisher(tiny, hook, tokens, 40, progress=False, root=tmp_path)
+    sampled = curvature.fisher(tiny, hook, tokens, 40, samples=8, progress=False, root=tmp_path)
+    assert exact.samples is None and sampled.samples == 8
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2 * len(exact.seqs)
+    # float32: the one-position window rounds differently from the 17-position one
+    torch.testing.assert_close(sampled.fisher_at, exact.fisher_at, rtol=1e-4,
+                               atol=1e-5 * float(exact.fisher_at.abs().max()))
+    assert not torch.allclose(sampled.fisher, exact.fisher)
+    again = curvature.fisher(tiny, hook, tokens, 40, samples=8, progress=False, root=tmp_path)
+    assert torch.equal(again.fisher, sampled.fisher)
+    other = curvature.fisher(tiny, hook, tokens, 40, samples=8, seed=1, progress=False, root=tmp_path)
+    assert not torch.equal(other.fisher, sampled.fisher)
 
 
 def test_quotient_and_energy_share_of_random_directions():

@@ -12,8 +12,9 @@ sphere) costs 0.5 eps^2 tr(F) / d in expectation, so the SAE error e's KL ratio 
 **curvature quotient** e^T F e / (|e|^2 tr(F) / d): how much more than an average direction of its length the
 error loads on the directions the output is sensitive to.
 
-`fisher` computes F exactly per token, by the engine (`saenb.engine.fisher`, which says how and what it costs), and
-keeps each token's F on disk as soon as its batch is done (`FISHER_RESULTS`): a SmolLM2 token costs seconds, so an
+`fisher` computes F per token by the engine (`saenb.engine.fisher`, which says how and what it costs): exactly, or
+(`samples`) its term at the patched position exactly and the positions after it by an unbiased sampled estimator,
+at a fraction of the cost; it keeps each token's F on disk as soon as its batch is done (`FISHER_RESULTS`): a SmolLM2 token costs seconds, so an
 interrupted run (notebook 09 at its defaults on a CPU runs for an hour) loses at most one batch, and a second run
 reads every token back.
 """
@@ -59,6 +60,9 @@ class Curvature:
     """F summed over the measured positions (special tokens among them left out, as the engine leaves them)."""
     fisher_at: Float[Tensor, "n d d"]
     """F of the patched position's own next-token distribution only."""
+    samples: int | None = None
+    """None: `fisher` is exact; else the draws per token of its part after the patched position (`fisher_at` is
+    exact either way)."""
 
     def quadratic_kl(self, d: Float[Tensor, "n ... d"], at: bool = False) -> Float[Tensor, "n ..."]:
         """0.5 d^T F d per token for changes d of x (any number of them per token)."""
@@ -91,19 +95,25 @@ def energy_share(d: Float[Tensor, "n ... d"], basis: Float[Tensor, "n d k"] | Fl
     return (proj.square().sum(-1) / flat.square().sum(-1)).reshape(d.shape[:-1])
 
 
-def fisher(loaded: Loaded, hook: str, tokens: Tensor, position: int, *, measure_positions=None,
-           include_special: bool = False, chunk: int = 128, batch_size: int = 8, fused: bool = True,
-           progress: bool = True, root: Path | None = FISHER_RESULTS) -> Curvature:
+def fisher(loaded: Loaded, hook: str, tokens: Tensor, position: int, *, samples: int | None = None, seed: int = 0,
+           measure_positions=None, include_special: bool = False, chunk: int = 128, batch_size: int = 8,
+           fused: bool = True, progress: bool = True, root: Path | None = FISHER_RESULTS) -> Curvature:
     """F (module docstring; `saenb.engine.fisher.token_fisher`) for the token at `position` of every context in
     `tokens` whose token there is not special, measured as `patching.measure(..., positions=position)` measures
-    (same positions, same special tokens left out). Each token's F is read from `root` when there, else computed
-    (`batch_size` contexts at a time) and written there at once; `root=None` computes every token and keeps none."""
+    (same positions, same special tokens left out). `samples` None: F exactly; a number: F at the patched position
+    exactly and the positions after it sampled (`token_fisher`, `samples` draws per token, keyed by `seed` and the
+    context). Each token's F is read from `root` when there, else computed (`batch_size` contexts at a time) and
+    written there at once; `root=None` computes every token and keeps none."""
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ValueError(f"samples must be None (the exact F) or a positive number of draws per token, not {samples!r}")
     req = patching.make_request(loaded, hook, "identity", tokens, positions=position,
                                 measure_positions=measure_positions, include_special=include_special)
     keep = req.keep(tokens)
     dtype = str(next(loaded.model.parameters()).dtype)
     config = {"fisher": {"hook": hook, "position": position, "measured": list(req.measured), "fused": fused,
                          "dtype": dtype}}
+    if samples is not None:  # the exact F's key is unchanged: files computed before `samples` existed still match
+        config["fisher"].update(samples=samples, seed=seed)
     paths = {i: None if root is None else Path(root) / (
         store.config_key(loaded, {**config, "tokens": store.tokens_sha256(tokens[i])})[0] + ".safetensors")
         for i in range(len(tokens)) if keep[i, position]}
@@ -113,7 +123,8 @@ def fisher(loaded: Loaded, hook: str, tokens: Tensor, position: int, *, measure_
     for start in tqdm(batches, desc=f"fisher {hook}", disable=not progress or not todo, unit="batch"):
         rows = todo[start:start + batch_size]
         f = engine_fisher.token_fisher(loaded.model, hook, tokens[rows], position, req.measured, keep[rows],
-                                       chunk=chunk, batch_size=batch_size, fused=fused, progress=False)
+                                       samples=samples, seed=seed, chunk=chunk, batch_size=batch_size, fused=fused,
+                                       progress=False)
         for j, seq in enumerate(f.seqs):
             done[rows[seq]] = part = {"x": f.x[j], "fisher": f.fisher[j], "fisher_at": f.fisher_at[j]}
             if paths[rows[seq]] is not None:
@@ -123,7 +134,7 @@ def fisher(loaded: Loaded, hook: str, tokens: Tensor, position: int, *, measure_
         raise ValueError(f"no context may be patched at position {position} (a special token in every one)")
     seqs = sorted(done)
     return Curvature(hook, position, req.measured, seqs, *(torch.stack([done[i][k] for i in seqs])
-                                                           for k in ("x", "fisher", "fisher_at")))
+                                                           for k in ("x", "fisher", "fisher_at")), samples=samples)
 
 
 def _read(path: Path) -> dict[str, Tensor] | None:

@@ -195,6 +195,16 @@ def robustness_table(df: pd.DataFrame, *, seed: int = 0) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ curvature
+def fisher_samples(fisher: int | str) -> int | None:
+    """Notebook 09's `fisher` parameter as `curvature.fisher`'s `samples`: "exact" -> None, a positive number of
+    draws -> itself; anything else is an error that says what is accepted."""
+    if fisher == "exact":
+        return None
+    if isinstance(fisher, bool) or not isinstance(fisher, int) or fisher < 1:
+        raise ValueError(f"fisher must be 'exact' or a positive number of draws per token, not {fisher!r}")
+    return fisher
+
+
 def curvature_interventions(fitted: baselines.Fitted, scales=SCALES
                             ) -> tuple[list[iv.Intervention], list[iv.Intervention]]:
     """(deterministic splices, random ones) of the curvature study: the SAE and its error scaled down; eps-random
@@ -225,10 +235,11 @@ def _span_kl(frame: pd.DataFrame, position: int, fitted: baselines.Fitted) -> pd
 
 
 def curvature_study(loaded: Loaded, hook: str, tokens: torch.Tensor, fitted: baselines.Fitted, *,
-                    position: int = 48, n_samples: int = 64, scales=SCALES, top_k=TOP_K, seed: int = 0,
-                    progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                    position: int = 48, n_samples: int = 64, fisher: int | str = "exact", scales=SCALES,
+                    top_k=TOP_K, seed: int = 0, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """F per token (`curvature.fisher`, one token per context at `position`, measured there and at the 16 after)
-    against what the engine measures in the same single-token mode.
+    against what the engine measures in the same single-token mode. `fisher`: "exact", or a number of draws per
+    token for the positions after the patched one (F at the patched position stays exact; `curvature.fisher`).
 
     Returns (splices, per_token). splices: one row per (seq, intervention, sample) with the measured KL (summed
     over the measured positions; `kl_at`: at the patched position), the quadratic model's (`quadratic`,
@@ -242,7 +253,8 @@ def curvature_study(loaded: Loaded, hook: str, tokens: torch.Tensor, fitted: bas
     measured = pd.concat([_span_kl(measure_cached(loaded, hook, fixed, tokens, **kw), position, fitted),
                           _span_kl(measure_cached(loaded, hook, random, tokens, n_samples=n_samples, **kw),
                                    position, fitted)], ignore_index=True)
-    curv = curvature.fisher(loaded, hook, tokens, position, progress=progress)
+    curv = curvature.fisher(loaded, hook, tokens, position, samples=fisher_samples(fisher), seed=seed,
+                            progress=progress)
     rows = torch.tensor(curv.seqs)
     x = clean_activations(loaded.model, hook, tokens[:, :position + 1])[:, position]  # [n, d]
     p_fixed = _patched(loaded, hook, fixed, tokens, x, position, 1, seed)
@@ -282,6 +294,7 @@ def curvature_study(loaded: Loaded, hook: str, tokens: torch.Tensor, fitted: bas
         "quotient_decoder_active": ((dec_q * active).sum(-1) / active.sum(-1).clamp_min(1)).numpy(),
         "quotient_decoder_all": dec_q.mean(-1).numpy(),
         "l0": active.sum(-1).numpy(),
+        "fisher": "exact" if curv.samples is None else f"exact at the patched position, {curv.samples} draws after",
     })
     for suffix, value in (("", "kl"), ("_at", "kl_at")):
         tails = metrics.tail_position(splices[splices.intervention == "eps_random"],
@@ -326,7 +339,7 @@ def curvature_summary(splices: pd.DataFrame, per_token: pd.DataFrame, *, seed: i
         tok = per_token[per_token.hook == hook]
         sae = sp[sp.intervention == "sae"].set_index("seq").sort_index()
         eps = sp[sp.intervention == "eps_random"].groupby("seq")[["kl", "quadratic"]].mean().loc[sae.index]
-        row = {"hook": hook, "layer": int(sp.layer.iloc[0]), "n_tokens": len(sae)}
+        row = {"hook": hook, "layer": int(sp.layer.iloc[0]), "n_tokens": len(sae), "fisher": tok.fisher.iloc[0]}
         for name, col in (("measured", "kl"), ("quadratic", "quadratic")):
             r, lo, hi = metrics.ratio_ci(sae[col].to_numpy(), eps[col].to_numpy(), seed=seed)
             row.update({f"{name}_ratio": r, f"{name}_ci_low": lo, f"{name}_ci_high": hi})
@@ -555,10 +568,11 @@ def split_shown(split: pd.DataFrame) -> pd.DataFrame:
 
 
 def curvature_studies(loaded: Loaded, hooks, tokens: torch.Tensor, fitted: baselines.Fitted, *, position: int = 48,
-                      n_samples: int = 64, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+                      n_samples: int = 64, fisher: int | str = "exact", seed: int = 0
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`curvature_study` at every hook, concatenated: (splices, per_token)."""
-    runs = [curvature_study(loaded, hook, tokens, fitted, position=position, n_samples=n_samples, seed=seed)
-            for hook in hooks]
+    runs = [curvature_study(loaded, hook, tokens, fitted, position=position, n_samples=n_samples, fisher=fisher,
+                            seed=seed) for hook in hooks]
     return pd.concat([r[0] for r in runs], ignore_index=True), pd.concat([r[1] for r in runs], ignore_index=True)
 
 
@@ -628,7 +642,8 @@ def readings(gap: pd.DataFrame, split: pd.DataFrame, summary: pd.DataFrame, acco
                   f"{literature.ENGELS_NORM_R2.value} for the norm (Engels et al. 2024)") for layer in layers]
     rows += share_claims(account)
     rows += [
-        rd.claim("the SAE error's curvature quotient (cov-random's, decoder directions of active latents')",
+        rd.claim(f"the SAE error's curvature quotient (cov-random's, decoder directions of active latents'; F "
+                 f"{c.fisher.iloc[0] if 'fisher' in c else 'exact'})",
                  f"{per('quotient_sae')} ({per('quotient_cov_random')}; {per('quotient_decoder_active')}); its energy "
                  f"in F's top {k} eigenvectors {per(f'fisher_{k}_sae', '{:.0%}')} against eps-random's "
                  f"{per(f'fisher_{k}_eps_random', '{:.0%}')}, in the top {k} principal components "
