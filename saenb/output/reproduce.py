@@ -117,9 +117,18 @@ class Outcome:
 
 def check(preset: str, only: list[str] | None = None, *, quick: bool = False) -> list[Path]:
     """What `reproduce` would run, checked before anything runs: the preset is registered, the notebook numbers
-    exist, and the folders the runs and figures go to can be written; a `UsageError` names the fix."""
-    get_preset(preset)
+    exist and apply to the preset (those that do not are left out, and said why; one asked for by number is an
+    error), and the folders the runs and figures go to can be written; a `UsageError` names the fix."""
+    spec = get_preset(preset)
     todo = notebooks(only)
+    left_out = [p for p in todo if p.name[:2] in spec.not_applicable]
+    if only and left_out:
+        raise UsageError("; ".join(f"notebook {p.name} does not apply to preset {preset!r}: "
+                                   f"{spec.not_applicable[p.name[:2]]}" for p in left_out)
+                         + "; leave it out of --only, or run it on tiny-stdlib")
+    for p in left_out:
+        print(f"left out {p.name}: it does not apply to preset {preset!r} ({spec.not_applicable[p.name[:2]]})")
+    todo = [p for p in todo if p not in left_out]
     writable_folder(runs_dir(preset, quick=quick), "the executed notebooks' folder")
     writable_folder(run_dir(preset, quick=quick), "the figures' folder (SAENB_FIGURES)")
     return todo
