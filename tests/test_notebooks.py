@@ -445,10 +445,10 @@ SMOLLM2_RUNS = {"01": {"n_contexts": 3, "layers": [15]}, "05": {"n_contexts": 3,
 def test_notebook_runs_on_smollm2_changing_only_the_preset(number, tmp_path, monkeypatch):
     """Notebooks 01, 05, 08 and 09 on the real pretrained model (quick, a few contexts), by the same code: only the
     parameters differ (one test each, so that pytest-xdist's workers share them). Their hook families come from
-    the preset; the report's headline follows 01. 08 scores the quick SAEs of the layer-15 sweep (those
-    not trained yet skipped and listed: the preset's default); 09 runs at the last layer only, with the preset's Fisher
-    (exact at the patched position, sampled after it: seconds per SmolLM2 token). (02 and 03 run the code paths of 01 in single-token and many-sample modes,
-    which the engine's tests hold on a Llama architecture.)"""
+    the preset; the report's headline follows 01. 08 scores the quick SAEs of the layer-15 sweep (those not
+    trained yet skipped and listed: the preset's default); 09 runs at the last layer only, with the preset's
+    Fisher (exact at the patched position, sampled after it: seconds per SmolLM2 token). (02 and 03 run the code
+    paths of 01 in single-token and many-sample modes, which the engine's tests hold on a Llama architecture.)"""
     for k, v in {"SAENB_FIGURES": tmp_path / "figures", "SAENB_RESULTS": tmp_path / "results"}.items():
         monkeypatch.setenv(k, str(v))
     monkeypatch.setenv("SAENB_RUNS", str(tmp_path / "runs"))
