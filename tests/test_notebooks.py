@@ -435,15 +435,16 @@ def test_notebook_09_gap_and_accounting_follow_from_the_measured_frame(run_noteb
     assert (quadratic.quadratic > 0).all() and set(quadratic.layer) == {1, 3, 5}
 
 
-SMOLLM2_RUNS = {"01": {"n_contexts": 3, "layers": [15]}, "05": {"n_contexts": 3, "layers": [15]},
+SMOLLM2_RUNS = {"01": {"n_contexts": 3, "layers": [15]}, "04": {"n_contexts": 8}, "05": {"n_contexts": 3, "layers": [15]},
+                "06": {"n_contexts": 3},
                 "08": {"n_contexts": 4}, "09": {"layers": [24], "n_eval_contexts": 4, "n_curvature_tokens": 2}}
-"""Notebook 01, 05, 08 and 09's sizes on smollm2-135m under test: a few contexts at one layer (quick caps the rest;
+"""Notebook 01, 04, 05, 06, 08 and 09's sizes on smollm2-135m under test: a few contexts at one layer (quick caps the rest;
 `test_presets` holds the preset's layers and hook families)."""
 
 
 @pytest.mark.parametrize("number", sorted(SMOLLM2_RUNS))
 def test_notebook_runs_on_smollm2_changing_only_the_preset(number, tmp_path, monkeypatch):
-    """Notebooks 01, 05, 08 and 09 on the real pretrained model (quick, a few contexts), by the same code: only the
+    """Notebooks 01, 04, 05, 06, 08 and 09 on the real pretrained model (quick, a few contexts), by the same code: only the
     parameters differ (one test each, so that pytest-xdist's workers share them). Their hook families come from
     the preset; the report's headline follows 01. 08 scores the quick SAEs of the layer-15 sweep (those not
     trained yet skipped and listed: the preset's default); 09 runs at the last layer only, with the preset's
@@ -461,6 +462,12 @@ def test_notebook_runs_on_smollm2_changing_only_the_preset(number, tmp_path, mon
         md, _ = write_report("smollm2-135m", root=tmp_path / "figures", quick=True,
                              runs=tmp_path / "runs" / "smollm2-135m" / "quick")
         assert "## Headline numbers (01_replication)" in md.read_text()
+    elif number == "04":
+        rho = pd.read_csv(figures / "04_token_analysis" / "predictor_correlations.csv")
+        assert len(rho) and rho.rho.between(-1, 1).all()
+    elif number == "06":
+        nfm = pd.read_csv(figures / "06_nfm_comparison" / "kl_by_variant.csv")
+        assert set(nfm.layer) == {15, 6} and (nfm["mean"] > 0).all()
     elif number == "05":
         z = pd.read_csv(figures / "05_attention_saes" / "ratio_by_layer.csv")
         assert set(z.family) == {"resid", "z"} and set(z.layer) == {15} and (z.ratio > 0).all()

@@ -152,7 +152,7 @@ TINY_STDLIB = register_preset(Preset(
     default_n_contexts=512,
     notebook_defaults={"n_tokens": 200, "n_samples": 500, "n_eval_contexts": 128, "n_curvature_tokens": 128,
                        "n_curvature_samples": 64, "fisher": "exact", "n_fix_contexts": 128, "missing": "error",
-                       "recompute": "all"},
+                       "recompute": "all", "nfm_layers": [3, 1], "n_nfm_contexts": 512},
     description="offline: a 6-layer GPT-2-architecture model and sae_lens SAEs trained on the Python stdlib",
 ))
 
@@ -174,6 +174,7 @@ SMOLLM2_135M = register_preset(Preset(
     # SAEs of its sweep not trained yet are left out and listed ("skip": `make sweep-smollm2` trains them)
     notebook_defaults={"n_tokens": 64, "n_samples": 200, "n_eval_contexts": 128, "n_curvature_tokens": 48,
                        "n_curvature_samples": 16, "fisher": 32, "n_fix_contexts": 64, "missing": "skip",
+                       "nfm_layers": [15, 6], "n_nfm_contexts": 128,
                        "recompute": ("base", "scale fine-tune", "decoder fine-tune", "KL+MSE fine-tune",
                                      "Fisher fine-tune")},
     not_applicable={"07": "its SAEs are a TopK sweep over two sizes of one model family (`saes.sets.topk_sweep`), "
@@ -196,7 +197,7 @@ GPT2_SMALL = register_preset(Preset(
     dataset="Skylion007/openwebtext",
     default_n_contexts=16384,
     notebook_defaults={"n_tokens": 200, "n_samples": 500, "n_eval_contexts": 512, "n_curvature_tokens": 64,
-                       "n_curvature_samples": 64, "fisher": "exact"},
+                       "n_curvature_samples": 64, "fisher": "exact", "nfm_layers": [6, 2], "n_nfm_contexts": 512},
     not_applicable={"07": "its SAEs are a TopK sweep over two sizes of one model family (`saes.sets.topk_sweep`), "
                           "which only tiny-stdlib's bundle holds"},
     description="GPT-2 small with gpt2-small-res-jb and gpt2-small-hook-z-kk, OpenWebText (needs the hub)",
