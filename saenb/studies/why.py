@@ -200,7 +200,7 @@ def fisher_samples(fisher: int | str) -> int | None:
     draws -> itself; anything else is an error that says what is accepted."""
     if fisher == "exact":
         return None
-    if isinstance(fisher, bool) or not isinstance(fisher, int) or fisher < 1:
+    if not curvature.is_draw_count(fisher):
         raise ValueError(f"fisher must be 'exact' or a positive number of draws per token, not {fisher!r}")
     return fisher
 
