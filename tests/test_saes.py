@@ -208,6 +208,14 @@ def test_a_point_committed_as_its_record_is_read_as_it_was_measured(small_preset
     read = fixes.evaluate(loaded, named, tokens, missing="error", progress=False)
     assert list(read.source) == ["measured", f"record (saenb {__version__})"]
     pd.testing.assert_frame_equal(read[numbers], measured[numbers], check_exact=True)
+    # a record that left out other tokens than this run does (another tokenizer conversion) says so
+    path = committed / fixes.measured_name(tokens, 0)
+    got = json.loads(path.read_text())
+    here = fixes.special_ids(loaded)
+    assert got["special_ids"] == here and here
+    path.write_text(json.dumps({**got, "special_ids": [*here, 99]}))
+    assert fixes.evaluate(loaded, named, tokens, missing="error", progress=False).source.iloc[1] == \
+        f"record (saenb {__version__}; left out tokens {[*here, 99]}, this run {here})"
     # other contexts than the record's: the point is missing, not read
     with pytest.raises(library.SpecError, match="stored nowhere"):
         fixes.evaluate(loaded, named, other, missing="error", progress=False)

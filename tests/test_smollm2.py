@@ -131,3 +131,29 @@ def test_one_activation_pass_fills_every_hook_of_the_recipe(tmp_path, monkeypatc
     tiny = sets.base("tiny-stdlib")["blocks.3.hook_resid_pre"]
     assert activations.siblings(tiny) == ["blocks.3.hook_resid_pre"]
     assert activations._contexts_held(tiny, 68_000, 128) == 68_000
+
+
+def test_special_tokens_are_the_files_whatever_the_conversion_chose(tmp_path, monkeypatch):
+    """The tokens every measurement leaves out (sae_lens's `get_special_token_ids`: BOS, EOS, PAD) are the GGUF
+    file's own (its metadata's EOS and PAD ids) and the separator, also from a tokenizer folder converted the way
+    transformers 5.17 does (EOS `<|im_start|>`, no PAD), which left out `<|im_start|>` at every context's position 1
+    (an H200 with 5.17 measured the same SAE 4-6% off this CPU): the folder is saved again, pinned, since
+    TransformerLens reloads a tokenizer from its folder."""
+    import gguf
+    from sae_lens.util import get_special_token_ids
+    from transformers import AutoTokenizer
+
+    src = pretrained.source("smollm2-135m")
+    fields = gguf.GGUFReader(FETCHED).fields
+    meta = {k: int(fields[f"tokenizer.ggml.{k}_token_id"].parts[-1][0]) for k in ("eos", "padding")}
+    tok = pretrained.tokenizer("smollm2-135m")
+    assert tok.convert_tokens_to_ids(src.eos) == meta["eos"] == meta["padding"]
+    expected = {tok.convert_tokens_to_ids(src.separator), meta["eos"]}
+    assert set(get_special_token_ids(tok)) == expected == {0, 2}
+
+    tok.eos_token, tok.pad_token = "<|im_start|>", None  # transformers 5.17's conversion of this file
+    assert set(get_special_token_ids(tok)) == {0, 1}
+    tok.save_pretrained(tmp_path / "tokenizer")
+    monkeypatch.setattr(pretrained, "_converted", lambda name: tmp_path)
+    assert set(get_special_token_ids(pretrained.tokenizer("smollm2-135m"))) == expected
+    assert set(get_special_token_ids(AutoTokenizer.from_pretrained(tmp_path / "tokenizer"))) == expected

@@ -50,6 +50,20 @@ def test_key_covers_the_configuration(tiny, tmp_path):
     assert len(list(tmp_path.iterdir())) == 3
 
 
+def test_key_covers_the_tokens_left_out(tiny):
+    """The special tokens every measurement leaves out are the tokenizer's (a tokenizer converted by another
+    transformers version named others): another set is another key."""
+    import copy
+    import dataclasses
+
+    other = copy.copy(tiny.model)
+    other.tokenizer = copy.deepcopy(tiny.model.tokenizer)
+    other.tokenizer.pad_token = other.tokenizer.convert_ids_to_tokens(5)
+    key, config = store.config_key(tiny, {})
+    key_other, config_other = store.config_key(dataclasses.replace(tiny, model=other), {})
+    assert 5 not in config["special_ids"] and 5 in config_other["special_ids"] and key != key_other
+
+
 def test_a_subset_is_read_from_a_finished_superset(tiny, tmp_path, monkeypatch):
     tokens = tiny.tokens(3)
     store.measure_cached(tiny, tokens=tokens, root=tmp_path, **KW)

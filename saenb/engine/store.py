@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from sae_lens.util import get_special_token_ids
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -50,11 +51,15 @@ def tokens_sha256(tokens: torch.Tensor) -> str:
 
 
 def config_key(loaded: Loaded, config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The cache key (sha256 of the canonical JSON of the configuration) and that configuration."""
+    """The cache key (sha256 of the canonical JSON of the configuration) and that configuration.
+
+    It holds the tokens every measurement and fit leaves out (the tokenizer's special tokens): they once depended
+    on the transformers version that converted a model's tokenizer (`saenb.models.pretrained.pinned`)."""
     full = {
         "preset": loaded.preset.name,
         "bundle_sha256": loaded.bundle_sha256,
         "model": loaded.model.cfg.model_name,
+        "special_ids": sorted(get_special_token_ids(loaded.model.tokenizer)),
         "sae_sources": [dataclasses.asdict(source) for source in loaded.preset.sae_sources],
         "saenb_version": files.__version__,
         **({"sae_ids": loaded.sae_ids} if loaded.sae_ids is not None else {}),

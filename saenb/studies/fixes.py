@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from sae_lens.util import get_special_token_ids
 from scipy import stats
 from tqdm.auto import tqdm
 
@@ -156,9 +157,15 @@ def record(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, seed
         write_text(dst / measured_name(tokens, seed), json.dumps({
             "name": n.name, "key": n.spec.key, "tokens_sha256": tokens_sha256(tokens), "n_contexts": len(tokens),
             "seed": seed, "saenb": __version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "reconstruction": point["reconstruction"], "sums": point["sums"].to_dict(orient="list")}) + "\n")
+            "special_ids": special_ids(loaded), "reconstruction": point["reconstruction"],
+            "sums": point["sums"].to_dict(orient="list")}) + "\n")
         done.append(n.name)
     return done
+
+
+def special_ids(loaded: Loaded) -> list[int]:
+    """The token ids every measurement leaves out (sae_lens's `get_special_token_ids` of the model's tokenizer)."""
+    return sorted(get_special_token_ids(loaded.model.tokenizer))
 
 
 def commit_sweep(preset: str, set_name: str = "fixes", *, device: str = "auto", seed: int = 0,
@@ -193,7 +200,18 @@ def recorded(spec: saes.SAESpec, tokens: torch.Tensor, seed: int) -> dict[str, A
     got = json.loads(path.read_text())
     if got["key"] != spec.key or got["tokens_sha256"] != tokens_sha256(tokens):
         raise saes.SpecError(f"{path} holds the measurements of another spec or tokens")
-    return {"sums": pd.DataFrame(got["sums"]), "reconstruction": got["reconstruction"], "saenb": got["saenb"]}
+    return {"sums": pd.DataFrame(got["sums"]), "reconstruction": got["reconstruction"], "saenb": got["saenb"],
+            "special_ids": got.get("special_ids")}
+
+
+def _source(point: dict[str, Any], special: list[int]) -> str:
+    """"measured" in this run, or "record (saenb X)", naming the special tokens a record left out where they are not
+    the ones this run leaves out (a record made before `special_ids` were written left out this run's)."""
+    if "saenb" not in point:
+        return "measured"
+    other = point.get("special_ids")
+    left_out = f"; left out tokens {other}, this run {special}" if other is not None and other != special else ""
+    return f"record (saenb {point['saenb']}{left_out})"
 
 
 def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fit_tokens: torch.Tensor | None = None,
@@ -247,6 +265,7 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
     x = hook_activations(loaded, hook, tokens)
     base_names = {n.spec.key: n.name for n in named if n.spec.finetune is None}
     seed_points = {name: point for point, names in saes.sets.seed_groups(named).items() for name in names}
+    special = special_ids(loaded)
     per_seq: dict[str, pd.DataFrame] = {}  # KL sums per sequence of the SAEs of seed points
     rows = []
     for n in tqdm(named, desc="SAEs", disable=not progress):
@@ -256,7 +275,7 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
             per_seq[n.name] = sums[sums.value == "kl"].pivot(index="seq", columns="intervention", values="sum")
         base = base_names.get(n.spec.base.key, "") if n.spec.finetune is not None else ""
         rows.append({"name": n.name, "group": n.group, "key": n.spec.key, "base": base,
-                     "source": f"record (saenb {point['saenb']})" if "saenb" in point else "measured",
+                     "source": _source(point, special),
                      **training(n.spec),
                      **point["reconstruction"], **_row(sums, "sae", "eps_random", ce_zero, seed, orthogonal=True)})
     if fit_tokens is not None:
