@@ -99,3 +99,25 @@ def test_mean_fisher_averages_one_token_per_context_over_spread_positions(model,
     at_30 = _exact(model, tokens[1::2], 30, [30], keep[1::2]).fisher
     exact = torch.cat([at_1, at_30]).mean(0)
     assert float((F - exact).norm() / exact.norm()) < 0.05
+
+
+@pytest.mark.parametrize("llama", [False, True], ids=["gpt2-like", "llama-like"])
+def test_one_position_attention_written_out_equals_transformer_lens(llama, monkeypatch):
+    """F's term at the patched position (`token_fisher(samples=)`) comes from a one-position forward whose attention
+    is written out (`_one_position_final`); it equals the one through TransformerLens's own cached attention, also
+    with rotary positions, grouped key/value heads and a gated MLP (SmolLM2's blocks), in float64."""
+    extra = dict(act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=8,
+                 n_key_value_heads=2, gated_mlp=True, final_rms=True) if llama else \
+        dict(act_fn="gelu_new", normalization_type="LN")
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=100, n_ctx=32,
+                                  seed=0, dtype=torch.float64, **extra)
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg).eval().requires_grad_(False)
+    assert fisher._one_position_supported(model)
+    tokens = torch.randint(0, 100, (3, 32), generator=torch.Generator().manual_seed(1))
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    written = fisher.token_fisher(model, HOOK, tokens, 20, [20], keep, progress=False, fused=False)
+    monkeypatch.setattr(fisher, "_one_position_final", lambda *args: None)  # TransformerLens's cached attention
+    reference = fisher.token_fisher(model, HOOK, tokens, 20, [20], keep, progress=False, fused=False)
+    assert reference.fisher.abs().max() > 0.01
+    torch.testing.assert_close(written.fisher, reference.fisher, rtol=1e-10, atol=1e-13)
