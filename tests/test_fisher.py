@@ -113,7 +113,7 @@ def test_one_position_attention_written_out_equals_transformer_lens(llama, monke
                                   seed=0, dtype=torch.float64, **extra)
     torch.manual_seed(0)
     model = HookedTransformer(cfg).eval().requires_grad_(False)
-    assert fisher._one_position_supported(model)
+    assert fisher._one_position_supported(model, 1)
     tokens = torch.randint(0, 100, (3, 32), generator=torch.Generator().manual_seed(1))
     keep = torch.ones_like(tokens, dtype=torch.bool)
     written = fisher.token_fisher(model, HOOK, tokens, 20, [20], keep, progress=False, fused=False)

@@ -136,19 +136,15 @@ def _one_position_final(model, hook: str, cache, rows: Int[Tensor, "b"], positio
     all of them again, in every block for every basis vector: on SmolLM2 at layer 6 that copying was 40% of F's term
     at the patched position. None when the model has a part this does not write out (`_one_position_supported`)."""
     start, layer, direct = splice_point(hook)
-    if position == 0 or not direct or not _one_position_supported(model):
+    if position == 0 or not direct or not _one_position_supported(model, layer):
         return None
     cfg = model.cfg
     prefix, weights = [], []
     for i in range(layer, cfg.n_layers):
         attn = model.blocks[i].attn
-        grouped = hasattr(attn, "repeat_kv_heads")  # GroupedQueryAttention keeps kv heads unrepeated
-        W = [attn.W_Q, attn._W_K if grouped else attn.W_K, attn._W_V if grouped else attn.W_V]
-        b = [attn.b_Q, attn._b_K if grouped else attn.b_K, attn._b_V if grouped else attn.b_V]
-        # one [d_model, heads x d_head] matrix per projection and [heads x d_head, d_model] for the output: plain
-        # matmuls (an einsum over heads runs one small product per head)
-        weights.append(([w.permute(1, 0, 2).reshape(w.shape[1], -1) for w in W], [x.reshape(-1) for x in b],
-                        attn.W_O.reshape(-1, attn.W_O.shape[-1])))
+        # W_Q, W_K and W_V side by side (one matmul; grouped key/value heads unrepeated) and W_O as [heads x d_head,
+        # d_model]: an einsum over heads would run one small product per head
+        weights.append((*kernels._qkv_weights(attn), attn.W_O.reshape(-1, attn.W_O.shape[-1])))
         k = cache[get_act_name("k", i)][rows, :position]  # [b, p, kv heads, d_head]
         v = cache[get_act_name("v", i)][rows, :position]
         if cfg.positional_embedding_type == "rotary":
@@ -157,9 +153,10 @@ def _one_position_final(model, hook: str, cache, rows: Int[Tensor, "b"], positio
         # the basis vectors fold into the query's rows rather than copy the prefix once each
         prefix.append((k.permute(0, 2, 3, 1).contiguous(), v.transpose(1, 2).contiguous()))
 
-    def attend(attn, h: Tensor, pk: Tensor, pv: Tensor, W: list[Tensor], b: list[Tensor], W_O: Tensor) -> Tensor:
-        d_head = cfg.d_head
-        q, k, v = ((h @ w + bias).reshape(*h.shape[:2], -1, d_head) for w, bias in zip(W, b))  # [b, 1, heads, d_head]
+    def attend(attn, h: Tensor, pk: Tensor, pv: Tensor, weight: Tensor, bias: Tensor, heads: tuple[int, int, int],
+               W_O: Tensor) -> Tensor:
+        qkv = (h @ weight + bias).split([n * cfg.d_head for n in heads], dim=-1)
+        q, k, v = (t.unflatten(-1, (n, cfg.d_head)) for t, n in zip(qkv, heads))  # [b, 1, heads, d_head]
         if cfg.positional_embedding_type == "rotary":
             q, k = attn.apply_rotary(q, position), attn.apply_rotary(k, position)
         n_kv = k.shape[2]
@@ -172,10 +169,9 @@ def _one_position_final(model, hook: str, cache, rows: Int[Tensor, "b"], positio
 
     def f(X: Float[Tensor, "b d"]) -> Float[Tensor, "b 1 d_model"]:
         x = X[:, None].to(cfg.dtype)
-        for block, (pk, pv), (W, b, W_O) in zip(model.blocks[layer:], prefix, weights):
-            x = x + attend(block.attn, block.ln1(x), pk, pv, W, b, W_O)
-            if not cfg.attn_only:
-                x = x + block.mlp(block.ln2(x))
+        for block, (pk, pv), w in zip(model.blocks[layer:], prefix, weights):
+            x = x + attend(block.attn, block.ln1(x), pk, pv, *w)
+            x = x + block.mlp(block.ln2(x))
         return model.ln_final(x) if cfg.normalization_type is not None else x
 
     return f
@@ -213,19 +209,13 @@ class _ConstantRight(torch.autograd.Function):
         return out.reshape(*shape[:-1], out.shape[-1]), len(shape) - 3
 
 
-def _one_position_supported(model) -> bool:
-    """The blocks are pre-norm, with causal attention whose scores are q . k / attn_scale, standard or rotary
-    positions and nothing else (no ALiBi, soft-capping, QK-norm, clipping, attention sinks, parallel MLP, extra
-    norms): what `_one_position_final` writes out. Anything else runs TransformerLens's own attention."""
-    from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
-
-    cfg = model.cfg
-    off = ("parallel_attn_mlp", "use_normalization_before_and_after", "use_attn_in", "use_split_qkv_input",
-           "use_logn_attn", "use_attention_sinks", "use_dynamic_ntk_rope", "use_qk_norm")
-    return (cfg.positional_embedding_type in ("standard", "rotary") and not any(getattr(cfg, a, False) for a in off)
-            and getattr(cfg, "attn_scores_soft_cap", -1) <= 0 and getattr(cfg, "clip_qkv", None) is None
-            and cfg.attention_dir == "causal" and cfg.original_architecture not in POST_NORM_ARCHITECTURES
-            and all(getattr(b.attn, "q_norm", None) is None for b in model.blocks))
+def _one_position_supported(model, layer: int) -> bool:
+    """Whether every block from `layer` on is what `_one_position_final` writes out: the blocks and attention the
+    engine's fused kernels compute as TransformerLens does (pre-norm, attention then MLP; causal global attention
+    with standard or rotary positions, q, k and v from the residual stream), anything else running TransformerLens's
+    own attention."""
+    return all(kernels._fuses_block(b) and kernels.supports_fused_attention(b.attn) and kernels._packs_qkv(b.attn)
+               for b in model.blocks[layer:])
 
 
 def token_fisher(model, hook: str, tokens: Int[Tensor, "n pos"], position: int, measured, keep: Bool[Tensor, "n pos"],
