@@ -239,8 +239,12 @@ def tokenizer(name: str):
     src, folder = source(name), _converted(name) / "tokenizer"
     tok = AutoTokenizer.from_pretrained(folder)
     if (tok.eos_token, tok.pad_token) != (src.eos, src.eos):
-        # converted before the pin: saved again, since TransformerLens reloads a tokenizer from its folder
-        pinned(tok, src).save_pretrained(folder)
+        # converted before the pin: saved again, since TransformerLens reloads a tokenizer from its folder (each
+        # file replaced whole, so that another process loading it meanwhile reads the old file or the new one)
+        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+            pinned(tok, src).save_pretrained(tmp)
+            for file in Path(tmp).iterdir():
+                os.replace(file, folder / file.name)
     assert tok.bos_token == src.separator, tok.bos_token
     return tok
 
