@@ -174,6 +174,7 @@ def test_a_point_committed_as_its_record_is_read_as_it_was_measured(small_preset
     with its weights nowhere, or not among `recompute`, `fixes.evaluate` reads its row from the record, equal to the
     row it measured."""
     from saenb.assembly import from_model
+    from saenb.models.data import special_ids
     from saenb.studies import fixes
 
     relu = SAESpec(preset=small_preset, hook="blocks.1.hook_resid_pre", sparsity=1.0, training_tokens=8192,
@@ -211,7 +212,7 @@ def test_a_point_committed_as_its_record_is_read_as_it_was_measured(small_preset
     # a record that left out other tokens than this run does (another tokenizer conversion) says so
     path = committed / fixes.measured_name(tokens, 0)
     got = json.loads(path.read_text())
-    here = fixes.special_ids(loaded)
+    here = special_ids(loaded.model.tokenizer)
     assert got["special_ids"] == here and here
     path.write_text(json.dumps({**got, "special_ids": [*here, 99]}))
     assert fixes.evaluate(loaded, named, tokens, missing="error", progress=False).source.iloc[1] == \

@@ -44,7 +44,6 @@ import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
-from sae_lens.util import get_special_token_ids
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -66,7 +65,7 @@ from saenb.engine.metrics import (
     kl_per_token,
 )
 from saenb.hooks import clean_activations, flat, sae_layer, splice_point
-from saenb.models.data import non_special
+from saenb.models.data import non_special, special_ids
 from saenb.models.loaded import Loaded
 
 SINGLE_TOKEN_SPAN = 16
@@ -155,7 +154,7 @@ def make_request(
     n_samples = positive_int("n_samples", n_samples)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise UsageError(f"seed={seed!r} must be an integer")
-    special = () if include_special else tuple(sorted(get_special_token_ids(loaded.model.tokenizer)))
+    special = () if include_special else tuple(special_ids(loaded.model.tokenizer))
     return Request(hooks, specs, patch, tuple(sorted(measured)), n_samples, int(seed), n_ctx, special)
 
 

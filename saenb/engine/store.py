@@ -30,7 +30,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from sae_lens.util import get_special_token_ids
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -38,6 +37,7 @@ from saenb import files
 from saenb.engine import distributed, patching
 from saenb.engine import interventions as iv
 from saenb.files import atomic_path
+from saenb.models.data import special_ids
 from saenb.models.loaded import Loaded
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def config_key(loaded: Loaded, config: dict[str, Any]) -> tuple[str, dict[str, A
         "preset": loaded.preset.name,
         "bundle_sha256": loaded.bundle_sha256,
         "model": loaded.model.cfg.model_name,
-        "special_ids": sorted(get_special_token_ids(loaded.model.tokenizer)),
+        "special_ids": special_ids(loaded.model.tokenizer),
         "sae_sources": [dataclasses.asdict(source) for source in loaded.preset.sae_sources],
         "saenb_version": files.__version__,
         **({"sae_ids": loaded.sae_ids} if loaded.sae_ids is not None else {}),

@@ -25,10 +25,15 @@ from saenb.models import hub
 TOKENS_CACHE = RESULTS / "tokens"
 
 
+def special_ids(tokenizer) -> list[int]:
+    """The tokenizer's special tokens, sorted: sae_lens's `get_special_token_ids` (BOS, EOS, PAD, ...), the set its
+    evals, SAE training and every measurement here leave out."""
+    return sorted(get_special_token_ids(tokenizer))
+
+
 def non_special(tokens: Int[Tensor, "n pos"], tokenizer) -> Bool[Tensor, "n pos"]:
-    """True where the token is not one of the tokenizer's special tokens (sae_lens's `get_special_token_ids`,
-    the set its evals leave out)."""
-    special = torch.tensor(get_special_token_ids(tokenizer), device=tokens.device, dtype=tokens.dtype)
+    """True where the token is not one of the tokenizer's special tokens (`special_ids`)."""
+    special = torch.tensor(special_ids(tokenizer), device=tokens.device, dtype=tokens.dtype)
     return ~torch.isin(tokens, special)
 
 

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sae_lens.util import get_special_token_ids
 from scipy import stats
 from tqdm.auto import tqdm
 
@@ -34,6 +33,7 @@ from saenb.engine.patching import hook_activations
 from saenb.engine.store import measure_cached, tokens_sha256
 from saenb.files import __version__, write_text
 from saenb.hooks import sae_layer
+from saenb.models.data import special_ids
 from saenb.models.loaded import Loaded
 from saenb.saes.sets import NamedSpec
 from saenb.studies import literature, nfm
@@ -157,15 +157,10 @@ def record(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, seed
         write_text(dst / measured_name(tokens, seed), json.dumps({
             "name": n.name, "key": n.spec.key, "tokens_sha256": tokens_sha256(tokens), "n_contexts": len(tokens),
             "seed": seed, "saenb": __version__, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "special_ids": special_ids(loaded), "reconstruction": point["reconstruction"],
+            "special_ids": special_ids(loaded.model.tokenizer), "reconstruction": point["reconstruction"],
             "sums": point["sums"].to_dict(orient="list")}) + "\n")
         done.append(n.name)
     return done
-
-
-def special_ids(loaded: Loaded) -> list[int]:
-    """The token ids every measurement leaves out (sae_lens's `get_special_token_ids` of the model's tokenizer)."""
-    return sorted(get_special_token_ids(loaded.model.tokenizer))
 
 
 def commit_sweep(preset: str, set_name: str = "fixes", *, device: str = "auto", seed: int = 0,
@@ -265,7 +260,7 @@ def evaluate(loaded: Loaded, named: list[NamedSpec], tokens: torch.Tensor, *, fi
     x = hook_activations(loaded, hook, tokens)
     base_names = {n.spec.key: n.name for n in named if n.spec.finetune is None}
     seed_points = {name: point for point, names in saes.sets.seed_groups(named).items() for name in names}
-    special = special_ids(loaded)
+    special = special_ids(loaded.model.tokenizer)
     per_seq: dict[str, pd.DataFrame] = {}  # KL sums per sequence of the SAEs of seed points
     rows = []
     for n in tqdm(named, desc="SAEs", disable=not progress):
