@@ -135,16 +135,18 @@ def _one_position_final(model, hook: str, cache, rows: Int[Tensor, "b"], positio
     value. TransformerLens's cached attention would append the position's key and value to the prefix's, and rotate
     all of them again, in every block for every basis vector: on SmolLM2 at layer 6 that copying was 40% of F's term
     at the patched position. None when the model has a part this does not write out (`_one_position_supported`)."""
-    start, layer, direct = splice_point(hook)
+    _, layer, direct = splice_point(hook)
     if position == 0 or not direct or not _one_position_supported(model, layer):
         return None
     cfg = model.cfg
     prefix, weights = [], []
     for i in range(layer, cfg.n_layers):
         attn = model.blocks[i].attn
-        # W_Q, W_K and W_V side by side (one matmul; grouped key/value heads unrepeated) and W_O as [heads x d_head,
-        # d_model]: an einsum over heads would run one small product per head
-        weights.append((*kernels._qkv_weights(attn), attn.W_O.reshape(-1, attn.W_O.shape[-1])))
+        # W_Q, W_K and W_V side by side (one matmul; grouped key/value heads unrepeated; the copy `fused_kernels`
+        # made on entry when it runs) and W_O as [heads x d_head, d_model]: an einsum over heads would run one small
+        # product per head
+        packed = getattr(attn, "_saenb_qkv", None) or kernels._qkv_weights(attn)
+        weights.append((*packed, attn.W_O.reshape(-1, attn.W_O.shape[-1])))
         k = cache[get_act_name("k", i)][rows, :position]  # [b, p, kv heads, d_head]
         v = cache[get_act_name("v", i)][rows, :position]
         if cfg.positional_embedding_type == "rotary":
