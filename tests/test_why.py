@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from saenb.checks import UsageError
 from saenb.engine import interventions as iv
+from saenb.engine import store
 from saenb.engine.draws import Draws
 from saenb.engine.patching import measure, measure_naive
 from saenb.studies import baselines, curvature, why
@@ -154,6 +157,33 @@ def test_new_interventions_fast_equals_naive(tiny, fitted, mode):
     fast, naive = measure(tiny, **kw), measure_naive(tiny, **kw)
     assert_fast_equals_naive(fast, naive)
     assert (fast.groupby("intervention", observed=True).size() > 0).all()
+
+
+def test_robustness_curves_on_fewer_contexts_are_those_contexts_of_a_full_measurement(tiny, fitted, tmp_path,
+                                                                                      monkeypatch):
+    """`n_robustness_contexts`: the curves' splices on the first n contexts (with the draws a measurement of every
+    context gives them), the accounted splices on all; the table's SAE points on the curves' contexts."""
+    monkeypatch.setattr(why, "measure_cached", functools.partial(store.measure_cached, root=tmp_path))
+    hooks, tokens, grid = ["blocks.1.hook_resid_pre"], tiny.tokens(5), (0.8, 0.95)
+    full = why.measure_baselines(tiny, hooks, tokens, fitted, cos_grid=grid, progress=False)
+    part = why.measure_baselines(tiny, hooks, tokens, fitted, cos_grid=grid, n_robustness_contexts=2, progress=False)
+    assert list(part.intervention.cat.categories) == list(full.intervention.cat.categories)
+
+    def rows(df, curve):
+        on = df.intervention.astype(str).str.startswith("theta_random_cos") == curve
+        return df[on].sort_values(["intervention", "seq", "pos"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(rows(part, False), rows(full, False), check_exact=False, rtol=1e-5)
+    want = rows(full, True)
+    pd.testing.assert_frame_equal(rows(part, True), want[want.seq < 2].reset_index(drop=True), check_exact=False,
+                                  rtol=1e-5)
+    assert set(rows(part, True).seq) == {0, 1}
+    rob = why.robustness_table(part)
+    assert (rob.n_contexts == 2).all() and (why.robustness_table(full).n_contexts == 5).all()
+    sae = full[(full.intervention == "sae") & (full.seq < 2)]
+    assert rob[rob.series == "sae"]["mean"].iloc[0] == pytest.approx(float(sae.kl.mean()), rel=1e-5)
+    with pytest.raises(UsageError, match="n_robustness_contexts"):
+        why.measure_baselines(tiny, hooks, tokens, fitted, cos_grid=grid, n_robustness_contexts=0, progress=False)
 
 
 def test_theta_random_cos_and_sae_scaled_geometry():

@@ -155,9 +155,9 @@ TINY_STDLIB = register_preset(Preset(
     layers=tuple(range(6)),
     n_ctx=128,
     default_n_contexts=512,
-    notebook_defaults={"n_tokens": 200, "n_samples": 500, "n_eval_contexts": 128, "n_curvature_tokens": 128,
-                       "n_curvature_samples": 64, "fisher": "exact", "n_fix_contexts": 128, "missing": "error",
-                       "recompute": "all", "nfm_layers": [3, 1], "n_nfm_contexts": 512},
+    notebook_defaults={"n_tokens": 200, "n_samples": 500, "n_eval_contexts": 128, "n_robustness_contexts": 128,
+                       "n_curvature_tokens": 128, "n_curvature_samples": 64, "fisher": "exact", "n_fix_contexts": 128,
+                       "missing": "error", "recompute": "all", "nfm_layers": [3, 1], "n_nfm_contexts": 512},
     description="offline: a 6-layer GPT-2-architecture model and sae_lens SAEs trained on the Python stdlib",
 ))
 
@@ -172,14 +172,17 @@ SMOLLM2_135M = register_preset(Preset(
     n_ctx=128,
     default_n_contexts=128,
     # notebook 09: a SmolLM2 token's exact Fisher information at its three layers takes about 40 s of 2 cores (576
-    # forward-mode passes each, a 49,152-word vocabulary), 11.5 s with its term at the patched position exact and the
-    # 16 positions after it sampled (32 draws); its single-token splices 34 s at 64 draws per random baseline, 8.7 at 16
+    # forward-mode passes each, a 49,152-word vocabulary), 4.4 s (a later, faster machine) with its term at the patched
+    # position exact and the 16 after it sampled (32 draws); its single-token splices 34 s at 64 draws per random
+    # baseline, 8.7 at 16
     # notebook 08: 64 contexts; the base SAE and its fine-tunes measured in the run (four splices of each: about 2.3
     # minutes of one core an SAE), every other point read from the measurements committed with it (all 43 are);
     # SAEs of its sweep not trained yet are left out and listed ("skip": `make sweep-smollm2` trains them)
-    notebook_defaults={"n_tokens": 64, "n_samples": 200, "n_eval_contexts": 128, "n_curvature_tokens": 48,
-                       "n_curvature_samples": 16, "fisher": 32, "n_fix_contexts": 64, "missing": "skip",
-                       "nfm_layers": [15, 6], "n_nfm_contexts": 128,
+    # notebook 09's robustness curves (a figure; KLs of nats, 95% CIs within 2-6% of the mean at 128 contexts, 3-13% at
+    # 32): 32 contexts, where their six all-token splices at 128 were 40% of its all-token work
+    notebook_defaults={"n_tokens": 64, "n_samples": 200, "n_eval_contexts": 128, "n_robustness_contexts": 32,
+                       "n_curvature_tokens": 48, "n_curvature_samples": 16, "fisher": 32, "n_fix_contexts": 64,
+                       "missing": "skip", "nfm_layers": [15, 6], "n_nfm_contexts": 128,
                        "recompute": ("base", "scale fine-tune", "decoder fine-tune", "KL+MSE fine-tune",
                                      "Fisher fine-tune")},
     not_applicable=NO_TOPK_SWEEP,
@@ -200,8 +203,9 @@ GPT2_SMALL = register_preset(Preset(
     n_ctx=128,
     dataset="Skylion007/openwebtext",
     default_n_contexts=16384,
-    notebook_defaults={"n_tokens": 200, "n_samples": 500, "n_eval_contexts": 512, "n_curvature_tokens": 64,
-                       "n_curvature_samples": 64, "fisher": "exact", "nfm_layers": [6, 2], "n_nfm_contexts": 512},
+    notebook_defaults={"n_tokens": 200, "n_samples": 500, "n_eval_contexts": 512, "n_robustness_contexts": 128,
+                       "n_curvature_tokens": 64, "n_curvature_samples": 64, "fisher": "exact", "nfm_layers": [6, 2],
+                       "n_nfm_contexts": 512},
     not_applicable=NO_TOPK_SWEEP,
     description="GPT-2 small with gpt2-small-res-jb and gpt2-small-hook-z-kk, OpenWebText (needs the hub)",
 ))

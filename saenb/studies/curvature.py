@@ -15,8 +15,8 @@ error loads on the directions the output is sensitive to.
 `fisher` computes F per token by the engine (`saenb.engine.fisher`, which says how and what it costs): exactly, or
 (`samples`) its term at the patched position exactly and the positions after it by an unbiased sampled estimator,
 at a fraction of the cost. It keeps each token's F on disk as soon as its batch is done (`FISHER_RESULTS`): a
-SmolLM2 token costs seconds, so an interrupted run (notebook 09 at its smollm2 defaults runs for half an hour on a
-CPU) loses at most one batch, and a second run reads every token back.
+SmolLM2 token costs seconds, so an interrupted run (notebook 09 at its smollm2 defaults runs for a quarter of an hour
+on 2 CPU cores, 7 minutes of it the curvature study) loses at most one batch, and a second run reads every token back.
 """
 
 from __future__ import annotations
