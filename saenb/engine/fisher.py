@@ -334,12 +334,11 @@ def fisher_gradients(model, hook: str, tokens: Int[Tensor, "n pos"], position: i
             g = []
             for s0 in range(0, n_samples, chunk):
                 s1 = min(s0 + chunk, n_samples)
-                shape = (s1 - s0, 1, *p.shape[1:])
                 if noise is not None:
                     a = root * noise[s0:s1, None].to(device=device, dtype=p.dtype)  # [s, b, m, d_vocab]
-                elif isinstance(generator, (list, tuple)):
-                    a = torch.cat([torch.randn(shape, generator=generator[i], dtype=p.dtype, device="cpu")
-                                   for i in seqs], dim=1).to(device).mul_(root)
+                elif isinstance(generator, (list, tuple)):  # each context's [s, 1, m, d_vocab] from its own
+                    a = torch.cat([torch.randn(s1 - s0, 1, *p.shape[1:], generator=generator[i], dtype=p.dtype,
+                                               device="cpu") for i in seqs], dim=1).to(device).mul_(root)
                 else:
                     a = torch.randn(s1 - s0, *p.shape, generator=generator, dtype=p.dtype, device="cpu"
                                     ).to(device).mul_(root)

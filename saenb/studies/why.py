@@ -83,9 +83,7 @@ def measure_baselines(loaded: Loaded, hooks, tokens: torch.Tensor, fitted: basel
         n_accounted = len(baseline_interventions(fitted, ()))
         main = measure_cached(loaded, hooks, specs[:n_accounted], tokens, seed=seed, progress=progress)
         curve = measure_cached(loaded, hooks, specs[n_accounted:], tokens[:n], seed=seed, progress=progress)
-        hook_order = list(main["hook"].cat.categories)
-        df = pd.concat([main, curve], ignore_index=True)
-        df["hook"] = pd.Categorical(df["hook"].astype(str), categories=hook_order)
+        df = pd.concat([main, curve], ignore_index=True)  # hook: the same categories in both, kept
         df["intervention"] = pd.Categorical(df["intervention"].astype(str), categories=[s.label for s in specs])
     df["intervention"] = df["intervention"].cat.rename_categories(lambda c: _short(c, fitted))
     return df
