@@ -241,3 +241,17 @@ def test_taylor_polynomial_of_each_degree_equals_its_float64_sum(degree):
     want = sum(t.double() ** (k + 2) / math.factorial(k + 2) for k in range(degree + 1))
     got = metrics._taylor(t, torch.empty_like(t), degree)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [10, 64, 130, 4096, 50257])
+def test_float64_sums_and_column_gathers_of_the_clean_distribution(n):
+    """`metrics._sum_float64` (float32 block sums added in float64) is within two float32 roundings (1.2e-7) of the
+    float64 sum of the same numbers at every size (multiples of its block or not, shorter than one), and within
+    2e-8 at a vocabulary's (the blocks' roundings average out); `metrics._columns` gathers exactly weight.T[index]."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(3, 5, n, generator=g) ** 4  # probabilities' spread of sizes
+    want = x.double().sum(-1)
+    assert ((metrics._sum_float64(x) - want).abs() / want).max() < (2e-8 if n >= 4096 else 1.2e-7)
+    weight = torch.randn(16, n, generator=g)
+    index = torch.randint(0, n, (2, 3, 4), generator=g)
+    assert torch.equal(metrics._columns(weight, index), weight.T[index])

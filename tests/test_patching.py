@@ -328,6 +328,37 @@ def test_fused_kernels_swap_only_known_equals(tiny, llama):
         out = measure(tiny, "blocks.1.hook_resid_pre", "identity", tiny.tokens(2), positions=40, progress=False)
         assert out.kl.abs().max() < 1e-6 and len(fired) > 1
 
+def test_rotary_and_rms_norm_kernels_equal_transformer_lens(llama):
+    """`kernels._rotary` is TL's `apply_rotary` bit for bit (queries and keys, at offset 0 and after a prefix, on a
+    strided view as the packed q/k/v matmul leaves it); where it does not apply (positions past TL's tables) TL's
+    runs. `kernels._rms_norm` equals torch's rms_norm to float32 rounding, with and without a weight, and its
+    gradient equals too (Fisher's products run through it)."""
+    import torch
+    import torch.nn.functional as F
+
+    from saenb.engine import kernels
+
+    attn = llama.model.blocks[1].attn
+    cfg = attn.cfg
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randn(3, 20, (cfg.n_heads + 2 * cfg.n_key_value_heads) * cfg.d_head, generator=g)
+    q = packed[..., :cfg.n_heads * cfg.d_head].unflatten(-1, (cfg.n_heads, cfg.d_head))
+    k = packed[..., cfg.n_heads * cfg.d_head:][..., :cfg.n_key_value_heads * cfg.d_head].unflatten(-1, (-1, cfg.d_head))
+    for x in (q, k):
+        for offset in (0, 37):
+            assert torch.equal(kernels._rotary(attn, x, offset), attn.apply_rotary(x, offset))
+    late = attn.rotary_cos.shape[0] - 5  # the window runs past the tables: TL's extends them
+    assert torch.equal(kernels._rotary(attn, q[:, :4], late), attn.apply_rotary(q[:, :4], late))
+
+    x = (torch.randn(4, 7, 64, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    w = torch.randn(64, generator=g, dtype=torch.float64)
+    for weight in (w, None):
+        got, want = kernels._rms_norm(x, weight, 1e-5), F.rms_norm(x, (64,), weight, 1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(*(torch.autograd.grad(y.pow(3).sum(), x)[0] for y in (got, want)),
+                                   rtol=1e-10, atol=1e-10)
+
+
 def test_fused_blocks_normalise_once_and_take_q_k_v_from_one_matmul(tiny, llama, monkeypatch):
     """Inside `fused_kernels` a block applies ln1 once and its attention computes q, k and v from one matmul by the
     packed weights (TL's own block normalises three times into three tensors, so the packed path could not run);
@@ -363,18 +394,19 @@ def test_fused_blocks_normalise_once_and_take_q_k_v_from_one_matmul(tiny, llama,
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [5, 1])
 @pytest.mark.parametrize("heads,kv_heads,group", [(4, 4, 3), (6, 2, 5), (4, 1, 1)])
-def test_shared_prefix_attention_equals_attention_over_copied_keys(heads, kv_heads, group):
+def test_shared_prefix_attention_equals_attention_over_copied_keys(heads, kv_heads, group, window):
     """`kernels._attend_with_prefix` (the prefix's keys held once per sequence, two softmax blocks merged) equals
     torch's attention over each row's own copy of prefix + window keys, with a causal window, for plain and
-    grouped key/value heads."""
+    grouped key/value heads, and for a window of one position (many-sample mode)."""
     import torch
     import torch.nn.functional as F
 
     from saenb.engine.kernels import SharedPrefix, _attend_with_prefix
 
     torch.manual_seed(0)
-    seqs, prefix, window, d = 3, 11, 5, 8
+    seqs, prefix, d = 3, 11, 8
     rows = seqs * group
     q = torch.randn(rows, heads, window, d, dtype=torch.float64)
     k, v = (torch.randn(rows, kv_heads, window, d, dtype=torch.float64) for _ in range(2))

@@ -1,8 +1,9 @@
 """Fused kernels for the engine's patched forwards: the same functions as TransformerLens's modules, fewer passes.
 
 Inside `fused_kernels(model)`:
-- float32 LayerNorms and RMSNorms run as torch's one-kernel `layer_norm` / `rms_norm`, and gelu_new in four passes
-  (`FUSED_EQUIVALENTS`);
+- float32 LayerNorms and RMSNorms run as torch's one-kernel `layer_norm` / `rms_norm` (on a CPU, where torch's
+  rms_norm is six passes, RMSNorm in three: `_rms_norm`), and gelu_new in four passes (`FUSED_EQUIVALENTS`);
+- rotary positions in three passes, rounded as TransformerLens's eight (`_rotary`);
 - the weights are read as they are stored: TL's gated MLP (Llama's) makes a contiguous transposed copy of each of its
   three matrices on every call, and its attention rearranges W_Q, W_K and W_V into a copy on every call, which in
   a forward of a few rows (a many-sample chunk at one position) cost as much as the matmuls; here the MLP multiplies
@@ -71,10 +72,23 @@ by rounding only."""
 def _fused_norm(norm, x: Tensor) -> Tensor:
     """TL's LayerNorm / LayerNormPre ((x - mean) / sqrt(var + eps) [* w + b], biased variance) and RMSNorm /
     RMSNormPre (x / sqrt(mean(x^2) + eps) [* w]) as torch's one-kernel layer_norm and rms_norm (TL's are four
-    to six tensor ops each; the Pre forms are what `fold_ln` leaves, as in GPT-2's preset)."""
+    to six tensor ops each; the Pre forms are what `fold_ln` leaves, as in GPT-2's preset). On a CPU, torch's
+    rms_norm is itself six passes (pow, mean, add, rsqrt, two products); `_rms_norm` is three."""
     if isinstance(norm, (LayerNorm, LayerNormPre)):
         return F.layer_norm(x, x.shape[-1:], getattr(norm, "w", None), getattr(norm, "b", None), norm.eps)
+    if x.device.type == "cpu":
+        return _rms_norm(x, getattr(norm, "w", None), norm.eps)
     return F.rms_norm(x, x.shape[-1:], getattr(norm, "w", None), norm.eps)
+
+
+def _rms_norm(x: Float[Tensor, "... d"], w: Float[Tensor, "d"] | None, eps: float) -> Float[Tensor, "... d"]:
+    """x / sqrt(mean(x^2) + eps) [* w] in three passes over x: its norm (one reduction, no temporary), then two
+    products (1.7x faster than torch's rms_norm on a CPU at SmolLM2's widths, the same to 2e-6). In place only
+    where autograd needs no values (Fisher's products run through it)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    scale = torch.rsqrt(norm * norm / x.shape[-1] + eps)
+    out = x * scale
+    return out if w is None else out.mul_(w)
 
 
 FUSED_NORMS = (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)
@@ -224,8 +238,8 @@ def _attend(attn: AbstractAttention, query_input: Tensor, key_input: Tensor, val
     q, k, v = _qkv(attn, query_input, key_input, value_input)  # [rows, pos, heads, d_head]
     offset = 0 if prefix is None else prefix.length
     if attn.cfg.positional_embedding_type == "rotary":
-        q = attn.hook_rot_q(attn.apply_rotary(q, offset))
-        k = attn.hook_rot_k(attn.apply_rotary(k, offset))
+        q = attn.hook_rot_q(_rotary(attn, q, offset))
+        k = attn.hook_rot_k(_rotary(attn, k, offset))
     scale = 1 / attn.attn_scale
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [rows, heads, pos, d_head]
     if prefix is None:
@@ -233,6 +247,23 @@ def _attend(attn: AbstractAttention, query_input: Tensor, key_input: Tensor, val
     else:
         z = _attend_with_prefix(q, k, v, prefix, scale)
     return z.transpose(1, 2)
+
+
+def _rotary(attn: AbstractAttention, x: Float[Tensor, "rows pos heads d_head"], offset: int
+            ) -> Float[Tensor, "rows pos heads d_head"]:
+    """TL's `apply_rotary` (positions offset.. ; halves rotated: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]) in
+    three passes into one new tensor, rounded as TL's. TL's clones x, negates, writes both halves, multiplies
+    twice, adds and concatenates the unrotated dimensions back: eight passes, 4-6x slower at SmolLM2's shapes.
+    Interleaved pairs (GPT-J's), partial rotation and positions past TL's tables run TL's."""
+    cfg, n = attn.cfg, x.shape[1]
+    if cfg.rotary_adjacent_pairs or cfg.rotary_dim != x.shape[-1] or offset + n > attn.rotary_cos.shape[0]:
+        return attn.apply_rotary(x, offset)
+    half = cfg.rotary_dim // 2
+    cos, sin = (t[offset:offset + n, None, :].to(x.device) for t in (attn.rotary_cos, attn.rotary_sin))
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]  # (not addcmul_: dynamo traces it as a product and a sum,
+    out[..., half:] += x[..., :half] * sin[..., half:]  # which round otherwise; as written, TL's rounding exactly)
+    return out
 
 
 def _attend_with_prefix(q: Float[Tensor, "r h w d"], k: Float[Tensor, "r hk w d"], v: Float[Tensor, "r hk w d"],
@@ -243,7 +274,9 @@ def _attend_with_prefix(q: Float[Tensor, "r h w d"], k: Float[Tensor, "r hk w d"
     flash attention: out = (sum_prefix + sum_window) / (norm_prefix + norm_window), each block's exponentials
     taken against its own maximum and rescaled to the common one). torch's fused kernel returns no normaliser,
     so the blocks are written out here; the prefix block is one matmul per sequence over all its rows' queries,
-    and reads the prefix's keys without copying them."""
+    and reads the prefix's keys without copying them. A window of one position (many-sample mode) has one key,
+    whose weight in its block is 1. The blocks merge in two passes over the prefix block's output, then one copy
+    into the layout the output projection reads ([r, w, h, d]; returned as its [r, h, w, d] view)."""
     r, h, w, d = q.shape
     s, hk = prefix.keys.shape[0], prefix.keys.shape[2]
     g, group = h // hk, r // s  # query heads per key head; rows per sequence
@@ -255,23 +288,31 @@ def _attend_with_prefix(q: Float[Tensor, "r h w d"], k: Float[Tensor, "r hk w d"
     n_pre = scores.sum(-1, keepdim=True)
     o_pre = torch.matmul(scores, prefix.values.transpose(1, 2))  # [s, hk, group*g*w, d]
     del scores
+    # everything below in the prefix block's layout [s, hk, group, g, w, x]; the window's [r, h(, w), ...] as views
+    o_pre, m_pre, n_pre = (t.view(s, hk, group, g, w, -1) for t in (o_pre, m_pre, n_pre))
 
-    def per_row(t: Tensor) -> Tensor:  # [s, hk, group*g*w, x] -> [r, h, w, x]
-        return t.view(s, hk, group, g, w, -1).permute(0, 2, 1, 3, 4, 5).reshape(r, h, w, -1)
+    def as_prefix(t: Tensor) -> Tensor:  # [r, heads, w', x] -> [s, hk, group, heads / hk, w', x] (a view)
+        return t.view(s, group, hk, t.shape[1] // hk, *t.shape[2:]).transpose(1, 2)
 
-    o_pre, m_pre, n_pre = per_row(o_pre), per_row(m_pre), per_row(n_pre)
-    # window block: causal within the window
-    if g > 1:
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [r, h, w, w]
-    scores.masked_fill_(torch.ones(w, w, dtype=torch.bool, device=q.device).triu_(1), -math.inf)
-    m_win = scores.amax(-1, keepdim=True)  # finite: the diagonal is never masked
-    scores.sub_(m_win).exp_()
-    n_win = scores.sum(-1, keepdim=True)
-    o_win = torch.matmul(scores, v)
+    if w == 1:  # the window's one key: score q . k, weight 1, output v (shared by the g query heads of a key head)
+        m_win = (q.view(r, hk, g, d) * k.view(r, hk, 1, d)).sum(-1).mul_(scale)  # [r, hk, g]
+        m_win, n_win, o_win = as_prefix(m_win.view(r, h, 1, 1)), None, as_prefix(v)
+    else:  # causal within the window
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [r, h, w, w]
+        scores.masked_fill_(torch.ones(w, w, dtype=torch.bool, device=q.device).triu_(1), -math.inf)
+        m_win = scores.amax(-1, keepdim=True)  # finite: the diagonal is never masked
+        scores.sub_(m_win).exp_()
+        n_win = scores.sum(-1, keepdim=True)
+        m_win, n_win, o_win = as_prefix(m_win), as_prefix(n_win), as_prefix(torch.matmul(scores, v))
     m = torch.maximum(m_pre, m_win)
     a_pre, a_win = (m_pre - m).exp_(), (m_win - m).exp_()
-    return (o_pre * a_pre + o_win * a_win) / (n_pre * a_pre + n_win * a_win)
+    norm = n_pre * a_pre + (a_win if n_win is None else n_win * a_win)
+    o_pre.mul_(a_pre.div_(norm)).addcmul_(o_win, a_win.div_(norm))
+    out = q.new_empty(r, w, h, d)  # (a copy into a view, not `out=`: dynamo cannot trace a strided `out=`)
+    out.view(s, group, w, hk, g, d).permute(0, 3, 1, 4, 2, 5).copy_(o_pre)
+    return out.transpose(1, 2)
 
 
 @contextlib.contextmanager
