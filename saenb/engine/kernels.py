@@ -259,7 +259,7 @@ def _rotary(attn: AbstractAttention, x: Float[Tensor, "rows pos heads d_head"], 
     if cfg.rotary_adjacent_pairs or cfg.rotary_dim != x.shape[-1] or offset + n > attn.rotary_cos.shape[0]:
         return attn.apply_rotary(x, offset)
     half = cfg.rotary_dim // 2
-    cos, sin = (t[offset:offset + n, None, :].to(x.device) for t in (attn.rotary_cos, attn.rotary_sin))
+    cos, sin = (t[offset:offset + n, None, :] for t in (attn.rotary_cos, attn.rotary_sin))  # [n, 1, d_head]
     out = x * cos
     out[..., :half] -= x[..., half:] * sin[..., :half]  # (not addcmul_: dynamo traces it as a product and a sum,
     out[..., half:] += x[..., :half] * sin[..., half:]  # which round otherwise; as written, TL's rounding exactly)
