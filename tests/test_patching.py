@@ -331,8 +331,8 @@ def test_fused_kernels_swap_only_known_equals(tiny, llama):
 def test_rotary_and_rms_norm_kernels_equal_transformer_lens(llama):
     """`kernels._rotary` is TL's `apply_rotary` bit for bit (queries and keys, at offset 0 and after a prefix, on a
     strided view as the packed q/k/v matmul leaves it); where it does not apply (positions past TL's tables) TL's
-    runs. `kernels._rms_norm` equals torch's rms_norm to float32 rounding, with and without a weight, and its
-    gradient equals too (Fisher's products run through it)."""
+    runs. `kernels._rms_norm` equals torch's rms_norm to rounding, with and without a weight, and so does its
+    gradient, at a zero vector too (Fisher's products run through it)."""
     import torch
     import torch.nn.functional as F
 
@@ -350,7 +350,9 @@ def test_rotary_and_rms_norm_kernels_equal_transformer_lens(llama):
     late = attn.rotary_cos.shape[0] - 5  # the window runs past the tables: TL's extends them
     assert torch.equal(kernels._rotary(attn, q[:, :4], late), attn.apply_rotary(q[:, :4], late))
 
-    x = (torch.randn(4, 7, 64, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    x = torch.randn(4, 7, 64, generator=g, dtype=torch.float64) * 3
+    x[0, 0] = 0  # a zero vector (a zero-ablated stream): the norm's gradient there is torch's choice, not NaN
+    x.requires_grad_()
     w = torch.randn(64, generator=g, dtype=torch.float64)
     for weight in (w, None):
         got, want = kernels._rms_norm(x, weight, 1e-5), F.rms_norm(x, (64,), weight, 1e-5)
