@@ -29,7 +29,9 @@ between the paths (fused kernels round differently), 3e-5 of itself.
                                                                     # a smoke run (minutes), the real model's shapes
 
 `--profile` on a GPU also counts the run's kernel launches and the calls that make the host wait for the device
-(host syncs, by the saenb line that made them); `--graphs` runs the fast path with `measure(graphs=True)`
+(host syncs, by the saenb line that made them); on a CPU, the operators that would launch a kernel on a GPU and the
+calls that would make its host wait (`would_sync`: a value or a size read by the host, a copy to it), so that they
+can be cut without a GPU; `--graphs` runs the fast path with `measure(graphs=True)`
 (`saenb.engine.graphs`: blocks replayed as CUDA graphs; a no-op on a CPU).
 """
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import statistics
@@ -45,10 +48,12 @@ import sys
 import threading
 import time
 import traceback
+import unittest.mock
 import warnings
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,12 +250,69 @@ def profile(loaded, hooks, args) -> None:
               "by the saenb line that made them:")
         for where, count in syncs.most_common(15):
             print(f"  {count:6d}  {where}")
-    else:
-        print("host syncs: none to count on a CPU (the host is the device)")
+    else:  # the host is the device: count what would make it wait on a GPU, and the kernels a GPU would launch
+        syncs, kernels = would_sync(lambda: measure(loaded, **common))
+        print(f"operators that would launch a kernel on a GPU (not views): {kernels}; calls that would make the host "
+              f"wait for a GPU: {sum(syncs.values())}, by the saenb line that made them:")
+        for where, count in syncs.most_common(15):
+            print(f"  {count:6d}  {where}")
 
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
 """The profiler's names of the runtime calls that start work on a GPU."""
+
+
+SYNCING = ("aten.item", "aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten._unique2",
+           "aten.unique_dim", "aten.unique_consecutive", "aten.masked_select", "aten.repeat_interleave.Tensor")
+"""Operators whose result the host must read before it can go on (a value: item, int, float, bool, equal; or a
+size: nonzero, unique, masked_select, repeat_interleave by counts): on a GPU, each waits for the device, as does a
+copy to the host (`HOST_COPIES`, no operator on a CPU: counted by wrapping the methods)."""
+HOST_COPIES = ("tolist", "cpu")
+
+
+def would_sync(fn) -> tuple[collections.Counter, int]:
+    """Run fn on a CPU under a dispatch mode that counts, by the innermost saenb line, the calls that on a GPU would
+    make the host wait (`SYNCING`, indexing by a boolean mask, which runs nonzero, and `HOST_COPIES`), and the
+    operators that would launch a kernel there (those that write memory: in place, `out=`, or a result that is not
+    a view of an input)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    counts: collections.Counter = collections.Counter()
+    kernels = 0
+
+    def where() -> str:
+        frames = [f for f in traceback.extract_stack() if f"{os.sep}saenb{os.sep}" in f.filename]
+        return (f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} {frames[-1].line}" if frames
+                else "outside saenb")
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal kernels
+            out = func(*args, **(kwargs or {}))
+            name = str(func)
+            masks = args[1] if name.startswith("aten.index.Tensor") else ()
+            if any(name == op or name.startswith(op + ".") for op in SYNCING) or \
+                    any(getattr(m, "dtype", None) == torch.bool for m in masks):
+                counts[where()] += 1
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+            outputs = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+            writes = func._schema.is_mutable or any(t.untyped_storage().data_ptr() not in inputs for t in outputs)
+            kernels += bool(outputs) and writes
+            return out
+
+    def counted(method):
+        def wrapper(self, *args, **kwargs):
+            counts[where()] += 1
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    with contextlib.ExitStack() as stack:
+        for name in HOST_COPIES:
+            stack.enter_context(unittest.mock.patch.object(Tensor, name, counted(getattr(Tensor, name))))
+        stack.enter_context(Count())
+        fn()
+    return counts, kernels
 
 
 def host_syncs(fn) -> collections.Counter:

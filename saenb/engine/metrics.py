@@ -198,17 +198,20 @@ def _centred_terms(t: Float[Tensor, "... r m n"], p: Float[Tensor, "... m n"], s
     (the rows of one sequence), or [g, r, m, n] with p [g, 1, m, n] (of g sequences). Overwrites spare."""
     peak = torch.maximum(t.amax(-1), t.amin(-1).neg_())  # [..., r, m]: the largest |t| (torch.aminmax: 25x slower)
     small = peak <= SMALL_T
+    # each read by the host makes it wait for a GPU: the count is read once, the minority's size follows from it
+    # (nonzero_static), the largest small |t| is read only where there are small ones (|t| >= 0: others count as 0)
     n_small = int(small.sum())
     over_block = 2 * n_small >= small.numel()  # the polynomial over the whole block, expm1 over the rest
-    degree = _taylor_degree(float(peak[small].max())) if n_small else 5
-    minority = (~small if over_block else small).flatten().nonzero().squeeze(1)
-    if len(minority):  # copied out before the block is overwritten
+    degree = _taylor_degree(float(torch.where(small, peak, 0).amax())) if n_small else 5
+    n_minority = small.numel() - n_small if over_block else n_small
+    minority = torch.nonzero_static((~small if over_block else small).flatten(), size=n_minority).squeeze(1)
+    if n_minority:  # copied out before the block is overwritten
         r, m = t.shape[-3:-1]
         at = minority % m if p.dim() == 2 else minority // (r * m) * m + minority % m  # each one's row of p
         rows, weights = t.reshape(-1, t.shape[-1])[minority], p.reshape(-1, p.shape[-1])[at]
     block = _taylor(t, spare, degree) if over_block else torch.expm1(t, out=spare).sub_(t)
     out = block.mul_(p).sum(-1)
-    if len(minority):
+    if n_minority:
         part = torch.expm1(rows).sub_(rows) if over_block else _taylor(rows, torch.empty_like(rows), degree)
         out.view(-1)[minority] = part.mul_(weights).sum(-1)
     return out
