@@ -262,6 +262,14 @@ LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaun
 """The profiler's names of the runtime calls that start work on a GPU."""
 
 
+def saenb_line() -> str:
+    """The innermost saenb line on the stack ("file:line code"), where a counted call was made."""
+    frames = [f for f in traceback.extract_stack() if f"{os.sep}saenb{os.sep}" in f.filename]
+    if not frames:
+        return "outside saenb"
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} {frames[-1].line}"
+
+
 SYNCING = ("aten.item", "aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal", "aten._unique2",
            "aten.unique_dim", "aten.unique_consecutive", "aten.masked_select", "aten.repeat_interleave.Tensor")
 """Operators whose result the host must read before it can go on (a value: item, int, float, bool, equal; or a
@@ -281,11 +289,6 @@ def would_sync(fn) -> tuple[collections.Counter, int]:
     counts: collections.Counter = collections.Counter()
     kernels = 0
 
-    def where() -> str:
-        frames = [f for f in traceback.extract_stack() if f"{os.sep}saenb{os.sep}" in f.filename]
-        return (f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} {frames[-1].line}" if frames
-                else "outside saenb")
-
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             nonlocal kernels
@@ -294,7 +297,7 @@ def would_sync(fn) -> tuple[collections.Counter, int]:
             masks = args[1] if name.startswith("aten.index.Tensor") else ()
             if any(name == op or name.startswith(op + ".") for op in SYNCING) or \
                     any(getattr(m, "dtype", None) == torch.bool for m in masks):
-                counts[where()] += 1
+                counts[saenb_line()] += 1
             inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
             outputs = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
             writes = func._schema.is_mutable or any(t.untyped_storage().data_ptr() not in inputs for t in outputs)
@@ -303,7 +306,7 @@ def would_sync(fn) -> tuple[collections.Counter, int]:
 
     def counted(method):
         def wrapper(self, *args, **kwargs):
-            counts[where()] += 1
+            counts[saenb_line()] += 1
             return method(self, *args, **kwargs)
         return wrapper
 
@@ -321,9 +324,7 @@ def host_syncs(fn) -> collections.Counter:
     counts: collections.Counter = collections.Counter()
 
     def record(*_args, **_kwargs):
-        frames = [f for f in traceback.extract_stack() if f"{os.sep}saenb{os.sep}" in f.filename]
-        counts[f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} {frames[-1].line}" if frames
-               else "outside saenb"] += 1
+        counts[saenb_line()] += 1
 
     show, warnings.showwarning = warnings.showwarning, record
     torch.cuda.set_sync_debug_mode("warn")

@@ -204,8 +204,8 @@ def _centred_terms(t: Float[Tensor, "... r m n"], p: Float[Tensor, "... m n"], s
     over_block = 2 * n_small >= small.numel()  # the polynomial over the whole block, expm1 over the rest
     degree = _taylor_degree(float(torch.where(small, peak, 0).amax())) if n_small else 5
     n_minority = small.numel() - n_small if over_block else n_small
-    minority = torch.nonzero_static((~small if over_block else small).flatten(), size=n_minority).squeeze(1)
     if n_minority:  # copied out before the block is overwritten
+        minority = torch.nonzero_static((~small if over_block else small).flatten(), size=n_minority).squeeze(1)
         r, m = t.shape[-3:-1]
         at = minority % m if p.dim() == 2 else minority // (r * m) * m + minority % m  # each one's row of p
         rows, weights = t.reshape(-1, t.shape[-1])[minority], p.reshape(-1, p.shape[-1])[at]

@@ -80,7 +80,7 @@ def measure_baselines(loaded: Loaded, hooks, tokens: torch.Tensor, fitted: basel
     if n >= len(tokens) or not cos_grid:
         df = measure_cached(loaded, hooks, specs, tokens, seed=seed, progress=progress)
     else:
-        n_accounted = len(baseline_interventions(fitted, ()))
+        n_accounted = len(specs) - len(cos_grid)  # the curves' points come last, one per cosine
         main = measure_cached(loaded, hooks, specs[:n_accounted], tokens, seed=seed, progress=progress)
         curve = measure_cached(loaded, hooks, specs[n_accounted:], tokens[:n], seed=seed, progress=progress)
         df = pd.concat([main, curve], ignore_index=True)  # hook: the same categories in both, kept
